@@ -1,0 +1,187 @@
+"""``NeuronStats``: every per-neuron statistic of one site/layer, from one pass per batch.
+
+>>> import torch
+>>> from skilllens.neuron_stats import NeuronStats
+>>> a, b = NeuronStats(8), NeuronStats(8)
+>>> x = torch.randn(50, 8)
+>>> _ = a.update(x[:20]); _ = b.update(x[20:])
+>>> bool(torch.allclose(a.merge(b).mean, x.double().mean(0)))
+True
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .errors import SkillLensError
+from .stats import (ALL_STATS, DEFAULT_STATS, AbsMean, Extrema, Histogram, Moments, NonFinite,
+                    PositiveFraction, batch_partials)
+
+#: tensors written per site/layer by ``StatsCollection.save`` (``{site}.{layer}.{stat}``)
+EXPORTED = ("count", "mean", "var", "std", "m2", "min", "max", "mean_abs", "sum_abs",
+            "frac_pos", "n_pos", "n_nonfinite", "hist", "hist_lo", "hist_hi")
+
+
+def _kernel_partials(x, mask, spec):
+    """Fused Triton kernel when available and ``x`` is on CUDA (or TRITON_INTERPRET=1)."""
+    from .kernels import fused_partials  # noqa: WPS433 (optional dependency)
+    return fused_partials(x, mask, spec)
+
+
+class NeuronStats:
+    """Composite of per-neuron statistics over ``d`` neurons.
+
+    ``stats``: any of ``moments`` (count/mean/var/std), ``extrema`` (min/max), ``abs`` (mean |x|),
+    ``positive`` (fraction > 0), ``histogram`` (``bins`` fixed bins, range from ``hist_range`` or
+    the first batch). NaN/inf are always counted (``n_nonfinite``) and excluded elsewhere.
+    ``backend``: ``"auto"`` (fused Triton kernel on CUDA when installed, else torch), ``"torch"``
+    or ``"triton"``.
+    """
+
+    def __init__(self, d: int, stats=DEFAULT_STATS, bins: int = 256, hist_range=None,
+                 device=None, backend: str = "auto"):
+        unknown = set(stats) - set(ALL_STATS)
+        if unknown:
+            raise SkillLensError(f"unknown statistics {sorted(unknown)}; choose from {ALL_STATS}")
+        if backend not in ("auto", "torch", "triton"):
+            raise SkillLensError(f"unknown statistics backend {backend!r}; use auto, torch or triton")
+        self.d, self.backend, self.stats = int(d), backend, tuple(stats)
+        self.moments = Moments(d, device)
+        self.nonfinite = NonFinite(d, device)
+        self.extrema = Extrema(d, device) if "extrema" in stats else None
+        self.abs = AbsMean(d, device) if "abs" in stats else None
+        self.positive = PositiveFraction(d, device) if "positive" in stats else None
+        self.histogram = None
+        if "histogram" in stats:
+            lo, hi = hist_range if hist_range is not None else (None, None)
+            self.histogram = Histogram(d, bins, lo, hi, device)
+
+    @property
+    def components(self):
+        return [c for c in (self.moments, self.nonfinite, self.extrema, self.abs, self.positive,
+                            self.histogram) if c is not None]
+
+    def _use_kernel(self, x: torch.Tensor) -> bool:
+        if self.backend == "torch":
+            return False
+        if self.backend == "triton":
+            return True
+        if not x.is_cuda:
+            return False
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> "NeuronStats":
+        """Add a block ``x: [..., d]`` (rows where ``mask`` is True)."""
+        if x.shape[-1] != self.d:
+            raise SkillLensError(f"activations have {x.shape[-1]} neurons; these statistics "
+                                 f"have {self.d}")
+        hist = self.histogram
+        if hist is not None:
+            hist.ensure_range(x, mask)
+        spec = hist.spec if hist is not None else None
+        if self._use_kernel(x):
+            p = _kernel_partials(x.detach(), mask, spec)
+        else:
+            p = batch_partials(x.detach(), mask, spec)
+        for c in self.components:
+            c.update_partials(p)
+        return self
+
+    def merge(self, other: "NeuronStats") -> "NeuronStats":
+        """Exact merge (same statistics and, for histograms, the same range)."""
+        if other.d != self.d or set(other.stats) != set(self.stats):
+            raise SkillLensError(f"cannot merge statistics {other.stats} (d={other.d}) into "
+                                 f"{self.stats} (d={self.d})")
+        for mine, theirs in zip(self.components, other.components):
+            mine.merge(theirs)
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, c in self._named():
+            for k, v in c.state_dict().items():
+                out[f"{name}.{k}"] = v
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> "NeuronStats":
+        for name, c in self._named():
+            c.load_state_dict({k[len(name) + 1:]: v for k, v in state.items()
+                               if k.startswith(name + ".")})
+        return self
+
+    def _named(self):
+        names = ("moments", "nonfinite", "extrema", "abs", "positive", "histogram")
+        return [(n, getattr(self, n)) for n in names if getattr(self, n) is not None]
+
+    # --- read-outs -----------------------------------------------------------------------
+    count = property(lambda self: self.moments.count)
+    mean = property(lambda self: self.moments.mean)
+    var = property(lambda self: self.moments.var)
+    std = property(lambda self: self.moments.std)
+    n_nonfinite = property(lambda self: self.nonfinite.n_nonfinite)
+
+    def _need(self, comp, name):
+        if comp is None:
+            raise SkillLensError(f"statistic {name!r} was not collected; add it to stats=")
+        return comp
+
+    min = property(lambda self: self._need(self.extrema, "extrema").min)
+    max = property(lambda self: self._need(self.extrema, "extrema").max)
+    mean_abs = property(lambda self: self._need(self.abs, "abs").value)
+    frac_pos = property(lambda self: self._need(self.positive, "positive").value)
+
+    def quantiles(self, qs) -> torch.Tensor:
+        """``[len(qs), d]`` per-neuron quantiles from the histogram."""
+        return self._need(self.histogram, "histogram").quantiles(qs)
+
+    def export(self) -> dict[str, torch.Tensor]:
+        """Flat tensors named by statistic (see ``EXPORTED``), float64 on the CPU."""
+        out = {"count": self.count, "mean": self.mean, "var": self.var, "std": self.std,
+               "m2": self.moments.m2, "n_nonfinite": self.n_nonfinite}
+        if self.extrema is not None:
+            out.update(min=self.extrema.min, max=self.extrema.max)
+        if self.abs is not None:
+            out.update(mean_abs=self.abs.value, sum_abs=self.abs.total)
+        if self.positive is not None:
+            out.update(frac_pos=self.positive.value, n_pos=self.positive.total)
+        if self.histogram is not None and self.histogram.lo is not None:
+            out.update(hist=self.histogram.counts, hist_lo=self.histogram.lo,
+                       hist_hi=self.histogram.hi)
+        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+    @classmethod
+    def from_export(cls, t: dict[str, torch.Tensor]) -> "NeuronStats":
+        stats = ["moments"]
+        if "min" in t:
+            stats.append("extrema")
+        if "sum_abs" in t:
+            stats.append("abs")
+        if "n_pos" in t:
+            stats.append("positive")
+        if "hist" in t:
+            stats.append("histogram")
+        d = t["count"].shape[0]
+        s = cls(d, stats, bins=t["hist"].shape[1] - 2 if "hist" in t else 256)
+        s.moments.load_state_dict({"count": t["count"], "mean": t["mean"], "m2": t["m2"]})
+        s.nonfinite.load_state_dict({"n_nonfinite": t["n_nonfinite"]})
+        if s.extrema is not None:
+            s.extrema.load_state_dict({"min": t["min"], "max": t["max"]})
+        if s.abs is not None:
+            s.abs.load_state_dict({"total": t["sum_abs"], "count": t["count"]})
+        if s.positive is not None:
+            s.positive.load_state_dict({"total": t["n_pos"], "count": t["count"]})
+        if s.histogram is not None:
+            s.histogram.load_state_dict({"counts": t["hist"], "lo": t["hist_lo"], "hi": t["hist_hi"]})
+        return s
+
+    def warn_if_nonfinite(self, label: str = "") -> int:
+        n = int(self.n_nonfinite.sum())
+        if n:
+            warnings.warn(f"{label}: {n} NaN/inf activations were excluded from the statistics "
+                          f"({int((self.n_nonfinite > 0).sum())} neurons affected)", stacklevel=2)
+        return n

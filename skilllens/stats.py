@@ -1,0 +1,358 @@
+"""Streaming, exactly mergeable per-neuron statistics (torch path).
+
+Each statistic has ``update(x, mask=None)`` with ``x: [..., d]`` (any float dtype, bf16 included)
+and ``mask: [...]`` (bool, True = count this row), an exact ``merge(other)``, ``state_dict()`` and
+``load_state_dict()``. Moments use float64 accumulators and Chan's pairwise combination, so
+splitting data into batches, processes or resumed runs gives the same result as one pass.
+
+A batch is first reduced to *partials* (``batch_partials``: count, mean, m2, min, max, sum_abs,
+n_pos, n_nonfinite, hist per neuron); the fused Triton kernel produces the same partials on GPU.
+NaN/inf values are counted in ``n_nonfinite`` and excluded from every other statistic.
+
+>>> import torch
+>>> s = NeuronStats(4)
+>>> s.update(torch.randn(100, 4) + 5.0)
+>>> s.mean.shape, bool((s.std > 0.5).all())
+(torch.Size([4]), True)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import SkillLensError
+
+PARTIAL_KEYS = ("count", "mean", "m2", "min", "max", "sum_abs", "n_pos", "n_nonfinite")
+ALL_STATS = ("moments", "extrema", "abs", "positive", "histogram")
+DEFAULT_STATS = ("moments", "extrema", "abs", "positive")
+
+
+@dataclass(frozen=True)
+class HistogramSpec:
+    """Fixed bins: ``bins`` equal-width bins on ``[lo, hi)`` per neuron (``lo``/``hi``: ``[d]``),
+    plus an underflow bin (index 0) and an overflow bin (index ``bins + 1``)."""
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+    bins: int = 256
+
+
+def _flatten(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if x.dim() == 1:
+        x = x[None]
+    d = x.shape[-1]
+    if mask is not None:
+        if mask.shape != x.shape[:-1]:
+            raise SkillLensError(f"mask shape {tuple(mask.shape)} does not match activations "
+                                 f"{tuple(x.shape)} (expected {tuple(x.shape[:-1])})")
+        return x[mask.to(torch.bool)].reshape(-1, d)
+    return x.reshape(-1, d)
+
+
+def histogram_counts(x: torch.Tensor, spec: HistogramSpec) -> torch.Tensor:
+    """``[d, bins + 2]`` int64 counts of the finite values of ``x: [N, d]`` (float32)."""
+    n, d = x.shape
+    lo = spec.lo.to(x.device, torch.float32)
+    hi = spec.hi.to(x.device, torch.float32)
+    scale = spec.bins / (hi - lo)
+    idx = torch.floor((x - lo) * scale).clamp_(-1, spec.bins).to(torch.int64) + 1
+    finite = torch.isfinite(x)
+    offsets = torch.arange(d, device=x.device, dtype=torch.int64) * (spec.bins + 2)
+    flat = (idx + offsets)[finite]
+    return torch.bincount(flat, minlength=d * (spec.bins + 2)).reshape(d, spec.bins + 2)
+
+
+def batch_partials(x: torch.Tensor, mask: torch.Tensor | None = None,
+                   hist: HistogramSpec | None = None) -> dict[str, torch.Tensor]:
+    """Sufficient statistics of one block ``x: [..., d]`` per neuron (torch reference path)."""
+    x = _flatten(x, mask).to(torch.float32)
+    n, d = x.shape
+    dev = x.device
+    if n == 0:
+        out = {k: torch.zeros(d, dtype=torch.float64, device=dev) for k in PARTIAL_KEYS}
+        out["min"] = torch.full((d,), float("inf"), dtype=torch.float64, device=dev)
+        out["max"] = torch.full((d,), float("-inf"), dtype=torch.float64, device=dev)
+        if hist is not None:
+            out["hist"] = torch.zeros(d, hist.bins + 2, dtype=torch.int64, device=dev)
+        return out
+    var, mean = torch.var_mean(x, dim=0, correction=0)
+    if bool(torch.isfinite(var).all()):
+        count = torch.full((d,), float(n), dtype=torch.float64, device=dev)
+        m2 = var.double() * n
+        mn, mx = torch.aminmax(x, dim=0)
+        sum_abs = torch.linalg.vector_norm(x, ord=1, dim=0, dtype=torch.float64)
+        n_pos = (x > 0).sum(0, dtype=torch.float64)
+        n_bad = torch.zeros(d, dtype=torch.float64, device=dev)
+        mean = mean.double()
+    else:  # slow path: exclude NaN/inf per element, in float64
+        xd = x.double()
+        finite = torch.isfinite(xd)
+        count = finite.sum(0, dtype=torch.float64)
+        x0 = torch.where(finite, xd, 0.0)
+        mean = x0.sum(0) / count.clamp(min=1)
+        m2 = (torch.where(finite, xd - mean, 0.0) ** 2).sum(0)
+        mn = torch.where(finite, xd, float("inf")).amin(0)
+        mx = torch.where(finite, xd, float("-inf")).amax(0)
+        sum_abs = x0.abs().sum(0)
+        n_pos = (x0 > 0).sum(0, dtype=torch.float64)
+        n_bad = (~finite).sum(0, dtype=torch.float64)
+    out = {"count": count, "mean": mean, "m2": m2, "min": mn.double(), "max": mx.double(),
+           "sum_abs": sum_abs.double(), "n_pos": n_pos, "n_nonfinite": n_bad}
+    if hist is not None:
+        out["hist"] = histogram_counts(x, hist)
+    return out
+
+
+def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
+    """Exact combination of two (count, mean, M2) summaries (float64 tensors)."""
+    n = count_a + count_b
+    safe = torch.where(n > 0, n, torch.ones_like(n))
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (count_b / safe)
+    m2 = m2_a + m2_b + delta * delta * (count_a * count_b / safe)
+    return n, torch.where(n > 0, mean, torch.zeros_like(mean)), m2
+
+
+class _Statistic:
+    """Common state handling: subclasses list their tensor ``_fields``."""
+
+    _fields: tuple[str, ...] = ()
+    needs_hist = False
+
+    def __init__(self, d: int, device=None):
+        self.d = int(d)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self._init()
+
+    def _zeros(self, fill=0.0):
+        return torch.full((self.d,), fill, dtype=torch.float64, device=self.device)
+
+    def update(self, x: torch.Tensor, mask: torch.Tensor | None = None):
+        if x.shape[-1] != self.d:
+            raise SkillLensError(f"activations have {x.shape[-1]} neurons, statistic has {self.d}")
+        self.update_partials(batch_partials(x, mask, getattr(self, "spec", None)))
+        return self
+
+    def _check_peer(self, other):
+        if type(other) is not type(self) or other.d != self.d:
+            raise SkillLensError(f"cannot merge {type(other).__name__}(d={other.d}) into "
+                                 f"{type(self).__name__}(d={self.d})")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f: getattr(self, f).detach().cpu() for f in self._fields}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]):
+        for f in self._fields:
+            if f not in state:
+                raise SkillLensError(f"{type(self).__name__} state lacks {f!r}")
+            t = state[f]
+            if t.shape[0] != self.d:
+                raise SkillLensError(f"{type(self).__name__}: state {f!r} has {t.shape[0]} "
+                                     f"neurons, expected {self.d}")
+            setattr(self, f, t.to(self.device))
+        return self
+
+    def to(self, device):
+        self.device = torch.device(device)
+        for f in self._fields:
+            setattr(self, f, getattr(self, f).to(self.device))
+        return self
+
+
+class Moments(_Statistic):
+    """count, mean, M2 per neuron (float64); ``var`` (population), ``std``, ``sample_var``."""
+
+    _fields = ("count", "mean", "m2")
+
+    def _init(self):
+        self.count, self.mean, self.m2 = self._zeros(), self._zeros(), self._zeros()
+
+    def update_partials(self, p):
+        self.count, self.mean, self.m2 = chan_merge(
+            self.count, self.mean, self.m2, p["count"].to(self.device, torch.float64),
+            p["mean"].to(self.device, torch.float64), p["m2"].to(self.device, torch.float64))
+
+    def merge(self, other: "Moments"):
+        self._check_peer(other)
+        self.update_partials({"count": other.count, "mean": other.mean, "m2": other.m2})
+        return self
+
+    @property
+    def var(self) -> torch.Tensor:
+        return self.m2 / self.count.clamp(min=1)
+
+    @property
+    def sample_var(self) -> torch.Tensor:
+        return self.m2 / (self.count - 1).clamp(min=1)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self.var.sqrt()
+
+
+class Extrema(_Statistic):
+    """min and max per neuron (``+inf``/``-inf`` before any value)."""
+
+    _fields = ("min", "max")
+
+    def _init(self):
+        self.min, self.max = self._zeros(float("inf")), self._zeros(float("-inf"))
+
+    def update_partials(self, p):
+        self.min = torch.minimum(self.min, p["min"].to(self.device, torch.float64))
+        self.max = torch.maximum(self.max, p["max"].to(self.device, torch.float64))
+
+    def merge(self, other: "Extrema"):
+        self._check_peer(other)
+        self.update_partials({"min": other.min, "max": other.max})
+        return self
+
+
+class _CountedSum(_Statistic):
+    _key = ""
+
+    def _init(self):
+        self.total, self.count = self._zeros(), self._zeros()
+
+    def update_partials(self, p):
+        self.total = self.total + p[self._key].to(self.device, torch.float64)
+        self.count = self.count + p["count"].to(self.device, torch.float64)
+
+    def merge(self, other):
+        self._check_peer(other)
+        self.total, self.count = self.total + other.total, self.count + other.count
+        return self
+
+    @property
+    def value(self) -> torch.Tensor:
+        return self.total / self.count.clamp(min=1)
+
+
+class AbsMean(_CountedSum):
+    """mean |x| per neuron."""
+
+    _fields = ("total", "count")
+    _key = "sum_abs"
+
+
+class PositiveFraction(_CountedSum):
+    """fraction of values > 0 per neuron."""
+
+    _fields = ("total", "count")
+    _key = "n_pos"
+
+
+class NonFinite(_Statistic):
+    """number of NaN/inf values seen per neuron (excluded from every other statistic)."""
+
+    _fields = ("n_nonfinite",)
+
+    def _init(self):
+        self.n_nonfinite = self._zeros()
+
+    def update_partials(self, p):
+        self.n_nonfinite = self.n_nonfinite + p["n_nonfinite"].to(self.device, torch.float64)
+
+    def merge(self, other):
+        self._check_peer(other)
+        self.n_nonfinite = self.n_nonfinite + other.n_nonfinite
+        return self
+
+
+class Histogram(_Statistic):
+    """Fixed-bin histogram per neuron: ``counts: [d, bins + 2]`` (under- and overflow at the ends).
+
+    The range is per neuron: give ``lo``/``hi`` (floats or ``[d]`` tensors), or leave them out and
+    the first update sets ``[min - m, max + m]`` with ``m = 0.25 * (max - min)`` (a warm-up batch).
+    """
+
+    _fields = ("counts", "lo", "hi")
+    needs_hist = True
+
+    def __init__(self, d: int, bins: int = 256, lo=None, hi=None, device=None):
+        self.bins = int(bins)
+        if self.bins < 1:
+            raise SkillLensError("histogram needs at least one bin")
+        self._lo, self._hi = lo, hi
+        super().__init__(d, device)
+
+    def _init(self):
+        self.counts = torch.zeros(self.d, self.bins + 2, dtype=torch.int64, device=self.device)
+        self.lo = self.hi = None
+        if self._lo is not None and self._hi is not None:
+            self.set_range(self._lo, self._hi)
+
+    def set_range(self, lo, hi):
+        lo = torch.as_tensor(lo, dtype=torch.float32, device=self.device).expand(self.d).clone()
+        hi = torch.as_tensor(hi, dtype=torch.float32, device=self.device).expand(self.d).clone()
+        if not bool((hi > lo).all()):
+            raise SkillLensError("histogram range needs hi > lo for every neuron")
+        self.lo, self.hi = lo, hi
+
+    def range_from(self, mn: torch.Tensor, mx: torch.Tensor):
+        mn, mx = mn.float(), mx.float()
+        ok = torch.isfinite(mn) & torch.isfinite(mx)
+        mn, mx = torch.where(ok, mn, -1.0), torch.where(ok, mx, 1.0)
+        margin = 0.25 * (mx - mn) + 1e-3 * (mx.abs() + mn.abs()) + 1e-6
+        self.set_range(mn - margin, mx + margin)
+
+    @property
+    def spec(self) -> HistogramSpec | None:
+        return None if self.lo is None else HistogramSpec(self.lo, self.hi, self.bins)
+
+    def ensure_range(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Set the range from this (warm-up) block if none was given."""
+        if self.lo is not None:
+            return
+        flat = _flatten(x.detach(), mask).float()
+        if flat.shape[0]:
+            fin = torch.isfinite(flat)
+            self.range_from(torch.where(fin, flat, float("inf")).amin(0),
+                            torch.where(fin, flat, float("-inf")).amax(0))
+
+    def update(self, x, mask=None):
+        self.ensure_range(x, mask)
+        return super().update(x, mask)
+
+    def update_partials(self, p):
+        self.counts += p["hist"].to(self.device, torch.int64)
+
+    def merge(self, other: "Histogram"):
+        self._check_peer(other)
+        if other.bins != self.bins:
+            raise SkillLensError(f"histograms have {self.bins} and {other.bins} bins")
+        if self.lo is None:
+            self.lo, self.hi = other.lo, other.hi
+        elif other.lo is not None and not (torch.equal(self.lo, other.lo.to(self.device))
+                                           and torch.equal(self.hi, other.hi.to(self.device))):
+            raise SkillLensError("histograms with different ranges cannot be merged exactly; "
+                                 "fix the range (lo, hi) before collecting")
+        self.counts += other.counts.to(self.device)
+        return self
+
+    def state_dict(self):
+        if self.lo is None:
+            return {"counts": self.counts.cpu()}
+        return super().state_dict()
+
+    def load_state_dict(self, state):
+        self.counts = state["counts"].to(self.device, torch.int64)
+        self.bins = self.counts.shape[1] - 2
+        if "lo" in state:
+            self.lo, self.hi = state["lo"].to(self.device), state["hi"].to(self.device)
+        return self
+
+    @property
+    def out_of_range_fraction(self) -> torch.Tensor:
+        total = self.counts.sum(1).clamp(min=1)
+        return (self.counts[:, 0] + self.counts[:, -1]).double() / total
+
+    def quantiles(self, qs) -> torch.Tensor:
+        """Per-neuron quantiles ``[len(qs), d]`` by linear interpolation inside the bins (see
+        :mod:`skilllens.quantiles`; error at most one bin width for in-range quantiles)."""
+        from .quantiles import histogram_quantiles
+        return histogram_quantiles(self.counts, self.lo, self.hi, qs)
+
+
+_CLASSES = {"moments": Moments, "extrema": Extrema, "abs": AbsMean, "positive": PositiveFraction}
