@@ -87,7 +87,7 @@ class NeuronStats:
         if self._use_kernel(x):
             p = _kernel_partials(x.detach(), mask, spec)
         else:
-            p = batch_partials(x.detach(), mask, spec)
+            p = batch_partials(x.detach(), mask, spec, self.stats)
         for c in self.components:
             c.update_partials(p)
         return self

@@ -1,0 +1,28 @@
+"""Shared CLI options."""
+from __future__ import annotations
+
+import argparse
+
+from ..models import DEFAULT_MODEL
+
+
+def add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--model", default=None if required else DEFAULT_MODEL, required=required,
+                   help=f"model spec: {DEFAULT_MODEL} (embedded, default), tiny-llama, a hub id, "
+                        f"a local folder or a .gguf file")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=None,
+                   help="folder with gsm8k/, humaneval/, xquad/ (default: $SKILLLENS_DATA)")
+
+
+def formatter(prog):
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def load(args):
+    from ..models import load_model
+    return load_model(args.model, device=args.device, dtype=args.dtype)
