@@ -132,9 +132,10 @@ def batch_partials(x: torch.Tensor, mask: torch.Tensor | None = None,
     torch.sub(x, shift, out=work)
     s1 = (ones @ work)[0]
     work.sub_(s1 / n)
+    resid = (ones @ work)[0].double()  # corrected two-pass: fixes the float32 rounding of s1
     work.mul_(work)
-    m2 = (ones @ work)[0].double()
-    mean = shift.double() + s1.double() / n
+    m2 = (ones @ work)[0].double() - resid * resid / n
+    mean = shift.double() + s1.double() / n + resid / n
     if not (bool(torch.isfinite(m2).all()) and bool(torch.isfinite(mean).all())):
         return _partials_nonfinite(x, hist)
     out = {"count": torch.full((d,), float(n), dtype=torch.float64, device=dev), "mean": mean,

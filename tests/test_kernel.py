@@ -204,11 +204,13 @@ def test_empty_blocks(device, case):
     d = 7
     spec = HistogramSpec(torch.full((d,), -1.0), torch.full((d,), 1.0), 4)
     if case == "all_masked":
-        x, mask = make(20, d, torch.float32, device), torch.zeros(20, dtype=torch.bool, device=device)
+        x = make(20, d, torch.float32, device)
+        mask = torch.zeros(20, dtype=torch.bool, device=device)
     elif case == "empty":
         x, mask = torch.empty(0, d, device=device), None
     else:
-        x, mask = torch.empty(2, 0, d, device=device), torch.empty(2, 0, dtype=torch.bool, device=device)
+        x = torch.empty(2, 0, d, device=device)
+        mask = torch.empty(2, 0, dtype=torch.bool, device=device)
     got = fused_partials(x, mask, spec)
     want = batch_partials(x, mask, spec)
     for k in want:
@@ -224,7 +226,8 @@ def test_histogram_out_of_range(device):
     col = torch.tensor([-1e30, -0.5, 0.0, 0.999, 1.0, 3.5, 4.0, 7.0, 1e30, float("nan"),
                         float("inf"), float("-inf")])
     x = torch.stack([col, col, col + 10], 1)
-    got = fused_partials(x.to(device), None, HistogramSpec(spec.lo.to(device), spec.hi.to(device), 4))
+    spec_dev = HistogramSpec(spec.lo.to(device), spec.hi.to(device), 4)
+    got = fused_partials(x.to(device), None, spec_dev)
     # neuron 0: bins [0,1) [1,2) [2,3) [3,4); under: -1e30, -0.5; over: 4, 7, 1e30
     assert got["hist"][0].tolist() == [2, 2, 1, 0, 1, 3]
     assert torch.equal(got["hist"].cpu(), histogram_counts(x[torch.isfinite(x).all(1)], spec))
@@ -247,13 +250,15 @@ def test_noncontiguous_and_3d(device):
 
 def test_mask_shape_error(device):
     with pytest.raises(SkillLensError, match="mask shape"):
-        fused_partials(make(10, 4, torch.float32, device), torch.ones(9, dtype=torch.bool, device=device))
+        fused_partials(make(10, 4, torch.float32, device),
+                       torch.ones(9, dtype=torch.bool, device=device))
 
 
 def test_cpu_needs_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(SkillLensError, match="CUDA"):
         fused_partials(torch.randn(4, 3))
+    assert triton_available() == torch.cuda.is_available()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert triton_available()
 

@@ -17,7 +17,7 @@ Layout: the grid is ``(neuron blocks, token blocks)``. Each program walks its to
 Each program writes its partials to a small float32 buffer ``[9, n_token_blocks, d]``; these are
 combined exactly in float64 with torch (the k-way form of Chan's formula). Neurons whose float32
 partials overflowed (``|x|`` beyond ~1e18, where squares exceed the float32 range) are recomputed
-with the float64 torch path, so the result never silently loses them.
+in float64 with torch (reading only those columns), so the result never silently loses them.
 
 On CPU tensors the kernel runs only under ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests).
 """
@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ..errors import SkillLensError
-from ..stats import PARTIAL_KEYS, HistogramSpec, batch_partials
+from ..stats import PARTIAL_KEYS, HistogramSpec
 
 # rows of the partial buffer
 _CNT, _SHIFT, _MEAN, _M2, _MIN, _MAX, _ABS, _POS, _BAD = range(9)
@@ -106,7 +106,8 @@ def _stats_kernel(x_ptr, mask_ptr, lo_ptr, scale_ptr, hist_ptr, part_ptr,
         if HAS_HIST:
             b = tl.floor((x - lo[None, :]) * scale[None, :])
             b = tl.minimum(tl.maximum(b, -1.0), bins * 1.0)
-            tl.atomic_add(hist_ptr + (hrow[None, :] + b.to(tl.int64)), ones, mask=valid)
+            tl.atomic_add(hist_ptr + (hrow[None, :] + b.to(tl.int64)), ones, mask=valid,
+                          sem="relaxed")
 
     stride_k = n_tb * D
     out = part_ptr + pid_t * D + cols
@@ -224,16 +225,29 @@ def fused_partials(x: torch.Tensor, mask: torch.Tensor | None = None,
         HAS_MASK=mask is not None, HAS_HIST=hist is not None,
         BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
     out = _combine(part)
-
-    # float32 overflow (|x| >~ 1e18): recompute those neurons exactly with the float64 path
+    if hist is not None:
+        out["hist"] = hbuf.to(torch.int64)
+    # float32 overflow (|x| >~ 1e18): recompute those neurons exactly in float64 (rare)
     p = part[[_SHIFT, _MEAN, _M2, _ABS]]
     bad = ((part[_CNT] > 0) & ~torch.isfinite(p).all(0)).any(0)
     if bool(bad.any()):
         cols = bad.nonzero().squeeze(1)
-        m2d = mask.bool() if mask is not None else None
-        ref = batch_partials(x2.index_select(1, cols), m2d)
+        ref = _float64_partials(x2.index_select(1, cols), mask)
         for k in PARTIAL_KEYS:
-            out[k][cols] = ref[k].to(out[k].device)
-    if hist is not None:
-        out["hist"] = hbuf.to(torch.int64)
+            out[k][cols] = ref[k]
     return out
+
+
+def _float64_partials(x: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Moments etc. of the finite values of ``x: [N, k]`` (rows where ``mask: [N]``), float64."""
+    xd = x.double() if mask is None else x[mask.bool()].double()
+    fin = torch.isfinite(xd)
+    count = fin.sum(0, dtype=torch.float64)
+    x0 = torch.where(fin, xd, 0.0)
+    mean = x0.sum(0) / count.clamp(min=1)
+    return {"count": count, "mean": mean,
+            "m2": (torch.where(fin, xd - mean, 0.0) ** 2).sum(0),
+            "min": torch.where(fin, xd, float("inf")).amin(0),
+            "max": torch.where(fin, xd, float("-inf")).amax(0),
+            "sum_abs": x0.abs().sum(0), "n_pos": (x0 > 0).sum(0, dtype=torch.float64),
+            "n_nonfinite": (~fin).sum(0, dtype=torch.float64)}
