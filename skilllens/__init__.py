@@ -15,3 +15,4 @@ from .neuron_stats import NeuronStats  # noqa: E402
 
 __all__ += ["StatsCollection", "collect", "Item", "Skill", "load_skill", "Hook", "hooks_applied",
             "run_with_hooks", "NeuronStats"]
+from . import distributed  # noqa: E402,F401

@@ -1,10 +1,19 @@
-"""Skill data: prompt/answer items with stable ids, from built-in names, ``NAME=PATH`` or files.
+"""Skill data: prompt/answer items with stable ids, from built-in names, ``NAME=PATH``, hub ids.
 
 Built-in names (resolved in a data folder: ``data_dir=``, ``$SKILLLENS_DATA``, else ``./data`` or
 ``../shared/data``): ``gsm8k``, ``humaneval``, ``xquad-en`` ... ``xquad-hi`` (also ``xquad-xx`` for
-any ``xquad.xx.json``). ``NAME=PATH`` loads a local file in the upstream format of ``NAME``'s
-family (``xquad-ru=/data/xquad.ru.json``). A ``.txt`` (one item per non-empty line) or ``.jsonl``
-file (fields ``prompt``/``answer``, ``question``/``answer`` or ``text``) is loaded as is.
+any ``xquad.xx.json``), and ``mbpp`` / ``mmlu`` when ``mbpp/mbpp.jsonl`` / ``mmlu/`` exist there.
+``NAME=PATH`` loads a local file (or an MMLU folder) in the upstream format of ``NAME``'s family
+(``xquad-ru=/data/xquad.ru.json``, ``mbpp=mbpp.jsonl``, ``mmlu=data/test``, ``mlqa-de=x.json``).
+A ``.txt`` (one item per non-empty line) or ``.jsonl``/``.json`` file (fields ``prompt``/``answer``,
+``question``/``answer`` or ``text``) is loaded as is. ``hub:ORG/NAME[:config][@split]`` (or
+``NAME=hub:...``) loads a Hugging Face data set through the ``datasets`` library; only then is
+the network used.
+
+Probe and eval parts never overlap: upstream train/test files where they exist (GSM8K, MBPP's
+official task ranges, MMLU dev+val/test, hub splits), else a hash of each item's group (XQuAD
+paragraph, aligned across languages; HumanEval task); eval items whose id or prompt also occurs
+in the probe part are dropped.
 
 >>> from skilllens.data import Skill, Item
 >>> Skill("demo", [Item("a", "1+1=", "2")]).items[0].text
@@ -12,9 +21,7 @@ file (fields ``prompt``/``answer``, ``question``/``answer`` or ``text``) is load
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,6 +30,7 @@ from .errors import DataError
 
 XQUAD_LANGS = ("en", "de", "es", "ar", "zh", "vi", "hi")
 BUILTIN_SKILLS = ("gsm8k", "humaneval") + tuple(f"xquad-{l}" for l in XQUAD_LANGS)
+HUB_PREFIX = "hub:"
 
 
 @dataclass(frozen=True)
@@ -41,7 +49,8 @@ class Item:
 
 @dataclass
 class Skill:
-    """A named list of items; ``group`` of an item keeps related items on one side of a split."""
+    """A named list of items; ``group`` of an item keeps related items on one side of a split,
+    ``part`` (``"probe"``/``"eval"``) pins an item to an upstream split."""
 
     name: str
     items: list[Item]
@@ -78,126 +87,37 @@ def data_dir(path: str | os.PathLike | None = None) -> Path:
                     "SKILLLENS_DATA to the folder holding gsm8k/, humaneval/, xquad/")
 
 
-def _need(obj: dict, keys, where: str):
-    missing = [k for k in keys if k not in obj]
-    if missing:
-        raise DataError(f"{where}: missing field(s) {missing}; expected fields {list(keys)}")
-
-
-def _read_jsonl(path: Path):
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if line.strip():
-                    try:
-                        yield i, json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{i + 1}: not valid JSON ({e.msg}); expected one "
-                                        f"JSON object per line") from None
-    except FileNotFoundError:
-        raise DataError(f"data file {path} does not exist") from None
-
-
-def _gsm8k(path: Path, name: str) -> list[Item]:
-    items = []
-    for i, row in _read_jsonl(path):
-        _need(row, ("question", "answer"), f"{path}:{i + 1} (GSM8K format)")
-        items.append(Item(f"{name}/{path.stem}/{i}", f"Question: {row['question']}\nAnswer:",
-                          " " + row["answer"], {"final": row["answer"].split("####")[-1].strip()}))
-    return items
-
-
-def _humaneval(path: Path, name: str) -> list[Item]:
-    items = []
-    for i, row in _read_jsonl(path):
-        _need(row, ("task_id", "prompt", "canonical_solution", "test", "entry_point"),
-              f"{path}:{i + 1} (HumanEval format)")
-        items.append(Item(row["task_id"], row["prompt"], row["canonical_solution"],
-                          {"test": row["test"], "entry_point": row["entry_point"],
-                           "group": row["task_id"]}))
-    return items
-
-
-def _squad(path: Path, name: str) -> list[Item]:
-    try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"data file {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e.msg}); expected SQuAD v1.1 format") from None
-    if not isinstance(doc, dict) or "data" not in doc:
-        raise DataError(f"{path}: expected SQuAD v1.1 JSON with data[].paragraphs[].qas[] "
-                        f"(fields context, qas[].id, qas[].question, qas[].answers[].text)")
-    items = []
-    for article in doc["data"]:
-        for para in article.get("paragraphs", []):
-            _need(para, ("context", "qas"), f"{path} paragraph (SQuAD format)")
-            group = hashlib.sha256(para["qas"][0]["id"].encode()).hexdigest()[:12] \
-                if para["qas"] else ""
-            for qa in para["qas"]:
-                _need(qa, ("id", "question", "answers"), f"{path} question (SQuAD format)")
-                answers = [a["text"] for a in qa["answers"]]
-                if not answers:
-                    continue
-                items.append(Item(f"{name}/{qa['id']}",
-                                  f"{para['context']}\n\nQuestion: {qa['question']}\nAnswer:",
-                                  " " + answers[0], {"answers": answers, "group": group}))
-    return items
-
-
-def _jsonl(path: Path, name: str) -> list[Item]:
-    items = []
-    for i, row in _read_jsonl(path):
-        if "prompt" in row:
-            items.append(Item(str(row.get("id", f"{name}/{i}")), row["prompt"],
-                              row.get("answer", row.get("completion", ""))))
-        elif "question" in row and "answer" in row:
-            items.append(Item(str(row.get("id", f"{name}/{i}")),
-                              f"Question: {row['question']}\nAnswer:", " " + str(row["answer"])))
-        elif "text" in row:
-            items.append(Item(str(row.get("id", f"{name}/{i}")), row["text"]))
-        else:
-            raise DataError(f"{path}:{i + 1}: expected fields 'prompt' (+ 'answer'), "
-                            f"'question' + 'answer', or 'text'; found {sorted(row)}")
-    return items
-
-
-def _txt(path: Path, name: str) -> list[Item]:
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"data file {path} does not exist") from None
-    return [Item(f"{name}/{i}", line.strip()) for i, line in enumerate(lines) if line.strip()]
-
-
-#: family -> (loader, files inside the data folder for the probe part, for the eval part)
-FAMILIES = {
-    "gsm8k": (_gsm8k, "gsm8k/train.jsonl", "gsm8k/test.jsonl"),
-    "humaneval": (_humaneval, "humaneval/HumanEval.jsonl.gz", None),
-    "xquad": (_squad, "xquad/xquad.{lang}.json", None),
-    "jsonl": (_jsonl, None, None),
-    "txt": (_txt, None, None),
-}
 #: user-registered families: name -> loader(path, name) -> list[Item]
 LOADERS = {}
 
 
+def __getattr__(attr):  # ``skilllens.data.FAMILIES`` etc. live in data_formats (lazy: no cycle)
+    if attr in ("FAMILIES", "load_hub", "mbpp_prompt", "mmlu_prompt"):
+        from . import data_formats
+        return getattr(data_formats, attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+
+
 def _family(name: str) -> str:
+    from .data_formats import FAMILIES
     base = name.split("-")[0]
     if base in FAMILIES or base in LOADERS:
         return base
-    if name.endswith(".jsonl") or name.endswith(".jsonl.gz"):
+    if name.endswith((".jsonl", ".jsonl.gz", ".json", ".parquet")):
         return "jsonl"
     if name.endswith(".txt"):
         return "txt"
     raise DataError(f"unknown skill {name!r}; use a built-in name ({', '.join(BUILTIN_SKILLS)}), "
                     f"NAME=PATH (NAME one of {', '.join(sorted(set(FAMILIES) | set(LOADERS)))}), "
-                    f"or a .txt/.jsonl file")
+                    f"hub:ORG/NAME[:config][@split], or a .txt/.jsonl file")
 
 
 def _load_file(family: str, path: Path, name: str) -> list[Item]:
+    from .data_formats import FAMILIES
     loader = LOADERS.get(family) or FAMILIES[family][0]
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist; check the path (NAME=PATH) or the data "
+                        f"folder (--data-dir / $SKILLLENS_DATA)")
     return loader(path, name)
 
 
@@ -205,11 +125,19 @@ def load_skill(spec: str, data_dir_: str | os.PathLike | None = None, part: str 
     """Load a skill by spec; ``part`` is ``"all"``, ``"probe"`` or ``"eval"`` (disjoint)."""
     if part not in ("all", "probe", "eval"):
         raise DataError(f"unknown part {part!r}; use all, probe or eval")
-    if "=" in spec:
+    if not isinstance(spec, str) or not spec.strip():
+        raise DataError("empty skill spec; give a built-in name, NAME=PATH or a file")
+    from .data_formats import FAMILIES, load_hub
+    if spec.startswith(HUB_PREFIX):
+        skill = load_hub(spec[len(HUB_PREFIX):])
+    elif "=" in spec:
         name, path = spec.split("=", 1)
-        family = _family(name)
-        items = _load_file(family, Path(path).expanduser(), name)
-        skill = Skill(name, items, str(path), family)
+        if path.startswith(HUB_PREFIX):
+            skill = load_hub(path[len(HUB_PREFIX):], name)
+        else:
+            family = _family(name)
+            skill = Skill(name, _load_file(family, Path(path).expanduser(), name), str(path),
+                          family)
     elif spec.endswith((".txt", ".jsonl", ".jsonl.gz")) or Path(spec).is_file():
         family = _family(spec if not Path(spec).is_file() else Path(spec).name)
         name = Path(spec).name.split(".")[0]
@@ -221,13 +149,12 @@ def load_skill(spec: str, data_dir_: str | os.PathLike | None = None, part: str 
         root = data_dir(data_dir_)
         _, probe_file, eval_file = FAMILIES[family]
         lang = spec.split("-", 1)[1] if family == "xquad" and "-" in spec else "en"
-        if family == "gsm8k" and part != "all":
-            rel = probe_file if part == "probe" else eval_file
-            return _nonempty(Skill(spec, _load_file(family, root / rel, spec), str(root / rel),
-                                   family))
         rel = probe_file.format(lang=lang)
+        if not (root / rel).exists():
+            raise DataError(f"built-in skill {spec!r} needs {root / rel}, which does not exist; "
+                            f"put the upstream file there or pass {spec}=PATH")
         items = _load_file(family, root / rel, spec)
-        if family == "gsm8k":
+        if eval_file:
             items += _load_file(family, root / eval_file, spec)
         skill = Skill(spec, items, str(root / rel), family)
     skill = _nonempty(skill)
@@ -236,23 +163,36 @@ def load_skill(spec: str, data_dir_: str | os.PathLike | None = None, part: str 
 
 def _nonempty(skill: Skill) -> Skill:
     if not skill.items:
-        raise DataError(f"skill {skill.name!r} from {skill.source} has no items; check the file")
+        raise DataError(f"skill {skill.name!r} from {skill.source or 'memory'} has no items; "
+                        f"check the file (it is empty or holds no usable rows)")
     return skill
 
 
 def split_skill(skill: Skill, probe_fraction: float = 0.5) -> tuple[Skill, Skill]:
-    """Deterministic disjoint probe/eval split by a hash of each item's group (paragraph, task)
-    so that related items never fall on both sides; the same ids split the same way in every
-    language of XQuAD."""
+    """Disjoint (probe, eval) parts. Items pinned by ``meta["part"]`` (upstream train/test) keep
+    their side when both sides are present; otherwise a deterministic hash of each item's group
+    (paragraph, task) decides, so related items never fall on both sides and the same ids split
+    the same way in every language of XQuAD. Eval items whose id or prompt text also occurs in
+    the probe part are dropped."""
+    if not 0 < probe_fraction < 1:
+        raise DataError(f"probe_fraction must be in (0, 1), got {probe_fraction}")
+
     def key(it: Item) -> float:
         g = it.meta.get("group") or it.id.split("/")[-1]
         return int(hashlib.sha256(g.encode()).hexdigest()[:8], 16) / 16 ** 8
 
-    probe = [it for it in skill.items if key(it) < probe_fraction]
-    evals = [it for it in skill.items if key(it) >= probe_fraction]
+    pinned = {it.meta.get("part") for it in skill.items}
+    if pinned == {"probe", "eval"}:
+        probe = [it for it in skill.items if it.meta["part"] == "probe"]
+        evals = [it for it in skill.items if it.meta["part"] == "eval"]
+    else:
+        probe = [it for it in skill.items if key(it) < probe_fraction]
+        evals = [it for it in skill.items if key(it) >= probe_fraction]
+    seen_ids, seen_prompts = {it.id for it in probe}, {it.prompt for it in probe}
+    evals = [it for it in evals if it.id not in seen_ids and it.prompt not in seen_prompts]
     if not probe or not evals:
-        raise DataError(f"skill {skill.name!r} has too few items ({len(skill)}) to split into "
-                        f"probe and eval parts")
+        raise DataError(f"skill {skill.name!r} has too few distinct items ({len(skill)}) to split "
+                        f"into probe and eval parts; give at least a few dozen items")
     return (replace(skill, items=probe, name=skill.name), replace(skill, items=evals))
 
 

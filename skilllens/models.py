@@ -54,7 +54,7 @@ def _tiny_configs():
                                         max_position_embeddings=256, pad_token_id=256),
         "tiny-roberta": lambda: RobertaConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
                                               num_hidden_layers=2, num_attention_heads=4,
-                                              max_position_embeddings=260, pad_token_id=256),
+                                              max_position_embeddings=520, pad_token_id=256),
     }
 
 

@@ -221,7 +221,8 @@ class _Statistic:
     def to(self, device):
         self.device = torch.device(device)
         for f in self._fields:
-            setattr(self, f, getattr(self, f).to(self.device))
+            if getattr(self, f) is not None:
+                setattr(self, f, getattr(self, f).to(self.device))
         return self
 
 

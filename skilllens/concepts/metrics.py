@@ -1,0 +1,112 @@
+"""Intrinsic (vector) and behavioural (answer) metrics for concept-vector edits.
+
+Behavioural scores are in [0, 1]: the mean over pairs of sentence BLEU (sacrebleu, divided by
+100) and ROUGE-L F1 (rouge-score) of edited answers against the original model's answers.
+Two identical strings (also two empty ones) score 1. Every pair is scored (the reference
+scored only the last 10 of 50 unrelated answers).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..errors import DataError
+
+
+@dataclass
+class TextScores:
+    bleu: float
+    rougeL: float
+    n: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _pairs(preds: list[str], refs: list[str]):
+    if len(preds) != len(refs):
+        raise DataError(f"{len(preds)} predictions but {len(refs)} references; score answers to "
+                        f"the same questions")
+    if not refs:
+        raise DataError("no answers to score")
+    return list(zip(preds, refs))
+
+
+def bleu_scores(preds: list[str], refs: list[str]) -> list[float]:
+    """Sentence BLEU in [0, 1] per pair (sacrebleu, exponential smoothing)."""
+    from sacrebleu.metrics import BLEU
+
+    metric = BLEU(effective_order=True)
+    return [1.0 if p.strip() == r.strip() else metric.sentence_score(p, [r]).score / 100.0
+            for p, r in _pairs(preds, refs)]
+
+
+def rouge_l_scores(preds: list[str], refs: list[str]) -> list[float]:
+    """ROUGE-L F1 in [0, 1] per pair (rouge-score)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return [1.0 if p.strip() == r.strip() else scorer.score(r, p)["rougeL"].fmeasure
+            for p, r in _pairs(preds, refs)]
+
+
+def text_scores(preds: list[str], refs: list[str]) -> TextScores:
+    """Mean BLEU and ROUGE-L of ``preds`` against ``refs`` (all pairs)."""
+    b, r = bleu_scores(preds, refs), rouge_l_scores(preds, refs)
+    return TextScores(sum(b) / len(b), sum(r) / len(r), len(b))
+
+
+@dataclass
+class IntrinsicScores:
+    """How much an edit moved a concept vector (original ``v`` -> edited ``v'``)."""
+
+    cosine: float
+    l2: float
+    jaccard_top: float
+    article_share_before: float
+    article_share_after: float
+    k: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine similarity in float64; 0 when either vector is zero."""
+    a, b = a.double().flatten(), b.double().flatten()
+    na, nb = a.norm(), b.norm()
+    return 0.0 if na == 0 or nb == 0 else float(a @ b / (na * nb))
+
+
+def jaccard(a, b) -> float:
+    a, b = set(int(x) for x in a), set(int(x) for x in b)
+    return 1.0 if not a and not b else len(a & b) / len(a | b)
+
+
+def article_keys(tokenizer, text: str) -> set[str]:
+    """Normalised (stripped, lower-cased) keys of the tokens of ``text``."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return {k for k in (tokenizer.decode([i]).strip().lower() for i in set(ids)) if k}
+
+
+def article_share(tokenizer, ids, keys: set[str]) -> float:
+    """Share of token ``ids`` whose key occurs in the article's ``keys``."""
+    ids = [int(i) for i in ids]
+    if not ids:
+        return 0.0
+    return sum(tokenizer.decode([i]).strip().lower() in keys for i in ids) / len(ids)
+
+
+def intrinsic_scores(lm, original: torch.Tensor, edited: torch.Tensor, article: str,
+                     k: int = 200, through_norm: bool = False) -> IntrinsicScores:
+    """Cosine, L2, Jaccard of the top-``k`` token sets and article share before/after."""
+    from .vocab import top_token_ids
+
+    ids_a = top_token_ids(lm, 0, 0, k, through_norm, vector=original).tolist()
+    ids_b = top_token_ids(lm, 0, 0, k, through_norm, vector=edited).tolist()
+    keys = article_keys(lm.tokenizer, article)
+    return IntrinsicScores(cosine(original, edited),
+                           float((original.double() - edited.double()).norm()),
+                           jaccard(ids_a, ids_b), article_share(lm.tokenizer, ids_a, keys),
+                           article_share(lm.tokenizer, ids_b, keys), k)

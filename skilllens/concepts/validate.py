@@ -1,0 +1,173 @@
+"""Causal validation: does editing a vector change the concept's answers and not the others?
+
+A :class:`BehaviourSuite` holds prompt sets for one concept (``concept_qa``, ``unrelated_qa``,
+optionally ``completions`` and robustness probes). ``fit(lm)`` records the *unedited* model's
+greedy answers and their teacher-forced log-probabilities; afterwards, inside any edit's
+``applied(lm)`` block, :meth:`BehaviourSuite.score` regenerates and scores BLEU / ROUGE-L
+against the originals, and :meth:`BehaviourSuite.logprob_drop` measures how much less likely
+the original answers became (cheap: one forward pass, used to screen candidates).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import DataError
+from .data import Concept
+from .generation import Answers, answer_logprob, generate, qa_prompts
+from .metrics import TextScores, text_scores
+
+
+class AnswerCache:
+    """Original-model answers keyed by (prompt, max_new_tokens, dtype): shared across concepts,
+    filled only from unedited models (the caller's responsibility; see BehaviourSuite.fit)."""
+
+    def __init__(self):
+        self.store: dict[tuple[str, int, str], str] = {}
+
+    def get_or_generate(self, lm, prompts: list[str], max_new_tokens: int, batch_size: int,
+                        progress: bool = False) -> list[str]:
+        dtype = str(next(lm.model.parameters()).dtype).replace("torch.", "")
+        missing = [p for p in dict.fromkeys(prompts) if (p, max_new_tokens, dtype) not in self.store]
+        if missing:
+            ans = generate(lm, missing, max_new_tokens, batch_size, progress)
+            for p, a in zip(missing, ans.texts):
+                self.store[(p, max_new_tokens, dtype)] = a
+        return [self.store[(p, max_new_tokens, dtype)] for p in prompts]
+
+
+def probe_prompts(concept: Concept, probe: str, context_chars: int = 2000) -> list[str]:
+    """Robustness probe prompts for the concept's questions: ``in_context`` (the article's first
+    ``context_chars`` characters before the question), ``role_play``, or ``translated:LANG``."""
+    if probe == "in_context":
+        ctx = concept.text[:context_chars].strip()
+        return [f"{ctx}\n\n{p}" for p in qa_prompts(concept.questions)]
+    if probe == "role_play":
+        intro = (f"You are a world expert on {concept.name} and you answer every question about "
+                 f"{concept.name} accurately and in detail.\n")
+        return [intro + p for p in qa_prompts(concept.questions)]
+    if probe.startswith("translated:"):
+        lang = probe.split(":", 1)[1]
+        qs = concept.translated_questions.get(lang)
+        if not qs:
+            raise DataError(f"concept {concept.name!r} has no questions translated to {lang!r}; "
+                            f"add translated_questions: {{{lang}: [...]}} to the concept file")
+        return qa_prompts(qs)
+    raise DataError(f"unknown probe {probe!r}; use in_context, role_play or translated:LANG")
+
+
+@dataclass
+class BehaviourScores:
+    """Scores of one edit on one concept: per prompt set, text scores and log-prob drops."""
+
+    text: dict[str, TextScores]
+    logprob_drop: dict[str, float] = field(default_factory=dict)
+    answers: dict[str, list[str]] = field(default_factory=dict)
+
+    def to_dict(self, with_answers: bool = False) -> dict:
+        d = {"text": {k: v.to_dict() for k, v in self.text.items()},
+             "logprob_drop": dict(self.logprob_drop)}
+        if with_answers:
+            d["answers"] = self.answers
+        return d
+
+
+class BehaviourSuite:
+    """Prompt sets for one concept and the unedited model's answers to them."""
+
+    def __init__(self, concept: Concept, max_new_tokens: int = 100, n_unrelated: int | None = None,
+                 n_questions: int | None = None, n_completions: int = 0, probes: tuple = (),
+                 batch_size: int = 16, seed: int = 0):
+        self.concept = concept
+        self.max_new_tokens, self.batch_size = int(max_new_tokens), int(batch_size)
+        unrel = list(concept.unrelated_questions)
+        if n_unrelated is not None and n_unrelated < len(unrel):
+            unrel = random.Random(seed).sample(unrel, int(n_unrelated))
+        qs = concept.questions[:n_questions] if n_questions else concept.questions
+        self.prompts: dict[str, list[str]] = {"concept_qa": qa_prompts(qs),
+                                              "unrelated_qa": qa_prompts(unrel)}
+        if n_completions:
+            comps = concept.completions[:n_completions]
+            if comps:
+                self.prompts["completions"] = [c["prefix"] for c in comps]
+        for p in probes:
+            self.prompts[p] = probe_prompts(concept, p)
+        self.original_: dict[str, list[str]] = {}
+        self.original_logprob_: dict[str, torch.Tensor] = {}
+        self.dtype_: str | None = None
+
+    def fit(self, lm, cache: AnswerCache | None = None, progress: bool = False) -> "BehaviourSuite":
+        """Record the unedited model's answers (call outside any ``applied`` block)."""
+        cache = cache or AnswerCache()
+        for name, prompts in self.prompts.items():
+            self.original_[name] = cache.get_or_generate(lm, prompts, self.max_new_tokens,
+                                                         self.batch_size, progress)
+            self.original_logprob_[name] = answer_logprob(lm, prompts, self.original_[name],
+                                                          self.batch_size)
+        self.dtype_ = str(next(lm.model.parameters()).dtype).replace("torch.", "")
+        return self
+
+    def _check(self, lm):
+        if self.dtype_ is None:
+            raise DataError("BehaviourSuite is not fitted; call .fit(lm) on the unedited model")
+        dtype = str(next(lm.model.parameters()).dtype).replace("torch.", "")
+        if dtype != self.dtype_:
+            raise DataError(f"original answers were generated in {self.dtype_} but the model now "
+                            f"runs in {dtype}; compare answers produced in the same dtype")
+
+    def logprob_drop(self, lm, sets=("concept_qa", "unrelated_qa")) -> dict[str, float]:
+        """Mean drop of the original answers' per-token log-probability, per prompt set."""
+        self._check(lm)
+        out = {}
+        for name in sets:
+            now = answer_logprob(lm, self.prompts[name], self.original_[name], self.batch_size)
+            ok = ~torch.isnan(now) & ~torch.isnan(self.original_logprob_[name])
+            out[name] = float((self.original_logprob_[name][ok] - now[ok]).mean()) if ok.any() else 0.0
+        return out
+
+    def score(self, lm, sets=None, with_logprob: bool = True) -> BehaviourScores:
+        """Regenerate (greedy) under the model's current state and score against the originals."""
+        self._check(lm)
+        sets = list(sets or self.prompts)
+        text, answers = {}, {}
+        for name in sets:
+            ans: Answers = generate(lm, self.prompts[name], self.max_new_tokens, self.batch_size)
+            answers[name] = ans.texts
+            text[name] = text_scores(ans.texts, self.original_[name])
+        drops = self.logprob_drop(lm, [s for s in sets if s in ("concept_qa", "unrelated_qa")]) \
+            if with_logprob else {}
+        return BehaviourScores(text, drops, answers)
+
+
+@dataclass
+class ScreenResult:
+    """Teacher-forced screening of one candidate: ``selectivity = concept drop - unrelated drop``."""
+
+    layer: int
+    index: int
+    concept_drop: float
+    unrelated_drop: float
+
+    @property
+    def selectivity(self) -> float:
+        return self.concept_drop - self.unrelated_drop
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "selectivity": self.selectivity}
+
+
+def screen_candidates(lm, suite: BehaviourSuite, candidates, method: str = "zero",
+                      sigma: float = 0.1, seed: int = 0, progress: bool = False) -> list[ScreenResult]:
+    """Ablate each candidate in turn and measure log-prob drops; sorted by selectivity."""
+    from .ablation import ConceptAblation
+
+    out = []
+    for c in tqdm(candidates, desc=f"screen {suite.concept.name}", disable=not progress, leave=False):
+        abl = ConceptAblation(c.layer, c.index, method, sigma, seed).fit(lm)
+        with abl.applied(lm):
+            d = suite.logprob_drop(lm)
+        out.append(ScreenResult(c.layer, c.index, d["concept_qa"], d["unrelated_qa"]))
+    return sorted(out, key=lambda r: -r.selectivity)
