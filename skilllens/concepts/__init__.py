@@ -1,0 +1,23 @@
+"""Concept vectors: FFN value vectors whose vocabulary projection spells out one concept.
+
+Find them (:class:`ConceptSearch`), validate them causally (:class:`BehaviourSuite`,
+:func:`screen_candidates`), ablate them reversibly (:class:`ConceptAblation`), unlearn with
+:class:`Needle` or fine-tuning baselines (:class:`FineTuneUnlearner`), and compare intrinsic and
+behavioural metrics. See ``shared/METHODS.md`` section 3.
+"""
+from .ablation import METHODS as ABLATION_METHODS, ColumnEdit, ConceptAblation, value_vector
+from .data import Concept, load_concepts
+from .generation import answer_logprob, generate, generate_answers, qa_prompts
+from .metrics import IntrinsicScores, TextScores, intrinsic_scores, text_scores
+from .needle import Needle
+from .search import Candidate, ConceptSearch, token_weights
+from .unlearn import FineTuneUnlearner
+from .validate import AnswerCache, BehaviourScores, BehaviourSuite, probe_prompts, screen_candidates
+from .vocab import VocabProjection, project_values, top_tokens
+
+__all__ = ["ABLATION_METHODS", "ColumnEdit", "ConceptAblation", "value_vector", "Concept",
+           "load_concepts", "answer_logprob", "generate", "generate_answers", "qa_prompts",
+           "IntrinsicScores", "TextScores", "intrinsic_scores", "text_scores", "Needle",
+           "Candidate", "ConceptSearch", "token_weights", "FineTuneUnlearner", "AnswerCache",
+           "BehaviourScores", "BehaviourSuite", "probe_prompts", "screen_candidates",
+           "VocabProjection", "project_values", "top_tokens"]

@@ -1,0 +1,333 @@
+"""Skill evaluation harness: teacher-forced and generation scores, with abstention.
+
+Metrics (``evaluate(..., metric=...)``):
+
+* ``token_accuracy`` (default) and ``nll``: teacher-forced. The logits at positions
+  ``prompt_len - 1 .. length - 2`` predict the answer tokens. Per item: the fraction of answer
+  tokens that are the argmax, and the mean per-token negative log-likelihood (nats); both are
+  **averaged per item first, then over items** (long answers do not dominate). Items without an
+  answer are scored on their whole text (language modelling).
+* ``exact_match``: greedy generation; GSM8K-style items (``meta["final"]``) are prompted k-shot
+  with chain-of-thought examples from the skill's *probe* part and scored by the final number;
+  other items by SQuAD-normalised exact match.
+* ``pass@1``: greedy completion of HumanEval/MBPP prompts, tests run in :mod:`skilllens.sandbox`
+  (code that hangs, eats memory or tries the network fails that item; the run continues).
+* ``f1`` / ``substring``: greedy short answers for SQuAD/XQuAD/MLQA items, scored against all
+  gold answers (:mod:`skilllens.scoring`).
+
+Generation is batched with left padding (a left-padded copy; the tokenizer keeps padding right).
+An ``abstainer`` (``.abstains(lm, items) -> BoolTensor[n]``) decides on the prompts before
+anything runs; abstained items score 0 and are neither generated nor scored teacher-forced
+(their NLL is left out of the NLL mean). Everything runs under ``torch.no_grad()``; interventions
+are active when the caller wraps the call in ``with method.applied(lm): ...``.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .batching import encode_items, iter_batches, n_batches
+from .data import Item, Skill, as_skill, load_skill, sample_skill
+from .errors import DataError, SkillLensError
+
+METRICS = ("token_accuracy", "nll", "exact_match", "pass@1", "f1", "substring")
+TEACHER_FORCED = ("token_accuracy", "nll")
+#: stop strings and default new-token budgets per kind of item
+CODE_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
+MBPP_STOPS = ('\n"""', "\nassert ", "\nif __name__", "\nprint(", "\n```", "\n\n\n")
+GSM8K_STOPS = ("\n\nQuestion:", "\nQuestion:", "\n\n\n")
+QA_STOPS = ("\n",)
+MAX_NEW_TOKENS = {"gsm8k": 256, "code": 384, "qa": 24, "other": 64}
+
+
+@dataclass
+class SkillScore:
+    """One skill under one model state. ``score`` is the headline of ``metric`` (for ``nll``: mean
+    NLL, lower is better); ``accuracy`` is token accuracy (teacher-forced) or the mean item score
+    (generation); ``nll`` is NaN for generation metrics."""
+
+    skill: str
+    metric: str
+    score: float
+    accuracy: float
+    nll: float
+    n_items: int
+    n_abstained: int
+    per_item: list[dict] = field(default_factory=list)
+
+    def to_dict(self, per_item: bool = True) -> dict:
+        """JSON-ready dict (NaN -> None); ``per_item=False`` drops the item list."""
+        d = asdict(self)
+        if not per_item:
+            d.pop("per_item")
+        return _nan_to_none(d)
+
+
+def _nan_to_none(o):
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _nan_to_none(v) for k, v in o.items()}
+    if isinstance(o, list):
+        return [_nan_to_none(v) for v in o]
+    return o
+
+
+def relative(after: float, before: float) -> float:
+    """``after / before``; 0 when ``before == 0``; NaN when either is NaN/None (never raises)."""
+    if after is None or before is None or math.isnan(after) or math.isnan(before):
+        return float("nan")
+    return 0.0 if before == 0 else float(after) / float(before)
+
+
+def _loaded(lm):
+    from .models import LoadedModel, load_model
+    lm = lm if isinstance(lm, LoadedModel) else load_model(lm)
+    if not lm.model.can_generate() or getattr(lm.model.config, "is_encoder_decoder", False):
+        raise SkillLensError(f"{lm.name} is not a causal language model; evaluation needs one "
+                             f"(e.g. smollm2-135m or tiny-llama)")
+    return lm
+
+
+def _abstentions(abstainer, lm, items: list[Item]) -> list[bool]:
+    if abstainer is None:
+        return [False] * len(items)
+    got = torch.as_tensor(abstainer.abstains(lm, items))
+    if got.dtype != torch.bool or got.shape != (len(items),):
+        raise SkillLensError(f"abstainer.abstains must return a BoolTensor of shape "
+                             f"[{len(items)}]; got {got.dtype} {tuple(got.shape)}")
+    return got.tolist()
+
+
+def _progress(it, total, desc, progress):
+    from tqdm.auto import tqdm
+    return tqdm(it, total=total, desc=desc, disable=not progress, leave=False)
+
+
+def teacher_forced(lm, items: list[Item], *, batch_size: int = 8, max_length: int = 512,
+                   progress: bool = True, desc: str = "teacher-forced") -> list[dict]:
+    """Per item ``{"accuracy", "nll", "n_tokens"}`` of the gold answer given the prompt."""
+    model, tok = lm.model, lm.tokenizer
+    encoded = encode_items(items, tok, max_length)
+    for e in encoded:
+        if len(e.ids) < 2:
+            raise DataError(f"item {items[e.index].id!r} has fewer than 2 tokens; nothing to "
+                            f"score teacher-forced")
+    keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    out: list[dict] = [{} for _ in items]
+    batches = iter_batches(encoded, batch_size, pad, lm.device)
+    for b in _progress(batches, n_batches(len(encoded), batch_size), desc, progress):
+        ids = b.input_ids
+        pos = torch.arange(ids.shape[1], device=ids.device)[None]
+        start = torch.where(b.lengths > b.prompt_lens, b.prompt_lens - 1, 0)[:, None]
+        need = (pos >= start) & (pos <= b.lengths[:, None] - 2)            # [B, T]
+        cols = need.any(0).nonzero().squeeze(1)                             # [K]
+        if keep_arg:
+            logits = model(**b.inputs, logits_to_keep=cols).logits          # [B, K, V]
+        else:
+            logits = model(**b.inputs).logits[:, cols]
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        sel, target = need[:, cols], ids[:, cols + 1]                       # [B, K]
+        tok_nll = torch.logsumexp(logits, -1) - logits.gather(-1, target[..., None])[..., 0]
+        correct = (logits.argmax(-1) == target) & sel
+        n = sel.sum(1)
+        nll = (tok_nll * sel).sum(1) / n
+        acc = correct.sum(1) / n
+        for r, idx in enumerate(b.index.tolist()):
+            out[idx] = {"accuracy": float(acc[r]), "nll": float(nll[r]), "n_tokens": int(n[r])}
+    return out
+
+
+class _StopOnStrings:
+    """Stopping criterion: a row is done once its new text contains a stop string."""
+
+    def __init__(self, tokenizer, prompt_len: int, stops):
+        self.tok, self.t0, self.stops, self.done = tokenizer, prompt_len, tuple(stops), None
+
+    def __call__(self, input_ids, scores=None, **kwargs):
+        if self.done is None:
+            self.done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if self.stops:
+            for r in range(input_ids.shape[0]):
+                if not self.done[r]:
+                    text = self.tok.decode(input_ids[r, self.t0:], skip_special_tokens=True)
+                    self.done[r] = any(s in text for s in self.stops)
+        return self.done.clone()
+
+
+def cut_at_stops(text: str, stops) -> str:
+    """``text`` up to the first occurrence of any stop string."""
+    cut = min([text.find(s) for s in stops if s in text] or [len(text)])
+    return text[:cut]
+
+
+def generate_texts(lm, prompts: list[str], *, max_new_tokens: int = 64, stops=(),
+                   batch_size: int = 8, max_length: int = 2048, progress: bool = True,
+                   desc: str = "generate") -> list[str]:
+    """Greedy continuations of ``prompts`` (batched, left-padded, longest first), cut at the
+    first stop string. Prompts longer than ``max_length - max_new_tokens`` lose tokens on the
+    left."""
+    from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+    model, tok = lm.model, lm.tokenizer
+    if max_new_tokens < 1:
+        raise SkillLensError("max_new_tokens must be at least 1")
+    budget = max(1, max_length - max_new_tokens)
+    enc = [ids[-budget:] for ids in tok(list(prompts), add_special_tokens=True)["input_ids"]]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    eos = tok.eos_token_id
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                           eos_token_id=eos, bos_token_id=tok.bos_token_id)
+    order = sorted(range(len(enc)), key=lambda i: (-len(enc[i]), i))
+    texts = [""] * len(enc)
+    chunks = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    crit_cls = type("StopOnStrings", (_StopOnStrings, StoppingCriteria), {})
+    for chunk in _progress(chunks, len(chunks), desc, progress):
+        T = max(len(enc[i]) for i in chunk)
+        ids = torch.full((len(chunk), T), pad, dtype=torch.long)
+        att = torch.zeros((len(chunk), T), dtype=torch.long)
+        for r, i in enumerate(chunk):                       # left padding
+            ids[r, T - len(enc[i]):] = torch.tensor(enc[i])
+            att[r, T - len(enc[i]):] = 1
+        crit = crit_cls(tok, T, stops)
+        gen = model.generate(input_ids=ids.to(lm.device), attention_mask=att.to(lm.device),
+                             generation_config=cfg, stopping_criteria=StoppingCriteriaList([crit]))
+        for r, i in enumerate(chunk):
+            texts[i] = cut_at_stops(tok.decode(gen[r, T:], skip_special_tokens=True), stops)
+    return texts
+
+
+def strip_calculator(text: str) -> str:
+    """Remove GSM8K calculator annotations ``<<48/2=24>>``."""
+    return re.sub(r"<<[^<>]*>>", "", text)
+
+
+def fewshot_prefix(shots: list[Item]) -> str:
+    """k-shot chain-of-thought prefix: each shot's prompt and worked answer, blank-line separated."""
+    return "".join(f"{s.prompt}{strip_calculator(s.answer).rstrip()}\n\n" for s in shots)
+
+
+def _kind(item: Item, family: str) -> str:
+    if "final" in item.meta or family == "gsm8k":
+        return "gsm8k"
+    if "test_list" in item.meta or "entry_point" in item.meta:
+        return "code"
+    if "answers" in item.meta:
+        return "qa"
+    return "other"
+
+
+def _shots_for(skill: Skill, shots, n_shots: int, data_dir, seed: int) -> list[Item]:
+    if n_shots <= 0:
+        return []
+    if shots is None:
+        if skill.family != "gsm8k":
+            return []
+        shots = load_skill("gsm8k", data_dir, part="probe")
+    pool = as_skill(shots)
+    ids, prompts = {it.id for it in skill}, {it.prompt for it in skill}
+    if any(s.id in ids or s.prompt in prompts for s in pool):
+        raise DataError("few-shot examples overlap the evaluated items; take shots from the "
+                        "probe part (load_skill(..., part='probe'))")
+    return sample_skill(pool, n_shots, seed).items
+
+
+def _score_generation(lm, skill: Skill, items: list[Item], metric: str, *, batch_size,
+                      max_length, max_new_tokens, progress, shots, n_shots, data_dir, seed,
+                      sandbox_timeout) -> list[dict]:
+    from . import scoring
+    from .sandbox import check_item
+
+    kinds = {_kind(it, skill.family) for it in items}
+    if metric == "pass@1" and kinds != {"code"}:
+        raise DataError(f"pass@1 needs code items with tests (HumanEval, MBPP); {skill.name!r} "
+                        f"is not one: use token_accuracy, exact_match, f1 or substring")
+    if metric in ("f1", "substring") and kinds != {"qa"}:
+        raise DataError(f"{metric} needs question answering items with gold answers (XQuAD, "
+                        f"MLQA, SQuAD); for {skill.name!r} use exact_match or token_accuracy")
+    kind = kinds.pop() if len(kinds) == 1 else "other"
+    prefix = fewshot_prefix(_shots_for(skill, shots, n_shots, data_dir, seed)) \
+        if kind == "gsm8k" else ""
+    mbpp = any("test_list" in it.meta for it in items)
+    stops = {"gsm8k": GSM8K_STOPS, "code": MBPP_STOPS if mbpp else CODE_STOPS,
+             "qa": QA_STOPS}.get(kind, ("\n\n",))
+    texts = generate_texts(lm, [prefix + it.prompt for it in items],
+                           max_new_tokens=max_new_tokens or MAX_NEW_TOKENS[kind], stops=stops,
+                           batch_size=batch_size, progress=progress, desc=f"generate {skill.name}",
+                           max_length=max(max_length, 2048) if prefix else max_length)
+    rows = []
+    for it, text in zip(items, texts):
+        row = {"prediction": text[:1000]}
+        if metric == "pass@1":
+            res = check_item(it, text, timeout=sandbox_timeout)
+            row.update(score=float(res.passed), reason=res.reason)
+        elif kind == "gsm8k":
+            gold = it.meta.get("final", it.answer)
+            row.update(score=float(scoring.number_match(text, gold)), gold=gold,
+                       extracted=scoring.extract_final_number(text))
+        else:
+            golds = it.meta.get("answers") or [it.answer]
+            lang = it.meta.get("lang") or "en"
+            fn = {"f1": scoring.f1_score, "substring": scoring.substring_match}.get(
+                metric, scoring.exact_match)
+            row.update(score=float(fn(text, golds, lang)), gold=golds[0])
+        rows.append(row)
+    return rows
+
+
+def evaluate(lm, skill, metric: str = "token_accuracy", *, batch_size: int = 8,
+             max_length: int = 512, abstainer=None, max_new_tokens: int | None = None,
+             progress: bool = True, shots=None, n_shots: int = 8, seed: int = 0,
+             data_dir=None, sandbox_timeout: float = 10.0) -> SkillScore:
+    """Score ``lm`` (spec or ``LoadedModel``) on ``skill`` (``Skill``, items, or a spec string:
+    then its *eval* part). Generation metrics use ``max_new_tokens`` (default per item kind:
+    GSM8K 256, code 384, QA 24), and for GSM8K ``n_shots`` examples (``shots``, default: the
+    probe part of ``gsm8k`` in ``data_dir``; drawn with ``seed``)."""
+    if metric not in METRICS:
+        raise SkillLensError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+    if batch_size < 1:
+        raise SkillLensError("batch_size must be at least 1")
+    lm = _loaded(lm)
+    skill = as_skill(skill, data_dir, part="eval")
+    items = list(skill.items)
+    abstained = _abstentions(abstainer, lm, items)
+    answered = [it for it, a in zip(items, abstained) if not a]
+    with torch.no_grad():
+        if not answered:
+            rows = []
+        elif metric in TEACHER_FORCED:
+            rows = teacher_forced(lm, answered, batch_size=batch_size, max_length=max_length,
+                                  progress=progress, desc=f"eval {skill.name}")
+            for r in rows:
+                r["score"] = r["accuracy"] if metric == "token_accuracy" else r["nll"]
+        else:
+            rows = _score_generation(lm, skill, answered, metric, batch_size=batch_size,
+                                     max_length=max_length,
+                                     max_new_tokens=max_new_tokens, progress=progress,
+                                     shots=shots, n_shots=n_shots, data_dir=data_dir, seed=seed,
+                                     sandbox_timeout=sandbox_timeout)
+    it_rows = iter(rows)
+    per_item = []
+    for it, a in zip(items, abstained):
+        if a:
+            row = {"score": 0.0, "accuracy": 0.0, "nll": float("nan")} \
+                if metric in TEACHER_FORCED else {"score": 0.0}
+        else:
+            row = next(it_rows)
+        per_item.append({"id": it.id, "abstained": bool(a), **row})
+    n = len(items)
+    if metric in TEACHER_FORCED:
+        accuracy = sum(r["accuracy"] for r in per_item) / n
+        nlls = [r["nll"] for r in per_item if not r["abstained"]]
+        nll = sum(nlls) / len(nlls) if nlls else float("nan")
+        score = accuracy if metric == "token_accuracy" else nll
+    else:
+        score = accuracy = sum(r["score"] for r in per_item) / n
+        nll = float("nan")
+    return SkillScore(skill.name, metric, score, accuracy, nll, n, sum(abstained), per_item)
