@@ -204,6 +204,8 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
     if bad:
         warnings.warn(f"NaN/inf activations were excluded from the statistics: {bad}",
                       stacklevel=2)
+    for (s, l), st in collected.items():
+        st.warn_if_out_of_range(f"{s}.{l}")
     if checkpoint is not None:
         _save_checkpoint(checkpoint, collected, ckpt_hash, done, n_tokens, fp)
     if store_keys:

@@ -185,3 +185,17 @@ class NeuronStats:
             warnings.warn(f"{label}: {n} NaN/inf activations were excluded from the statistics "
                           f"({int((self.n_nonfinite > 0).sum())} neurons affected)", stacklevel=2)
         return n
+
+    def warn_if_out_of_range(self, label: str = "", limit: float = 0.01) -> float:
+        """Warn when more than ``limit`` of some neuron's values fell outside the histogram
+        range (they are kept in the under/overflow bins); returns the worst fraction."""
+        if self.histogram is None or self.histogram.lo is None:
+            return 0.0
+        worst = float(self.histogram.out_of_range_fraction.max())
+        if worst > limit:
+            n = int((self.histogram.out_of_range_fraction > limit).sum())
+            warnings.warn(f"{label}: the histogram range misses up to {worst:.1%} of the values of "
+                          f"{n} neurons (counted in the under/overflow bins); widen hist_range",
+                          stacklevel=2)
+        return worst
+

@@ -1,6 +1,7 @@
 """Two gloo processes merge to the single-process result."""
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,3 +45,24 @@ def test_two_process_gloo_merge_equals_single_process(tmp_path):
         # other batch compositions change activations only by float32 rounding
         torch.testing.assert_close(merged[k].min, single[k].min, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(merged[k].max, single[k].max, rtol=1e-5, atol=1e-6)
+
+
+def _bad_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        res = skilllens.collect("tiny-llama", TEXTS, sites="gate", layers=[rank], rank=rank,
+                                world_size=world, progress=False)
+        try:
+            skilllens.distributed.all_merge(res)
+        except skilllens.SkillLensError as e:
+            Path(out + f".{rank}").write_text(str(e))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_disagree_get_a_clear_error(tmp_path):
+    out = str(tmp_path / "err")
+    mp.start_processes(_bad_worker, args=(2, _free_port(), out), nprocs=2, start_method="spawn")
+    for r in range(2):
+        assert "ranks disagree" in Path(out + f".{r}").read_text()

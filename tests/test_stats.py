@@ -170,3 +170,12 @@ def test_partials_subset_skips_work_but_keeps_moments():
     p = batch_partials(x, stats=("moments",))
     assert "min" not in p and "sum_abs" not in p
     torch.testing.assert_close(p["mean"], x.double().mean(0))
+
+
+def test_histogram_range_miss_is_counted_and_warned():
+    x = torch.randn(200, 3) * 5
+    st = NeuronStats(3, ("moments", "histogram"), bins=16, hist_range=(-1.0, 1.0)).update(x)
+    h = st.histogram.counts
+    assert h[:, 0].tolist() == (x < -1).sum(0).tolist() and h[:, -1].tolist() == (x >= 1).sum(0).tolist()
+    with pytest.warns(UserWarning, match="widen hist_range"):
+        st.warn_if_out_of_range("gate.0")
