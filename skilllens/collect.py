@@ -166,6 +166,8 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
     def make_hook(key):
         def fn(act):
             mask = current["mask"]
+            if mask.device != act.device:  # layers spread over devices (device_map)
+                mask = mask.to(act.device)
             collected[key].update(act, mask)
             if key in store_keys:
                 buffers[key].append(act[mask].detach().to(torch.float32))

@@ -108,7 +108,7 @@ def _mmlu_row(row, i, name, split, where):
     _need(row, ("question", "choices", "answer"), f"{where} (MMLU format)")
     ans, choices = row["answer"], list(row["choices"])
     letter = "ABCD"[int(ans)] if not isinstance(ans, str) else ans.strip().upper()
-    if len(choices) != 4 or letter not in "ABCD" or not letter:
+    if len(choices) != 4 or letter not in ("A", "B", "C", "D"):
         raise DataError(f"{where} (MMLU format): expected 4 choices and answer 0-3 or A-D")
     subject = str(row.get("subject", ""))
     return Item(f"{name}/{subject or 'all'}/{split}/{i}", mmlu_prompt(subject, row["question"],

@@ -108,6 +108,7 @@ def _progress(it, total, desc, progress):
     return tqdm(it, total=total, desc=desc, disable=not progress, leave=False)
 
 
+@torch.no_grad()
 def teacher_forced(lm, items: list[Item], *, batch_size: int = 8, max_length: int = 512,
                    progress: bool = True, desc: str = "teacher-forced") -> list[dict]:
     """Per item ``{"accuracy", "nll", "n_tokens"}`` of the gold answer given the prompt."""
@@ -117,7 +118,7 @@ def teacher_forced(lm, items: list[Item], *, batch_size: int = 8, max_length: in
         if len(e.ids) < 2:
             raise DataError(f"item {items[e.index].id!r} has fewer than 2 tokens; nothing to "
                             f"score teacher-forced")
-    keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+    keep_arg = _accepts_logits_to_keep(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     out: list[dict] = [{} for _ in items]
     batches = iter_batches(encoded, batch_size, pad, lm.device)
@@ -144,6 +145,11 @@ def teacher_forced(lm, items: list[Item], *, batch_size: int = 8, max_length: in
     return out
 
 
+def _accepts_logits_to_keep(model) -> bool:
+    """Whether ``model.forward`` can return logits at selected positions only (saves memory)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
 class _StopOnStrings:
     """Stopping criterion: a row is done once its new text contains a stop string."""
 
@@ -157,16 +163,20 @@ class _StopOnStrings:
             for r in range(input_ids.shape[0]):
                 if not self.done[r]:
                     text = self.tok.decode(input_ids[r, self.t0:], skip_special_tokens=True)
-                    self.done[r] = any(s in text for s in self.stops)
+                    self.done[r] = any(s in text.lstrip() for s in self.stops)
         return self.done.clone()
 
 
 def cut_at_stops(text: str, stops) -> str:
-    """``text`` up to the first occurrence of any stop string."""
-    cut = min([text.find(s) for s in stops if s in text] or [len(text)])
-    return text[:cut]
+    """``text`` up to the first stop string found after its leading whitespace (a leading
+    newline does not end an answer; indentation is kept)."""
+    lead = len(text) - len(text.lstrip())
+    body = text[lead:]
+    cut = min([body.find(s) for s in stops if s in body] or [len(body)])
+    return text[:lead + cut]
 
 
+@torch.no_grad()
 def generate_texts(lm, prompts: list[str], *, max_new_tokens: int = 64, stops=(),
                    batch_size: int = 8, max_length: int = 2048, progress: bool = True,
                    desc: str = "generate") -> list[str]:

@@ -168,7 +168,7 @@ def finetune(lm, task: GraftTask, config: FineTuneConfig | None = None,
         with torch.no_grad():
             for n, (keep, orig) in frozen.items():
                 params[n].copy_(torch.where(keep, orig, params[n]))
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -266,8 +266,8 @@ LANG_WORDS = {"en": " English", "de": " German", "es": " Spanish", "vi": " Vietn
               "zh": " Chinese", "ar": " Arabic", "hi": " Hindi"}
 
 
-def xquad_lang_task(data_dir_=None, langs=("en", "de", "es", "vi"), n_train=16, n_dev=8,
-                    n_test=64, max_chars=100, seed=0) -> GraftTask:
+def xquad_lang_task(data_dir_=None, langs=("en", "de", "es"), n_train=16, n_dev=8,
+                    n_test=64, max_chars=60, seed=0) -> GraftTask:
     """Language identification of XQuAD paragraph snippets (label words = language names)."""
     root = data_dir(data_dir_)
     keyed = []
@@ -291,7 +291,7 @@ def xquad_lang_task(data_dir_=None, langs=("en", "de", "es", "vi"), n_train=16, 
 
 
 def xquad_numeric_task(data_dir_=None, lang="en", n_train=16, n_dev=8, n_test=64, seed=0,
-                       max_chars=120) -> GraftTask:
+                       max_chars=100) -> GraftTask:
     """Is the answer to an XQuAD question a number? (label words `` no`` / `` yes``)."""
     root = data_dir(data_dir_)
     keyed = []
@@ -310,7 +310,7 @@ def xquad_numeric_task(data_dir_=None, lang="en", n_train=16, n_dev=8, n_test=64
 
 
 def gsm8k_calc_task(data_dir_=None, n_train=16, n_dev=8, n_test=64, seed=0,
-                    max_question_chars=220, max_step_chars=70) -> GraftTask:
+                    max_question_chars=150, max_step_chars=50) -> GraftTask:
     """First GSM8K solution step with its ``<<a*b=c>>`` annotation, after the question."""
     root = data_dir(data_dir_)
     items = []

@@ -4,7 +4,8 @@ Each run: ``sys.executable -I`` (isolated mode: no user site, no ``PYTHONPATH``,
 ``sys.path``) in a new session/process group, in a fresh temporary folder that is deleted
 afterwards, stdin closed, a minimal environment, and these limits:
 
-* resource limits set in the child before ``exec``: ``RLIMIT_AS`` (memory), ``RLIMIT_CPU``,
+* resource limits (soft = hard, so they cannot be raised again) set by the guard before the
+  user code runs: ``RLIMIT_AS`` (memory), ``RLIMIT_CPU``,
   ``RLIMIT_CORE = 0`` (no core files), ``RLIMIT_FSIZE`` (file size), ``RLIMIT_NPROC`` (only
   when ``limit_processes`` is given: it counts all processes of the user, so no safe default);
 * a wall-clock timeout after which the whole process group gets ``SIGKILL``;
@@ -38,7 +39,15 @@ TAIL = 2000
 
 _GUARD = r'''
 import sys
-def _skilllens_guard():
+def _skilllens_guard(limits):
+    import resource
+    for name, value in limits:
+        which = getattr(resource, name, None)
+        if which is not None:
+            try:
+                resource.setrlimit(which, (value, value))
+            except (ValueError, OSError):
+                pass
     blocked_prefix = ("socket.", "subprocess.", "os.fork", "os.exec", "os.spawn", "os.posix_spawn",
                       "os.system", "os.forkpty", "pty.", "ctypes.", "os.kill", "os.killpg",
                       "resource.setrlimit", "resource.prlimit", "sys.addaudithook",
@@ -47,7 +56,7 @@ def _skilllens_guard():
         if event.startswith(blocked_prefix):
             raise PermissionError(f"sandbox: {event} is not allowed")
     sys.addaudithook(hook)
-_skilllens_guard()
+_skilllens_guard(%r)
 del _skilllens_guard
 import runpy as _runpy
 _runpy.run_path("solution.py", run_name="__main__")
@@ -103,22 +112,14 @@ def network_namespace_available() -> bool:
     return r.returncode == 0 and r.stdout.strip() in ("0", "1")
 
 
-def _limits(memory_mb: int, cpu_s: int, file_mb: int, nproc: int | None):
-    def apply():  # runs in the child between fork and exec
-        import resource
-        os.setsid()
-        lims = [(resource.RLIMIT_CORE, 0), (resource.RLIMIT_CPU, cpu_s),
-                (resource.RLIMIT_FSIZE, file_mb << 20)]
-        if memory_mb:
-            lims.append((resource.RLIMIT_AS, memory_mb << 20))
-        if nproc is not None and hasattr(resource, "RLIMIT_NPROC"):
-            lims.append((resource.RLIMIT_NPROC, nproc))
-        for which, value in lims:
-            try:
-                resource.setrlimit(which, (value, value))
-            except (ValueError, OSError):
-                pass
-    return apply
+def _limits(memory_mb: int, cpu_s: int, file_mb: int, nproc: int | None) -> list:
+    """(resource name, value) pairs the guard sets as soft = hard limits before the user code."""
+    lims = [("RLIMIT_CORE", 0), ("RLIMIT_CPU", cpu_s), ("RLIMIT_FSIZE", file_mb << 20)]
+    if memory_mb:
+        lims.append(("RLIMIT_AS", memory_mb << 20))
+    if nproc is not None:
+        lims.append(("RLIMIT_NPROC", nproc))
+    return lims
 
 
 def _tail(path: Path) -> str:
@@ -146,7 +147,8 @@ def run_python(code: str, *, timeout: float = 10.0, memory_mb: int = 1024, file_
     workdir = Path(tempfile.mkdtemp(prefix="skilllens-sandbox-"))
     try:
         (workdir / "solution.py").write_text(code, encoding="utf-8")
-        (workdir / "_guard.py").write_text(_GUARD, encoding="utf-8")
+        limits = _limits(memory_mb, int(timeout) + 2, file_mb, limit_processes)
+        (workdir / "_guard.py").write_text(_GUARD % (limits,), encoding="utf-8")
         cmd = [sys.executable, "-I", "-B", "_guard.py"]
         if use_ns:
             cmd = [shutil.which("unshare") or "unshare", "--user", "--map-root-user", "--net"] + cmd
@@ -157,8 +159,7 @@ def run_python(code: str, *, timeout: float = 10.0, memory_mb: int = 1024, file_
             try:
                 proc = subprocess.Popen(cmd, cwd=workdir, stdin=subprocess.DEVNULL, stdout=out,
                                         stderr=err, env=env, close_fds=True,
-                                        preexec_fn=_limits(memory_mb, int(timeout) + 2, file_mb,
-                                                           limit_processes))
+                                        start_new_session=True)
             except OSError as e:
                 raise SandboxError(f"cannot start the sandbox process ({e}); check that "
                                    f"{sys.executable} runs") from None

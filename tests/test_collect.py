@@ -151,7 +151,7 @@ orig = hooks.run_with_hooks
 def slow(*a, **k):
     time.sleep(float(sys.argv[2]))
     return orig(*a, **k)
-import skilllens.collect as c
+c = sys.modules['skilllens.collect']  # the package attribute is the function
 c.run_with_hooks = slow
 texts = [f"item {i} " + "x y z " * (i % 7) for i in range(40)]
 res = skilllens.collect("tiny-llama", texts, sites=["gate", "key"], batch_size=2,

@@ -32,6 +32,13 @@ class Answers:
     max_new_tokens: int
 
 
+def max_positions(lm, default: int = 4096) -> int:
+    """The model's context length (``max_position_embeddings`` / ``n_positions``)."""
+    cfg = lm.model.config
+    return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+               or default)
+
+
 def _dtype(lm) -> str:
     return str(next(lm.model.parameters()).dtype).replace("torch.", "")
 
@@ -47,13 +54,18 @@ def generate(lm, prompts: list[str], max_new_tokens: int = 100, batch_size: int 
     model, tok = lm.model, lm.tokenizer
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out = [""] * len(prompts)
-    side = tok.padding_side
-    tok.padding_side = "left"
+    side, trunc = tok.padding_side, getattr(tok, "truncation_side", "right")
+    tok.padding_side, tok.truncation_side = "left", "left"
+    limit = max_positions(lm) - max_new_tokens
+    if limit < 1:
+        raise DataError(f"max_new_tokens={max_new_tokens} exceeds the model's context "
+                        f"({max_positions(lm)} positions); use fewer new tokens")
     try:
         for s in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress,
                       leave=False):
             idx = order[s:s + batch_size]
-            enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True).to(lm.device)
+            enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
+                      max_length=limit).to(lm.device)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  num_beams=1, pad_token_id=tok.pad_token_id,
                                  temperature=None, top_p=None, top_k=None)
@@ -61,7 +73,7 @@ def generate(lm, prompts: list[str], max_new_tokens: int = 100, batch_size: int 
             for r, i in enumerate(idx):
                 out[i] = tok.decode(new[r], skip_special_tokens=True).strip()
     finally:
-        tok.padding_side = side
+        tok.padding_side, tok.truncation_side = side, trunc
     return Answers(list(prompts), out, _dtype(lm), max_new_tokens)
 
 
@@ -81,7 +93,7 @@ def answer_logprob(lm, prompts: list[str], answers: list[str], batch_size: int =
     if len(prompts) != len(answers):
         raise DataError(f"{len(prompts)} prompts but {len(answers)} answers")
     items = [Item(str(i), p, (" " + a) if a else "") for i, (p, a) in enumerate(zip(prompts, answers))]
-    enc = encode_items(items, lm.tokenizer, max_length=1024)
+    enc = encode_items(items, lm.tokenizer, max_length=min(1024, max_positions(lm)))
     res = torch.full((len(items),), float("nan"), dtype=torch.float64)
     pad = lm.tokenizer.pad_token_id
     for b in iter_batches(enc, batch_size, pad, lm.device):

@@ -74,7 +74,7 @@ class Needle(ColumnEdit):
                     s.mul_(b2).addcmul_(grad, grad, value=1 - b2)
                     upd = (m / (1 - b1 ** step)) / ((s / (1 - b2 ** step)).sqrt() + eps)
                     col = col * (1 - self.lr * self.weight_decay) - self.lr * upd
-                    self.losses_.append(-float(loss))
+                    self.losses_.append(-loss.item())
         finally:
             weight.grad = None
             with torch.no_grad():

@@ -79,7 +79,7 @@ class FineTuneUnlearner:
                         npo_loss(logp, ref[bi], self.beta)
                     loss.backward()
                     opt.step()
-                    self.losses_.append(float(loss))
+                    self.losses_.append(loss.item())
             self.trained_ = {n: p.detach().clone() for n, p in params.items()}
         finally:
             with torch.no_grad():

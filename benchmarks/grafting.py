@@ -1,0 +1,159 @@
+"""Time and peak memory per mask-optimisation step: skilllens vs a reference-style loop.
+
+* ``skilllens``: pre-trained weights, ``theta_ft - theta_pre`` and the scores live on the model's
+  device; the soft graft is a functional call, autograd gives the score gradients.
+* ``reference``: as in the released code, both model copies stay on the CPU; every step copies
+  the pre-trained weights, the fine-tuned weights (to build the graft in the model's parameters)
+  and the pre-trained weights again (to restore) to the device, and chains the parameter
+  gradient into the scores by hand.
+
+Each variant runs in its own subprocess so that peak memory (CUDA: max allocated; CPU: max RSS
+of the process) is its own. Same model, data, eligible set and sparsity for both.
+
+    python benchmarks/grafting.py --model smollm2-135m --steps 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def setup(a):
+    import torch
+
+    from skilllens import load_model
+    from skilllens.finetune import select_parameters
+    from skilllens.graft_tasks import build_task, encode_task_items
+    from skilllens.grafting import global_topk_masks
+
+    lm = load_model(a.model, device=a.device)
+    task = build_task(a.task, None, n_train=a.n_items, n_dev=1, n_test=1)
+    data = encode_task_items(task.train, lm.tokenizer, task.kind, task.label_words, 64, lm.device)
+    names = select_parameters(lm.model, tuple(a.include.split(",")))
+    params = dict(lm.model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    # a synthetic fine-tuned copy: small random deltas on every eligible entry (CPU tensors)
+    ft_cpu = {n: params[n].detach().cpu() + 1e-3 * torch.randn(params[n].shape, generator=g)
+              for n in names}
+    pre_cpu = {n: params[n].detach().cpu().clone() for n in names}
+    n_el = sum(t.numel() for t in pre_cpu.values())
+    base = global_topk_masks({n: (ft_cpu[n] - pre_cpu[n]).abs().to(lm.device) for n in names},
+                             max(1, int(a.sparsity * n_el)))
+    return lm, data, names, params, pre_cpu, ft_cpu, base
+
+
+def run_variant(a) -> dict:
+    import torch
+
+    from skilllens.graft_tasks import task_loss
+
+    torch.set_num_threads(a.threads)
+    lm, data, names, params, pre_cpu, ft_cpu, base = setup(a)
+    dev, b, lr = lm.device, 10.0, 1e7
+    model = lm.model
+    scores = {n: torch.zeros(pre_cpu[n].shape, device=dev) for n in names}
+    if a.variant == "skilllens":
+        pre = {n: params[n].detach() for n in names}
+        diff = {n: ft_cpu[n].to(dev) - pre[n] for n in names}
+        for s in scores.values():
+            s.requires_grad_(True)
+
+        def step():
+            gam = {n: torch.where(base[n], 1 - torch.sigmoid(s - b), torch.sigmoid(s - b))
+                   for n, s in scores.items()}
+            loss = task_loss(model, data, {n: pre[n] + gam[n] * diff[n] for n in names})
+            grads = torch.autograd.grad(loss, list(scores.values()))
+            with torch.no_grad():
+                for s, gr in zip(scores.values(), grads):
+                    s.sub_(lr * gr)
+    else:
+        for n in names:
+            params[n].requires_grad_(True)
+
+        def step():
+            pre = {n: pre_cpu[n].to(dev) for n in names}              # copy 1
+            ft = {n: ft_cpu[n].to(dev) for n in names}                # copy 2
+            with torch.no_grad():
+                gam = {n: torch.where(base[n], 1 - torch.sigmoid(scores[n] - b),
+                                      torch.sigmoid(scores[n] - b)) for n in names}
+                for n in names:
+                    params[n].copy_(pre[n] + gam[n] * (ft[n] - pre[n]))
+            model.zero_grad(set_to_none=True)
+            task_loss(model, data).backward()
+            with torch.no_grad():
+                for n in names:
+                    sig = torch.sigmoid(scores[n] - b)
+                    dg = torch.where(base[n], -sig * (1 - sig), sig * (1 - sig))
+                    scores[n].sub_(lr * params[n].grad * (ft[n] - pre[n]) * dg)
+                restore = {n: pre_cpu[n].to(dev) for n in names}      # copy 3
+                for n in names:
+                    params[n].copy_(restore[n])
+
+    step()  # warm-up
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(a.steps):
+        t0 = time.perf_counter()
+        step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if dev.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"variant": a.variant, "step_s": sorted(times)[len(times) // 2], "times": times,
+            "peak_mib": peak, "peak_kind": "cuda max allocated" if dev.type == "cuda"
+            else "process max RSS", "n_eligible": sum(t.numel() for t in pre_cpu.values()),
+            "device": str(dev)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--device", default=None)
+    p.add_argument("--task", default="xquad-numeric")
+    p.add_argument("--n-items", type=int, default=4)
+    p.add_argument("--include", default="*layers.*")
+    p.add_argument("--sparsity", type=float, default=1e-4)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--variant", default="both", choices=["both", "skilllens", "reference"])
+    p.add_argument("--json", default=None, help="write the results here")
+    a = p.parse_args(argv)
+    if a.variant != "both":
+        print(json.dumps(run_variant(a)))
+        return 0
+    res = {}
+    for v in ("skilllens", "reference"):
+        args = [sys.executable, __file__] + [x for x in (argv or sys.argv[1:])] + ["--variant", v]
+        out = subprocess.run(args, capture_output=True, text=True, check=True)
+        res[v] = json.loads(out.stdout.strip().splitlines()[-1])
+    ratio = res["reference"]["step_s"] / res["skilllens"]["step_s"]
+    summary = {"model": a.model, "task": a.task, "n_items": a.n_items, "include": a.include,
+               "n_eligible": res["skilllens"]["n_eligible"], "device": res["skilllens"]["device"],
+               "machine": platform.machine(), "threads": a.threads, "results": res,
+               "speedup": ratio}
+    print(f"| variant | median step (s) | peak memory (MiB, {res['skilllens']['peak_kind']}) |")
+    print("|---|---:|---:|")
+    for v in ("skilllens", "reference"):
+        print(f"| {v} | {res[v]['step_s']:.3f} | {res[v]['peak_mib']:.0f} |")
+    print(f"speed-up of skilllens over the reference-style loop: {ratio:.2f}x "
+          f"({summary['n_eligible']} eligible parameters, {summary['device']})")
+    if a.json:
+        from skilllens.io import write_json
+        write_json(a.json, summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

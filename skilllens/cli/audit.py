@@ -1,0 +1,75 @@
+"""``skilllens audit``: probe, fit and evaluate training-free unlearning methods; write a report."""
+from __future__ import annotations
+
+from .common import add_data_args, formatter
+
+EXAMPLE = """examples:
+  skilllens audit                                   # smollm2-135m, forget gsm8k, keep humaneval,xquad-en
+  skilllens audit --forget gsm8k --retain humaneval,xquad-en --methods ksd,na,sp --out runs/gsm8k
+  skilllens audit --forget xquad-de --retain xquad-en,xquad-es --methods ksd --alpha 1.5
+  skilllens audit --model tiny-llama --probe-items 4 --eval-items 4 --out /tmp/smoke
+  skilllens audit --methods na --na-percent 0.5,1.5,3 --out runs/na-tradeoff
+
+DIR receives results.json (baseline and per-method scores, relative performance, detector ROC,
+selected neurons, reproducibility manifest), figures/*.png|svg, report.md and report.html."""
+
+
+def add_parser(sub):
+    from ..audit import AuditConfig
+
+    d = AuditConfig()
+    p = sub.add_parser("audit", help="audit skill unlearning methods (KSD, Neuron Adjust, pruning)",
+                       epilog=EXAMPLE, formatter_class=formatter, description=__doc__)
+    p.add_argument("--model", default=d.model, help=f"model spec (default: {d.model})")
+    p.add_argument("--forget", default=d.forget, help=f"skill to forget (default: {d.forget})")
+    p.add_argument("--retain", default=",".join(d.retain),
+                   help=f"comma-separated skills to keep (default: {','.join(d.retain)})")
+    p.add_argument("--methods", default=",".join(d.methods),
+                   help="comma-separated subset of ksd,na,sp (default: all)")
+    p.add_argument("--probe-items", type=int, default=d.probe_items,
+                   help=f"probe (fitting) items per skill (default: {d.probe_items})")
+    p.add_argument("--eval-items", type=int, default=d.eval_items,
+                   help=f"evaluation items per skill (default: {d.eval_items})")
+    p.add_argument("--out", default=None, help="output folder (default: audit/DATE-TIME)")
+    add_data_args(p)
+    p.add_argument("--metric", default=d.metric,
+                   help="token_accuracy (default), nll, exact_match, pass@1, f1, substring")
+    p.add_argument("--alpha", type=float, default=d.alpha, help="KSD cube scale (default 2.0)")
+    p.add_argument("--na-percent", default=",".join(f"{x:g}" for x in d.na_percent),
+                   help="Neuron Adjust percent(s), comma-separated (default 1.5)")
+    p.add_argument("--na-rule", default=d.na_rule,
+                   choices=["signed", "abs_standardized", "divergence"])
+    p.add_argument("--sp-percent", type=float, default=d.sp_percent,
+                   help="Selective Pruning percent (default 1.5)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--max-length", type=int, default=d.max_length)
+    p.add_argument("--device", default=None, help="cpu, cuda ... (default: cpu)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def run(args) -> int:
+    from ..audit import AuditConfig, default_out, parse_list, run_audit
+    from ..errors import SkillLensError
+
+    try:
+        na_percent = [float(x) for x in parse_list(args.na_percent)]
+    except ValueError:
+        raise SkillLensError(f"--na-percent must be numbers like 0.5,1.5,3; got "
+                             f"{args.na_percent!r}") from None
+    cfg = AuditConfig(model=args.model, forget=args.forget, retain=parse_list(args.retain),
+                      methods=parse_list(args.methods), probe_items=args.probe_items,
+                      eval_items=args.eval_items, out=args.out or default_out(),
+                      data_dir=args.data_dir, metric=args.metric, seed=args.seed,
+                      alpha=args.alpha, na_percent=na_percent, na_rule=args.na_rule,
+                      sp_percent=args.sp_percent, batch_size=args.batch_size,
+                      max_length=args.max_length, device=args.device,
+                      progress=not args.no_progress)
+    res = run_audit(cfg)
+    print(f"wrote {cfg.out}/results.json, report.md, report.html "
+          f"({res['manifest']['timing_s']['total']:.0f} s)")
+    for m, v in res["methods"].items():
+        rel = ", ".join(f"{s} {r:.2f}" for s, r in v["relative"].items())
+        print(f"  {m}: relative {rel}")
+    return 0

@@ -1,0 +1,322 @@
+"""Skill localization by model grafting (Panigrahi et al. 2023; ``shared/METHODS.md`` s. 1).
+
+Find a sparse binary mask ``g`` over the eligible parameters so that the graft
+``theta_g = g * theta_ft + (1 - g) * theta_pre`` scores about as well as ``theta_ft``:
+
+1. base patch: the global top-k entries of ``|theta_ft - theta_pre|`` (k = sparsity x #eligible),
+   from a global threshold found with per-tensor ``topk`` + ``kthvalue`` (no sort of everything);
+2. scores ``S`` (zeros), soft mask ``g = base * (1 - sig(S - b)) + (1 - base) * sig(S - b)``;
+3. minimise the task loss of the soft graft (+ optional ``l1 * mean(g)``) w.r.t. ``S`` only;
+4. round (0.5), keep the mask with the best train + dev score, report its actual sparsity.
+
+Everything stays on the model's device; only tensors where the two models differ are optimised.
+
+>>> from skilllens import load_model
+>>> from skilllens.finetune import finetune, FineTuneConfig
+>>> from skilllens.graft_tasks import build_task
+>>> lm, task = load_model("tiny-llama"), build_task("synthetic")
+>>> ft = finetune(lm, task, FineTuneConfig(steps=3, lr=1e-2, progress=False))
+>>> loc = GraftLocalizer(sparsity=0.01, steps=2, progress=False).fit(lm, ft, task)
+>>> with loc.grafted(lm):
+...     pass  # lm now carries the graft; restored exactly on exit
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .errors import ArtifactError, FingerprintMismatchError, SkillLensError
+from .finetune import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, FineTuned, select_parameters
+from .graft_tasks import GraftTask, encode_task_items, score_task, task_loss
+from .models import LoadedModel, load_model, model_fingerprint
+
+KIND = "graft-mask"
+
+
+class GraftError(SkillLensError):
+    """Bad grafting input: mismatched models, sparsity out of range, nothing eligible."""
+
+
+def _lm(x) -> LoadedModel:
+    return x.lm if isinstance(x, FineTuned) else load_model(x)
+
+
+def check_same_shapes(pre: torch.nn.Module, ft: torch.nn.Module) -> None:
+    """Raise naming the first parameter whose name or shape differs between the two models."""
+    a, b = dict(pre.named_parameters()), dict(ft.named_parameters())
+    for n, p in a.items():
+        if n not in b:
+            raise GraftError(f"the fine-tuned model has no parameter {n!r}; pre-trained and "
+                             f"fine-tuned models must share one architecture")
+        if p.shape != b[n].shape:
+            raise GraftError(f"parameter {n!r} has shape {tuple(p.shape)} in the pre-trained and "
+                             f"{tuple(b[n].shape)} in the fine-tuned model; graft between a "
+                             f"model and its own fine-tuned copy")
+    extra = [n for n in b if n not in a]
+    if extra:
+        raise GraftError(f"the fine-tuned model has an extra parameter {extra[0]!r}; pre-trained "
+                         f"and fine-tuned models must share one architecture")
+
+
+def global_topk_masks(values: dict[str, torch.Tensor], k: int,
+                      max_candidates: int = 1 << 24) -> dict[str, torch.Tensor]:
+    """Boolean masks of the ``k`` globally largest entries of non-negative ``values``.
+
+    The k-th largest value comes from ``kthvalue`` over the per-tensor top-k candidates (or a
+    bisection on counts when those would exceed ``max_candidates``); ties at the threshold are
+    filled in name order so exactly ``k`` entries are chosen, except that zeros are never
+    chosen (grafting an unchanged entry is a no-op)."""
+    total = sum(v.numel() for v in values.values())
+    k = max(0, min(int(k), total))
+    if k == 0:
+        return {n: torch.zeros_like(v, dtype=torch.bool) for n, v in values.items()}
+    if sum(min(k, v.numel()) for v in values.values()) <= max(max_candidates, 4 * k):
+        cands = torch.cat([v.reshape(-1).topk(min(k, v.numel()), sorted=False).values
+                           for v in values.values()])
+        thr = cands.kthvalue(cands.numel() - k + 1).values
+    else:
+        lo = torch.zeros((), dtype=torch.float64)
+        hi = max(v.max() for v in values.values()).double().cpu()
+        for _ in range(64):  # invariant: count(> hi) < k <= count(>= lo)
+            mid = (lo + hi) / 2
+            cnt = sum(int((v > mid.to(v.device, v.dtype)).sum()) for v in values.values())
+            lo, hi = (mid, hi) if cnt >= k else (lo, mid)
+        ge = [v[v >= lo.to(v.device, v.dtype)].reshape(-1) for v in values.values()]
+        n_ge = sum(g.numel() for g in ge)
+        thr = torch.cat(ge).topk(k).values[-1] if n_ge <= max(max_candidates, 4 * k) \
+            else lo.to(next(iter(values.values())).dtype)
+    masks = {n: v > thr.to(v.device, v.dtype) for n, v in values.items()}
+    left = k - sum(int(m.sum()) for m in masks.values())
+    if left > 0 and float(thr) > 0:
+        for n, v in values.items():
+            ties = (v == thr.to(v.device, v.dtype)).reshape(-1).nonzero()[:left, 0]
+            masks[n].view(-1)[ties] = True
+            left -= ties.numel()
+            if left <= 0:
+                break
+    return masks
+
+
+@dataclass
+class GraftFitResult:
+    """What :meth:`GraftLocalizer.fit` found: target and actual sparsity, counts, history."""
+
+    sparsity_target: float
+    sparsity: float
+    n_eligible: int
+    n_selected: int
+    n_base: int
+    best_step: int
+    history: list[dict] = field(default_factory=list)
+
+
+class GraftLocalizer:
+    """Find the sparse region of parameters that carries a fine-tuned skill.
+
+    ``sparsity`` in (0, 1): share of eligible parameters in the base patch. ``steps`` optimiser
+    steps on the scores (0: the base patch only). ``optimizer="sgd"`` is the reference's plain
+    update ``S -= lr * grad`` (``lr`` 1e7, since sig'(-10) ~ 5e-5); ``"adam"`` uses Adam with
+    ``lr`` (try 0.5). ``l1`` adds ``l1 * (sum g) / n_eligible`` to the loss (Localize-and-Stitch).
+    """
+
+    def __init__(self, sparsity: float = 1e-4, include=DEFAULT_INCLUDE, exclude=DEFAULT_EXCLUDE,
+                 steps: int = 20, lr: float = 1e7, bias: float = 10.0, l1: float = 0.0,
+                 optimizer: str = "sgd", max_length: int = 128, batch_size: int = 16,
+                 progress: bool = True):
+        if not (isinstance(sparsity, (int, float)) and 0 < float(sparsity) < 1):
+            raise GraftError(f"sparsity must be in (0, 1) (a share of eligible parameters, e.g. "
+                             f"1e-4 for 0.01%), got {sparsity!r}")
+        if optimizer not in ("sgd", "adam"):
+            raise GraftError(f"unknown optimizer {optimizer!r}; use sgd or adam")
+        if steps < 0 or lr <= 0 or l1 < 0:
+            raise GraftError("steps must be >= 0, lr > 0 and l1 >= 0")
+        self.sparsity, self.steps, self.lr, self.bias, self.l1 = float(sparsity), steps, lr, \
+            bias, l1
+        self.include, self.exclude = include, exclude
+        self.optimizer, self.max_length, self.batch_size = optimizer, max_length, batch_size
+        self.progress = progress
+        self.masks_: dict[str, torch.Tensor] = {}
+        self.values_: dict[str, torch.Tensor] = {}
+        self.result_: GraftFitResult | None = None
+        self.meta_: dict = {}
+
+    # ------------------------------------------------------------ fitting
+    def _graft_params(self, pre_p, diff, gammas):
+        return {n: pre_p[n] + g * diff[n] for n, g in gammas.items()}
+
+    def fit(self, pre, ft, task: GraftTask) -> "GraftLocalizer":
+        """Localize ``task``'s skill: ``pre``/``ft`` are specs, LoadedModels or FineTuned."""
+        from tqdm.auto import tqdm
+
+        pre, ftm = _lm(pre), _lm(ft)
+        check_same_shapes(pre.model, ftm.model)
+        eligible = select_parameters(pre.model, self.include, self.exclude)
+        pre_p = {n: p.detach() for n, p in pre.model.named_parameters() if n in eligible}
+        ft_all = dict(ftm.model.named_parameters())
+        dev = pre.device
+        diff = {}
+        with torch.no_grad():
+            for n in eligible:
+                d = ft_all[n].detach().to(dev, pre_p[n].dtype) - pre_p[n]
+                if bool((d != 0).any()):
+                    diff[n] = d
+        n_eligible = sum(pre_p[n].numel() for n in eligible)
+        k = max(1, round(self.sparsity * n_eligible))
+        if not diff:
+            raise GraftError("the fine-tuned model equals the pre-trained one on every eligible "
+                             "parameter; fine-tune first or widen include/exclude")
+        base = global_topk_masks({n: d.abs() for n, d in diff.items()}, k)
+        scores = {n: torch.zeros_like(d, requires_grad=True) for n, d in diff.items()}
+        opt = torch.optim.Adam(scores.values(), lr=self.lr) if self.optimizer == "adam" else None
+        tok = pre.tokenizer
+        enc = lambda items: encode_task_items(items, tok, task.kind, task.label_words,  # noqa
+                                              self.max_length, dev)
+        train = enc(task.train)
+        dev_data = enc(task.dev) if task.dev else None
+        model = pre.model
+        was_training = model.training
+        model.eval()
+        best, history = None, []
+        try:
+            for step in tqdm(range(self.steps + 1), desc=f"graft {task.name}",
+                             disable=not self.progress):
+                with torch.no_grad():
+                    hard = {n: (base[n] ^ (scores[n] > self.bias)) for n in diff}
+                    hp = self._graft_params(pre_p, diff,
+                                            {n: hard[n].to(diff[n].dtype) for n in diff})
+                    tr = score_task(model, train, self.batch_size, hp)
+                    dv = score_task(model, dev_data, self.batch_size, hp) if dev_data else None
+                sel = sum(int(m.sum()) for m in hard.values())
+                total = tr.score * train.n_items + (dv.score * dev_data.n_items if dv else 0)
+                rec = {"step": step, "train_score": tr.score, "train_loss": tr.loss,
+                       "dev_score": dv.score if dv else None, "n_selected": sel,
+                       "sparsity": sel / n_eligible}
+                key = (total, -tr.loss)
+                if best is None or key > best[0]:
+                    best = (key, step, {n: m.clone() for n, m in hard.items()})
+                if step == self.steps:
+                    history.append(rec)
+                    break
+                gam = {n: torch.where(base[n], 1 - torch.sigmoid(s - self.bias),
+                                      torch.sigmoid(s - self.bias)) for n, s in scores.items()}
+                loss = task_loss(model, train, self._graft_params(pre_p, diff, gam))
+                if self.l1:
+                    loss = loss + self.l1 * sum(g.sum() for g in gam.values()) / n_eligible
+                grads = torch.autograd.grad(loss, list(scores.values()))
+                rec["soft_loss"] = float(loss.detach())
+                history.append(rec)
+                with torch.no_grad():
+                    if opt is None:
+                        for s, g in zip(scores.values(), grads):
+                            s.sub_(self.lr * g)
+                    else:
+                        for s, g in zip(scores.values(), grads):
+                            s.grad = g
+                        opt.step()
+        finally:
+            model.train(was_training)
+        _, best_step, masks = best
+        self.masks_ = {n: m for n, m in masks.items() if bool(m.any())}
+        self.values_ = {n: ft_all[n].detach().to(dev)[m] for n, m in self.masks_.items()}
+        n_sel = sum(int(m.sum()) for m in self.masks_.values())
+        self.result_ = GraftFitResult(self.sparsity, n_sel / n_eligible, n_eligible, n_sel,
+                                      sum(int(m.sum()) for m in base.values()), best_step, history)
+        self.meta_ = {"fingerprint": pre.fingerprint, "finetuned_fingerprint": ftm.fingerprint,
+                      "task": dict(task.spec or {"name": task.name}), "eligible": eligible}
+        return self
+
+    # ------------------------------------------------------------ applying
+    def _check_fitted(self):
+        if not self.masks_ and self.result_ is None:
+            raise GraftError("this GraftLocalizer is not fitted; call fit(pre, ft, task) or "
+                             "GraftLocalizer.load(path, model) first")
+
+    def _check_model(self, model: torch.nn.Module) -> dict:
+        fp = self.meta_.get("fingerprint")
+        if fp is not None and model_fingerprint(model).get("id") != fp.get("id"):
+            raise FingerprintMismatchError(
+                f"this graft was fitted on model {fp.get('id')} ({fp.get('architecture')}, "
+                f"{fp.get('n_layers')} layers); apply it to that pre-trained model")
+        params = dict(model.named_parameters())
+        for n, m in self.masks_.items():
+            if n not in params or params[n].shape != m.shape:
+                raise GraftError(f"mask for {n!r} does not fit this model; apply the graft to "
+                                 f"the pre-trained model it was fitted on")
+        return params
+
+    @contextlib.contextmanager
+    def grafted(self, model):
+        """Write the fine-tuned values at the mask into ``model`` (pre-trained) in place;
+        restore the exact original values on exit."""
+        self._check_fitted()
+        m = model.model if isinstance(model, (LoadedModel, FineTuned)) else model
+        params = self._check_model(m)
+        saved = {}
+        try:
+            with torch.no_grad():
+                for n, mask in self.masks_.items():
+                    p = params[n]
+                    mask = mask.to(p.device)
+                    saved[n] = (mask, p[mask].clone())
+                    p[mask] = self.values_[n].to(p.device, p.dtype)
+            yield model
+        finally:
+            with torch.no_grad():
+                for n, (mask, old) in saved.items():
+                    params[n][mask] = old
+
+    def score(self, pre, task: GraftTask, split: str = "test"):
+        """:class:`TaskScore` of the graft on ``split`` of ``task``."""
+        lm = _lm(pre)
+        data = encode_task_items(getattr(task, split), lm.tokenizer, task.kind, task.label_words,
+                                 self.max_length, lm.device)
+        with self.grafted(lm.model):
+            return score_task(lm.model, data, self.batch_size)
+
+    # ------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """Safetensors: ``mask.NAME`` (bool, parameter shape) and ``value.NAME`` (the fine-tuned
+        values at the mask) per parameter; metadata carries both models' fingerprints."""
+        from .artifacts import save_artifact
+
+        self._check_fitted()
+        tensors = {f"mask.{n}": m for n, m in self.masks_.items()}
+        tensors.update({f"value.{n}": v for n, v in self.values_.items()})
+        cfg = {k: getattr(self, k) for k in ("sparsity", "steps", "lr", "bias", "l1", "optimizer",
+                                             "max_length", "batch_size")}
+        cfg["include"], cfg["exclude"] = list(self.include), list(self.exclude)
+        meta = {k: v for k, v in self.meta_.items() if k != "fingerprint"}
+        save_artifact(path, tensors, {"config": cfg, "result": asdict(self.result_), **meta},
+                      kind=KIND, fingerprint=self.meta_.get("fingerprint"))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model=None) -> "GraftLocalizer":
+        """Load a mask artifact; with ``model`` (the pre-trained model) the fingerprint and
+        shapes are checked and tensors land on its device."""
+        from .artifacts import load_artifact
+
+        m = model.model if isinstance(model, (LoadedModel, FineTuned)) else model
+        device = next(m.parameters()).device if m is not None else None
+        tensors, meta = load_artifact(path, kind=KIND, model=m, device=device)
+        cfg = dict(meta["config"])
+        obj = cls(**{k: v for k, v in cfg.items() if k not in ("include", "exclude")},
+                  include=tuple(cfg["include"]), exclude=tuple(cfg["exclude"]), progress=False)
+        obj.masks_ = {k[5:]: v.bool() for k, v in tensors.items() if k.startswith("mask.")}
+        obj.values_ = {k[6:]: v for k, v in tensors.items() if k.startswith("value.")}
+        if set(obj.masks_) != set(obj.values_):
+            raise ArtifactError(f"{path}: masks and values name different parameters; the file "
+                                f"is damaged, re-run the localizer")
+        for n, v in obj.values_.items():
+            if v.numel() != int(obj.masks_[n].sum()):
+                raise ArtifactError(f"{path}: {n}: {v.numel()} values for "
+                                    f"{int(obj.masks_[n].sum())} mask entries; re-run the "
+                                    f"localizer")
+        obj.result_ = GraftFitResult(**meta["result"])
+        obj.meta_ = {k: meta.get(k) for k in ("fingerprint", "finetuned_fingerprint", "task",
+                                              "eligible")}
+        if m is not None:
+            obj._check_model(m)
+        return obj

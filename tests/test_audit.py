@@ -1,0 +1,91 @@
+"""The audit pipeline on a tiny random model: results.json fields, figures, report, bad input."""
+import json
+
+import pytest
+
+from skilllens.audit import AuditConfig, run_audit, skill_parts, with_abstention
+from skilllens.cli import main
+from skilllens.errors import SkillLensError
+from skilllens.evaluation import SkillScore
+
+
+@pytest.fixture(scope="module")
+def audit_dir(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("audit")
+    cfg = AuditConfig(model="tiny-llama", forget="xquad-de", retain=["xquad-en", "xquad-es"],
+                      probe_items=3, eval_items=3, out=str(out), data_dir=str(data_dir),
+                      max_length=64, na_percent=[1.5, 3], alpha=1.5, progress=False)
+    return out, run_audit(cfg)
+
+
+def test_results_json_has_the_documented_fields(audit_dir):
+    out, res = audit_dir
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved) >= {"model", "forget", "retain", "metric", "baseline", "methods",
+                          "detector", "manifest", "language_matrix"}
+    assert saved["forget"] == "xquad-de" and saved["retain"] == ["xquad-en", "xquad-es"]
+    assert set(saved["methods"]) == {"ksd", "na-1.5%", "na-3%", "sp"}
+    for m in saved["methods"].values():
+        assert set(m) >= {"params", "scores", "relative"}
+        assert set(m["scores"]) == {"xquad-de", "xquad-en", "xquad-es"}
+        for s, r in m["relative"].items():
+            b = saved["baseline"][s]["score"]
+            assert r == pytest.approx(m["scores"][s]["score"] / b if b else 0.0, nan_ok=True)
+    assert saved["methods"]["na-3%"]["params"]["percent"] == 3.0
+    assert saved["neurons"]["na-3%"]["n_selected"] == round(0.03 * 2 * 64)
+    det = saved["detector"]
+    assert 0 <= det["auc"] <= 1 and len(det["retain_rejecting_dims"]) == 6
+    man = saved["manifest"]
+    assert man["model_fingerprint"]["id"] and man["versions"]["torch"]
+    assert set(man["data"]) == {"xquad-de", "xquad-en", "xquad-es"}
+    assert man["data"]["xquad-de"]["probe_hash"] != man["data"]["xquad-de"]["eval_hash"]
+    assert saved["language_matrix"]["tested"] == ["xquad-de", "xquad-en", "xquad-es"]
+
+
+def test_figures_and_reports_are_written(audit_dir):
+    out, _ = audit_dir
+    for name in ("relative_performance", "neurons_per_layer", "top_neuron_distributions",
+                 "detector_roc", "language_matrix"):
+        for ext in ("png", "svg"):
+            assert (out / "figures" / f"{name}.{ext}").stat().st_size > 1000
+    md = (out / "report.md").read_text()
+    assert "Reproducibility manifest" in md and "model_fingerprint" in md
+    assert "figures/relative_performance.png" in md
+    assert "<table>" in (out / "report.html").read_text()
+
+
+def test_probe_and_eval_items_never_overlap(data_dir):
+    for spec in ("gsm8k", "humaneval", "xquad-en"):
+        probe, evals = skill_parts(spec, 30, 30, 0, data_dir)
+        assert not {i.id for i in probe} & {i.id for i in evals}
+        assert not {i.prompt for i in probe} & {i.prompt for i in evals}
+
+
+def test_with_abstention_zeroes_abstained_items():
+    rows = [{"id": str(i), "abstained": False, "score": s, "accuracy": s, "nll": 1.0 + i}
+            for i, s in enumerate([0.5, 0.7, 0.9])]
+    base = SkillScore("x", "token_accuracy", 0.7, 0.7, 2.0, 3, 0, rows)
+    got = with_abstention(base, [True, False, False])
+    assert got.score == pytest.approx((0.7 + 0.9) / 3)
+    assert got.nll == pytest.approx(2.5) and got.n_abstained == 1
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(forget="gsm8k", retain=["gsm8k"]), "both the forget"),
+    (dict(retain=[]), "no retain"),
+    (dict(methods=["ksd", "magic"]), "unknown method"),
+    (dict(alpha=0.0), "alpha"),
+    (dict(na_percent=[0.0]), r"\(0, 100\]"),
+    (dict(sp_percent=120), r"\(0, 100\]"),
+])
+def test_bad_input_is_rejected_with_a_clear_message(kw, match):
+    with pytest.raises(SkillLensError, match=match):
+        AuditConfig(model="tiny-llama", **kw).check()
+
+
+def test_cli_help_and_errors(capsys):
+    with pytest.raises(SystemExit):
+        main(["audit", "--help"])
+    assert "examples:" in capsys.readouterr().out
+    assert main(["audit", "--model", "tiny-llama", "--forget", "gsm8k", "--retain", "gsm8k"]) == 2
+    assert "forget skill and a retain skill" in capsys.readouterr().err

@@ -1,0 +1,257 @@
+"""GraftLocalizer: base patch, ground truth recovery, exact restore, artifacts, metrics, CLI."""
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from skilllens import load_model
+from skilllens.errors import FingerprintMismatchError, SkillLensError
+from skilllens.finetune import FineTuneConfig, finetune, select_parameters
+from skilllens.graft_metrics import (expected_calibration_error, mask_location, mask_overlap,
+                                     overlap_matrix, precision_recall, recovered_fraction)
+from skilllens.graft_tasks import build_task
+from skilllens.grafting import GraftError, GraftLocalizer, global_topk_masks
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the shared 2-core CPU thrashes with 2 threads on tiny models
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load_model("tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def task():
+    return build_task("synthetic", n_train=32, n_dev=16, n_test=32)
+
+
+@pytest.fixture(scope="module")
+def ft(lm, task):
+    torch.set_num_threads(1)
+    return finetune(lm, task, FineTuneConfig(steps=25, lr=3e-3, progress=False))
+
+
+# ------------------------------------------------------------ base patch
+
+def _reference_topk(values, k):
+    flat = np.concatenate([v.double().numpy().ravel() for v in values.values()])
+    thr = np.sort(flat)[::-1][k - 1]
+    return {n: v.double().numpy() >= thr for n, v in values.items()}
+
+
+@pytest.mark.parametrize("k", [1, 7, 100, 999])
+@pytest.mark.parametrize("max_candidates", [1 << 24, 8])
+def test_global_topk_matches_sort_reference(k, max_candidates):
+    g = torch.Generator().manual_seed(k)
+    values = {"a": torch.rand(30, 20, generator=g) + 0.01, "b": torch.rand(500, generator=g) + 0.01,
+              "c": torch.rand(3, 4, 5, generator=g) + 0.01}
+    got = global_topk_masks(values, k, max_candidates=max_candidates)
+    ref = _reference_topk(values, k)
+    assert sum(int(m.sum()) for m in got.values()) == k
+    for n in values:
+        assert np.array_equal(got[n].numpy(), ref[n]), n
+
+
+def test_global_topk_ties_and_zeros():
+    values = {"a": torch.tensor([3.0, 2.0, 2.0, 0.0]), "b": torch.tensor([2.0, 1.0, 0.0])}
+    got = global_topk_masks(values, 3)
+    assert sum(int(m.sum()) for m in got.values()) == 3  # exactly k despite the 3-way tie
+    assert bool(got["a"][0]) and not bool(got["a"][3])
+    zeros = global_topk_masks({"a": torch.tensor([1.0, 0.0, 0.0])}, 2)
+    assert zeros["a"].tolist() == [True, False, False]  # unchanged entries are never grafted
+
+
+# ------------------------------------------------------------ ground truth
+
+def test_ground_truth_sparse_finetune_is_recovered(lm, task):
+    """Only a known random 1% of the eligible entries may change; every other entry gets
+    float-noise drift, so the localizer must rank by |diff| to find the true set."""
+    names = select_parameters(lm.model)
+    params = dict(lm.model.named_parameters())
+    g = torch.Generator().manual_seed(7)
+    truth = {n: torch.rand(params[n].shape, generator=g) < 0.01 for n in names}
+    ft = finetune(lm, task, FineTuneConfig(steps=30, lr=1e-2, progress=False),
+                  param_masks=truth)
+    fparams = dict(ft.model.named_parameters())
+    with torch.no_grad():
+        for n in names:
+            changed = fparams[n] != params[n]
+            assert not bool((changed & ~truth[n]).any()), "entries outside the set moved"
+            fparams[n].add_(1e-7 * torch.randn(fparams[n].shape, generator=g))
+    n_true = sum(int(m.sum()) for m in truth.values())
+    n_eligible = sum(params[n].numel() for n in names)
+    loc = GraftLocalizer(sparsity=n_true / n_eligible, steps=5, progress=False).fit(lm, ft, task)
+    precision, recall = precision_recall(loc.masks_, truth)
+    assert precision >= 0.9 and recall >= 0.9, (precision, recall)
+    pre_s = loc.score(lm, task, "test").score
+    assert loc.result_.n_eligible == n_eligible
+    assert abs(loc.result_.sparsity - n_true / n_eligible) < 0.2 * n_true / n_eligible
+    # the graft behaves like the fine-tuned model on held-out items
+    from skilllens.finetune import evaluate_models
+    scores = evaluate_models({"ft": ft.lm}, task)
+    assert pre_s >= scores["ft"].score - 0.1
+
+
+# ------------------------------------------------------------ application
+
+def test_grafted_applies_exactly_and_restores(lm, task, ft):
+    loc = GraftLocalizer(sparsity=0.02, steps=3, progress=False).fit(lm, ft, task)
+    before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    fparams = dict(ft.model.named_parameters())
+    assert loc.masks_ and loc.result_.n_selected > 0
+    with loc.grafted(lm):
+        for n, p in lm.model.named_parameters():
+            m = loc.masks_.get(n)
+            if m is None:
+                assert torch.equal(p, before[n])
+            else:  # float64 reference of g*ft + (1-g)*pre
+                ref = m.double() * fparams[n].double() + (~m).double() * before[n].double()
+                assert torch.equal(p.double(), ref), n
+    for n, p in lm.model.named_parameters():
+        assert torch.equal(p, before[n]), f"{n} not restored"
+    with pytest.raises(RuntimeError):
+        with loc.grafted(lm):
+            raise RuntimeError("boom")
+    for n, p in lm.model.named_parameters():
+        assert torch.equal(p, before[n]), f"{n} not restored after an exception"
+
+
+def test_mask_optimisation_changes_the_mask(lm, task, ft):
+    loc = GraftLocalizer(sparsity=1e-3, steps=6, progress=False).fit(lm, ft, task)
+    sel = [h["n_selected"] for h in loc.result_.history]
+    assert len(sel) == 7 and sel[0] == loc.result_.n_base
+    assert len(set(sel)) > 1, "the scores never moved the rounded mask"
+    best = loc.result_.history[loc.result_.best_step]
+    assert best["n_selected"] == loc.result_.n_selected
+    assert all(best["train_score"] + (best["dev_score"] or 0) >=
+               h["train_score"] + (h["dev_score"] or 0) for h in loc.result_.history)
+
+
+def test_save_load_roundtrip_and_fingerprints(lm, task, ft, tmp_path):
+    loc = GraftLocalizer(sparsity=0.01, steps=2, progress=False).fit(lm, ft, task)
+    path = tmp_path / "mask.safetensors"
+    loc.save(path)
+    from skilllens.artifacts import read_metadata
+    meta = read_metadata(path)
+    assert meta["fingerprint"]["id"] == lm.fingerprint["id"]
+    assert meta["finetuned_fingerprint"]["id"] == ft.lm.fingerprint["id"]
+    back = GraftLocalizer.load(path, lm)
+    assert set(back.masks_) == set(loc.masks_)
+    for n in loc.masks_:
+        assert back.masks_[n].dtype == torch.bool and torch.equal(back.masks_[n], loc.masks_[n])
+        assert torch.equal(back.values_[n], loc.values_[n])
+    assert back.score(lm, task).score == loc.score(lm, task).score
+    other = copy.deepcopy(lm.model)
+    with torch.no_grad():
+        other.model.layers[0].mlp.down_proj.weight.mul_(1.5)
+    with pytest.raises(FingerprintMismatchError):
+        GraftLocalizer.load(path, other)
+    with pytest.raises(FingerprintMismatchError):
+        with loc.grafted(other):
+            pass
+    with pytest.raises(SkillLensError):
+        GraftLocalizer.load(path, load_model("tiny-mistral").model)
+
+
+# ------------------------------------------------------------ bad input
+
+@pytest.mark.parametrize("s", [0, 1, -0.1, 1.5, "0.1"])
+def test_sparsity_out_of_range(s):
+    with pytest.raises(GraftError, match="sparsity"):
+        GraftLocalizer(sparsity=s)
+
+
+def test_mismatched_models_name_first_tensor(lm, task):
+    gpt2 = load_model("tiny-gpt2")
+    with pytest.raises(GraftError, match="model.embed_tokens.weight"):
+        GraftLocalizer(steps=0, progress=False).fit(lm, gpt2, task)
+    wide = load_model("tiny-llama")
+    wide_model = copy.deepcopy(wide.model)
+    wide_model.model.layers[1].mlp.up_proj.weight = torch.nn.Parameter(torch.zeros(65, 32))
+    with pytest.raises(GraftError, match=r"layers\.1\.mlp\.up_proj\.weight.*\(64, 32\)"):
+        GraftLocalizer(steps=0, progress=False).fit(lm, (wide_model, wide.tokenizer), task)
+
+
+def test_no_eligible_and_identical_models(lm, task, ft):
+    with pytest.raises(SkillLensError, match="no parameter matched"):
+        GraftLocalizer(include=("*nothing*",), progress=False).fit(lm, ft, task)
+    with pytest.raises(GraftError, match="equals the pre-trained"):
+        GraftLocalizer(progress=False).fit(lm, lm, task)
+
+
+# ------------------------------------------------------------ metrics
+
+def test_ece_matches_reference():
+    rng = np.random.default_rng(0)
+    conf = rng.uniform(0.05, 1.0, 500)
+    corr = rng.uniform(size=500) < conf ** 2
+    ref = 0.0
+    for b in range(10):
+        sel = (conf > b / 10) & (conf <= (b + 1) / 10)
+        if sel.any():
+            ref += sel.mean() * abs(corr[sel].mean() - conf[sel].mean())
+    assert expected_calibration_error(torch.tensor(conf), torch.tensor(corr)) == \
+        pytest.approx(ref, abs=1e-12)
+    assert expected_calibration_error([1.0, 1.0], [True, True]) == 0.0
+    assert expected_calibration_error([0.9, 0.9], [False, False]) == pytest.approx(0.9)
+
+
+def test_recovered_fraction_overlap_location():
+    assert recovered_fraction(0.5, 0.9, 0.86) == pytest.approx(0.9)
+    assert np.isnan(recovered_fraction(0.5, 0.5, 0.7))
+    g = torch.Generator().manual_seed(3)
+    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight",
+             "model.layers.1.input_layernorm.weight"]
+    a = {n: torch.rand(40, 7, generator=g) < 0.3 for n in names}
+    b = {n: torch.rand(40, 7, generator=g) < 0.1 for n in names}
+    sa = {(n, i) for n in names for i in a[n].reshape(-1).nonzero()[:, 0].tolist()}
+    sb = {(n, i) for n in names for i in b[n].reshape(-1).nonzero()[:, 0].tolist()}
+    o = mask_overlap(a, b)
+    assert o["a_in_b"] == pytest.approx(len(sa & sb) / len(sb))
+    assert o["jaccard"] == pytest.approx(len(sa & sb) / len(sa | sb))
+    m = overlap_matrix({"a": a, "b": b})
+    assert m["asymmetric"][0][0] == 1.0 and m["asymmetric"][1][0] == pytest.approx(
+        len(sa & sb) / len(sa))
+    assert precision_recall(b, a) == pytest.approx((len(sa & sb) / len(sb),
+                                                    len(sa & sb) / len(sa)))
+    loc = mask_location(a)
+    assert loc["by_layer"] == {0: int(a[names[0]].sum()),
+                               1: int(a[names[1]].sum() + a[names[2]].sum())}
+    assert loc["by_type"]["q"] == int(a[names[0]].sum())
+    assert loc["by_type"]["down"] == int(a[names[1]].sum())
+    assert loc["by_type"]["norm"] == int(a[names[2]].sum())
+
+
+# ------------------------------------------------------------ CLI
+
+def test_cli_localize_task_then_finetuned(tmp_path):
+    from skilllens.cli import main
+
+    out = tmp_path / "run"
+    assert main(["localize", "--model", "tiny-llama", "--task", "synthetic", "--sparsity",
+                 "0.01", "--steps", "2", "--ft-steps", "20", "--ft-lr", "3e-3", "--n-train",
+                 "32", "--n-test", "32", "--no-progress", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert {"sparsity", "recovered_fraction", "scores", "ece"} <= set(res)
+    assert set(res["scores"]) == {"pre", "ft", "graft"} == set(res["ece"])
+    assert 0 < res["sparsity"] < 0.1
+    assert res["scores"]["ft"] > res["scores"]["pre"]
+    for f in ("mask.safetensors", "finetuned.safetensors", "report.md", "location.png",
+              "location.svg", "scores.png"):
+        assert (out / f).exists(), f
+    out2 = tmp_path / "again"
+    assert main(["localize", "--model", "tiny-llama", "--finetuned",
+                 str(out / "finetuned.safetensors"), "--sparsity", "0.01", "--steps", "2",
+                 "--no-progress", "--out", str(out2)]) == 0
+    res2 = json.loads((out2 / "results.json").read_text())
+    assert res2["scores"]["ft"] == res["scores"]["ft"]
+    assert main(["localize", "--model", "tiny-llama", "--task", "synthetic", "--sparsity", "2",
+                 "--out", str(tmp_path / "bad")]) == 2
