@@ -161,14 +161,15 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
             scores = {s: with_abstention(baseline[s], ksd.inside(vecs[s]).tolist())
                       for s in names}
             report = ksd.report(vecs[cfg.forget], torch.cat([vecs[s] for s in cfg.retain]))
-            return scores, report
-        scores, report = timed("ksd", ksd_run)
+            return scores, report, vecs
+        scores, report, vecs = timed("ksd", ksd_run)
         ksd.save(out / "ksd.safetensors")
         entry = {s: _score_entry(v) for s, v in scores.items()}
         methods["ksd"] = {"params": {**ksd.get_params(), "k": ksd.k, "k_exact": ksd.k_exact},
                           "scores": entry, "relative": _relative(entry, results["baseline"]),
                           "abstained": {s: v.n_abstained for s, v in scores.items()}}
         results["detector"] = asdict(report)
+        methods["ksd"]["alpha_sweep"] = _alpha_sweep(ksd, vecs, baseline, names)
 
     fitters = []
     if "na" in cfg.methods:
@@ -211,6 +212,24 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
     write_json(out / "results.json", results)
     write_report(out)  # figures and report are drawn from the saved results.json
     return results
+
+
+ALPHA_GRID = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0)
+
+
+def _alpha_sweep(ksd, vecs: dict, baseline: dict, names: list[str]) -> list[dict]:
+    """Relative scores and abstention rates of KSD over a grid of ``alpha`` (exact: KSD leaves
+    kept items untouched, so each point is the baseline with the abstained items set to 0)."""
+    rows = []
+    for a in sorted(set(ALPHA_GRID) | {ksd.alpha}):
+        rel, rate = {}, {}
+        for s in names:
+            inside = ksd.inside(vecs[s], alpha=a).tolist()
+            sc = with_abstention(baseline[s], inside)
+            rel[s] = _relative({s: {"score": sc.score}}, {s: {"score": baseline[s].score}})[s]
+            rate[s] = sum(inside) / max(1, len(inside))
+        rows.append({"alpha": a, "relative": rel, "abstention_rate": rate})
+    return rows
 
 
 def _neuron_summary(method, fs, rs, n_top: int = 6) -> dict:

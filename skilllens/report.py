@@ -61,6 +61,12 @@ def _tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         n = {s: base[s]["n_items"] for s in skills}
         tables.append(("KSD abstentions", ["skill", "abstained / items"],
                        [[s, f"{ab.get(s, 0)} / {n[s]}"] for s in skills]))
+        sweep = results["methods"]["ksd"].get("alpha_sweep")
+        if sweep:
+            tables.append(("KSD relative performance over alpha (exact, from the same items)",
+                           ["alpha"] + head[1:],
+                           [[f"{r['alpha']:g}"] + [_fmt(r["relative"][s], 2) for s in skills]
+                            for r in sweep]))
     det = results.get("detector")
     if det:
         dims = ", ".join(f"{d['dim']} ({d['n_rejected']})" for d in det["top_deciding_dims"][:8])

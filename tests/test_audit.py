@@ -33,6 +33,10 @@ def test_results_json_has_the_documented_fields(audit_dir):
             assert r == pytest.approx(m["scores"][s]["score"] / b if b else 0.0, nan_ok=True)
     assert saved["methods"]["na-3%"]["params"]["percent"] == 3.0
     assert saved["neurons"]["na-3%"]["n_selected"] == round(0.03 * 2 * 64)
+    sweep = {round(r["alpha"], 6): r for r in saved["methods"]["ksd"]["alpha_sweep"]}
+    assert sweep[1.5]["relative"] == saved["methods"]["ksd"]["relative"]  # the chosen alpha
+    rates = [r["abstention_rate"]["xquad-de"] for r in saved["methods"]["ksd"]["alpha_sweep"]]
+    assert rates == sorted(rates)  # a wider cube never abstains on fewer queries
     det = saved["detector"]
     assert 0 <= det["auc"] <= 1 and len(det["retain_rejecting_dims"]) == 6
     man = saved["manifest"]
