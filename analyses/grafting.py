@@ -52,7 +52,7 @@ def parse(argv=None):
     a = p.parse_args(argv)
     if a.quick:
         a.n_train, a.n_dev, a.n_test, a.ft_steps, a.graft_steps = 32, 16, 32, 30, 4
-        a.sparsities, a.ft_lr = "1e-3,1e-2", 3e-3
+        a.sparsities, a.ft_lr, a.include = "1e-3,1e-2", 3e-3, "*layers.*"
     return a
 
 

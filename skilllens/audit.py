@@ -36,8 +36,8 @@ class AuditConfig:
     forget: str = DEFAULT_FORGET
     retain: list[str] = field(default_factory=lambda: list(DEFAULT_RETAIN))
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-    probe_items: int = 16
-    eval_items: int = 12
+    probe_items: int = 48
+    eval_items: int = 24
     out: str = "audit"
     data_dir: str | None = None
     metric: str = "token_accuracy"
