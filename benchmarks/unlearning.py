@@ -53,7 +53,8 @@ def gsm8k_table(res: dict) -> str:
         f"{res['baseline'][s]['score']:.3f}" for s in skills) + " |")
     for name, m in res["methods"].items():
         p = m["params"]
-        desc = (f"alpha={p['alpha']:g}, k={p['k']:.2f}" if name == "ksd"
+        desc = (f"alpha={p['alpha']:.3g}{' (calibrated)' if p.get('calibration') else ''}, "
+                f"k={p['k']:.2f}" if name == "ksd"
                 else f"{p.get('percent', '')}%, rule={p.get('rule', 'mean|x| ratio')}")
         lines.append(f"| {name} | {desc} | " + " | ".join(
             f"{m['relative'][s]:.2f}" for s in skills) + " |")
@@ -102,6 +103,12 @@ def matrix_table(res: dict) -> str:
         out.append("KSD ROC AUC per forgotten language (vs the other six): " + ", ".join(
             f"{k.replace('xquad-', '')} {v:.3f}" for k, v in res["detector_auc"].items()) + ".")
     p = res["params"]
+    if p.get("calibrated_alpha"):
+        out.append("")
+        out.append(f"ksd@auto: alpha calibrated per forgotten language on the other languages' "
+                   f"probe items (upper bound {p['calibrate_max']:g}, no retain probe inside): "
+                   + ", ".join(f"{k.replace('xquad-', '')} {v:.2f}"
+                               for k, v in p["calibrated_alpha"].items()) + ".")
     out.append("")
     out.append(f"{p['probe_items']} probe / {p['eval_items']} eval items per language; wall "
                f"time {res['seconds']:.0f} s.")

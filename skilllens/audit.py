@@ -43,6 +43,8 @@ class AuditConfig:
     metric: str = "token_accuracy"
     seed: int = 0
     alpha: float = 2.0
+    ksd_calibrate: bool = True
+    ksd_max_fpr: float = 0.0
     ksd_layer: int = -1
     na_percent: list[float] = field(default_factory=lambda: [1.5])
     na_rule: str = "signed"
@@ -72,6 +74,8 @@ class AuditConfig:
         if self.probe_items < 2 or self.eval_items < 1:
             raise SkillLensError("--probe-items must be >= 2 and --eval-items >= 1")
         _check_alpha(self.alpha)
+        if not 0.0 <= float(self.ksd_max_fpr) < 1.0:
+            raise SkillLensError(f"--ksd-max-fpr must be in [0, 1), got {self.ksd_max_fpr}")
         self.na_percent = [check_percent(p, "--na-percent") for p in self.na_percent]
         check_percent(self.sp_percent, "--sp-percent")
         return self
@@ -157,6 +161,10 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
 
         def ksd_run():
             ksd.fit(lm, parts[cfg.forget][0], progress=cfg.progress)
+            if cfg.ksd_calibrate:  # narrow the cube on the retain *probe* items only
+                ksd.calibrate_vectors(torch.cat([ksd.query_vectors(lm, parts[s][0])
+                                                 for s in cfg.retain]),
+                                      max_fpr=cfg.ksd_max_fpr, alpha_max=cfg.alpha)
             vecs = {s: ksd.query_vectors(lm, parts[s][1]) for s in names}
             scores = {s: with_abstention(baseline[s], ksd.inside(vecs[s]).tolist())
                       for s in names}
@@ -165,7 +173,8 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
         scores, report, vecs = timed("ksd", ksd_run)
         ksd.save(out / "ksd.safetensors")
         entry = {s: _score_entry(v) for s, v in scores.items()}
-        methods["ksd"] = {"params": {**ksd.get_params(), "k": ksd.k, "k_exact": ksd.k_exact},
+        methods["ksd"] = {"params": {**ksd.get_params(), "k": ksd.k, "k_exact": ksd.k_exact,
+                                     "calibration": ksd.calibration},
                           "scores": entry, "relative": _relative(entry, results["baseline"]),
                           "abstained": {s: v.n_abstained for s, v in scores.items()}}
         results["detector"] = asdict(report)
@@ -270,10 +279,15 @@ def run_language_matrix(langs: list[str], out: str | os.PathLike, *, model="smol
                         methods=("ksd", "na"), probe_items: int = 16, eval_items: int = 12,
                         alphas=(1.0, 2.0), na_percent: float = 1.5, seed: int = 0,
                         data_dir=None, batch_size: int = 8, max_length: int = 384,
-                        progress: bool = True, lm=None) -> dict:
+                        progress: bool = True, lm=None, calibrate_max: float | None = 5.0,
+                        max_fpr: float = 0.0) -> dict:
     """Forgotten-language x tested-language matrix of relative scores, forgetting each of
     ``langs`` in turn while keeping the others. Baselines, key vectors and per-language
-    statistics are computed once and reused (the pooled retain statistics are exact merges)."""
+    statistics are computed once and reused (the pooled retain statistics are exact merges).
+
+    Besides the fixed ``alphas``, ``calibrate_max`` adds a row set ``ksd@auto``: per forgotten
+    language, alpha is calibrated on the other languages' *probe* items
+    (:meth:`KeySpaceDetector.calibrate_vectors`, upper bound ``calibrate_max``)."""
     from .evaluation import evaluate, relative
     from .io import write_json
     from .key_space import KeySpaceDetector
@@ -306,6 +320,19 @@ def run_language_matrix(langs: list[str], out: str | os.PathLike, *, model="smol
                 rep = ksd.report(eval_v[f], torch.cat([eval_v[t] for t in langs if t != f]))
                 res["detector_auc"][f] = rep.auc
             res["methods"][f"ksd@{a:g}"] = rows
+        if calibrate_max is not None:
+            rows, chosen = [], {}
+            for f in langs:
+                ksd.alpha = float(calibrate_max)
+                ksd.fit_vectors(probe_v[f])
+                ksd.calibrate_vectors(torch.cat([probe_v[t] for t in langs if t != f]),
+                                      max_fpr=max_fpr)
+                chosen[f] = ksd.alpha
+                rows.append([relative(with_abstention(base[t], ksd.inside(eval_v[t]).tolist())
+                                      .score, base[t].score) for t in langs])
+            res["methods"]["ksd@auto"] = rows
+            res["params"]["calibrated_alpha"] = chosen
+            res["params"]["calibrate_max"] = calibrate_max
     if "na" in methods:
         from .collect import collect
         kw = dict(sites=["gate"], tokens="all", batch_size=batch_size, max_length=max_length,

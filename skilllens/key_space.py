@@ -118,6 +118,7 @@ class KeySpaceDetector:
         self.k_exact: float | None = None
         self.fingerprint: dict | None = None
         self.meta: dict = {}
+        self.calibration: dict | None = None  # set by calibrate(): how alpha was chosen
 
     def get_params(self) -> dict:
         return {"alpha": self.alpha, "layer": self.layer, "site": self.site,
@@ -167,6 +168,55 @@ class KeySpaceDetector:
         if not math.isclose(self.k, self.k_exact, rel_tol=1e-6, abs_tol=1e-9):
             raise SkillLensError(f"internal check failed: binary-search k={self.k} differs from "
                                  f"the exact k={self.k_exact}")
+        return self
+
+    # -- calibration --
+    def calibrate(self, lm, retain, *, max_fpr: float = 0.0, margin: float = 0.1,
+                  alpha_max: float | None = None, data_dir=None,
+                  progress: bool = False) -> "KeySpaceDetector":
+        """Choose ``alpha`` from held-out *retain probe* queries (never the evaluation items).
+
+        ``alpha`` becomes ``min(alpha_max, r / (1 + margin))`` where ``r`` is the
+        ``(floor(max_fpr * n) + 1)``-th smallest cube score of the retain probe queries, so at
+        most a ``max_fpr`` share of them falls inside the cube (``alpha_max`` defaults to the
+        current ``alpha``: calibration only ever narrows the cube). Returns ``self``."""
+        from .models import load_model
+
+        lm = load_model(lm)
+        skills = retain if isinstance(retain, (list, tuple)) and retain and \
+            not isinstance(retain[0], (str, Item)) else [retain]
+        vecs = [self.query_vectors(lm, as_skill(r, data_dir).items, progress=progress)
+                for r in skills]
+        return self.calibrate_vectors(torch.cat(vecs), max_fpr=max_fpr, margin=margin,
+                                      alpha_max=alpha_max)
+
+    def calibrate_vectors(self, retain_vectors: torch.Tensor, *, max_fpr: float = 0.0,
+                          margin: float = 0.1, alpha_max: float | None = None
+                          ) -> "KeySpaceDetector":
+        """:meth:`calibrate` on retain probe vectors ``[n, d]``."""
+        self._check_fitted()
+        if not 0.0 <= float(max_fpr) < 1.0:
+            raise SkillLensError(f"max_fpr must be in [0, 1) (the share of retain probe queries "
+                                 f"allowed inside the cube), got {max_fpr}")
+        if not float(margin) >= 0.0:
+            raise SkillLensError(f"margin must be >= 0, got {margin}")
+        if retain_vectors.ndim != 2 or retain_vectors.shape[0] == 0:
+            raise SkillLensError("calibration needs at least one retain probe query")
+        cap = _check_alpha(self.alpha if alpha_max is None else alpha_max)
+        r = self.scores(retain_vectors).sort().values
+        n_fp = int(math.floor(float(max_fpr) * len(r)))
+        if n_fp >= len(r):
+            alpha = cap
+        else:
+            alpha = min(cap, float(r[n_fp]) / (1.0 + float(margin)))
+        if not alpha > 0:
+            raise SkillLensError("calibration found a retain probe query at the cube's centre "
+                                 "(score 0); the forget and retain probes are not separable here")
+        self.alpha = alpha
+        self.calibration = {"alpha_max": cap, "max_fpr": float(max_fpr), "margin": float(margin),
+                            "n_retain_probe": len(r), "alpha": alpha,
+                            "retain_probe_fpr": float((r <= alpha).double().mean()),
+                            "min_retain_probe_score": float(r[0])}
         return self
 
     # -- decisions --
@@ -277,7 +327,8 @@ class KeySpaceDetector:
     # -- persistence --
     def save(self, path: str | os.PathLike) -> Path:
         self._check_fitted()
-        meta = {"params": self.get_params(), "k": self.k, "k_exact": self.k_exact, **self.meta}
+        meta = {"params": self.get_params(), "k": self.k, "k_exact": self.k_exact, **self.meta,
+                "calibration": self.calibration}
         return save_artifact(path, {"m": self.m, "s": self.s}, meta, kind="key_space",
                              fingerprint=self.fingerprint)
 
@@ -289,6 +340,7 @@ class KeySpaceDetector:
         obj.m, obj.s = tensors["m"].double(), tensors["s"].double()
         obj.k, obj.k_exact, obj.fingerprint = meta["k"], meta["k_exact"], meta.get("fingerprint")
         obj.meta = {k: meta[k] for k in ("forget", "forget_hash", "n_probe") if k in meta}
+        obj.calibration = meta.get("calibration")
         return obj
 
     def __repr__(self) -> str:

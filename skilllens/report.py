@@ -72,7 +72,8 @@ def _tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         dims = ", ".join(f"{d['dim']} ({d['n_rejected']})" for d in det["top_deciding_dims"][:8])
         rej = det["retain_rejecting_dims"]
         tables.append(("KSD detector", ["quantity", "value"], [
-            ["k (binary search)", _fmt(det["k"], 4)], ["alpha", f"{det['alpha']:g}"],
+            ["k (binary search)", _fmt(det["k"], 4)], ["alpha", f"{det['alpha']:.4g}"],
+            ["alpha chosen by", _calibration_text(results["methods"]["ksd"]["params"])],
             ["ROC AUC (forget vs retain queries)", _fmt(det["auc"])],
             ["TPR at alpha (forget abstained)", _fmt(det["tpr"])],
             ["FPR at alpha (retain abstained)", _fmt(det["fpr"])],
@@ -81,6 +82,15 @@ def _tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
             ["top deciding dims (retain queries rejected)", dims or "none"],
             ["zero-variance dims left out", str(det["n_degenerate_dims"])]]))
     return tables
+
+
+def _calibration_text(params: dict) -> str:
+    cal = params.get("calibration")
+    if not cal:
+        return "the user (fixed)"
+    return (f"calibration on {cal['n_retain_probe']} retain probe queries (upper bound "
+            f"{cal['alpha_max']:g}, max FPR {cal['max_fpr']:g}, margin {cal['margin']:g}; "
+            f"probe FPR {cal['retain_probe_fpr']:.3f})")
 
 
 def _md_table(head, rows) -> str:

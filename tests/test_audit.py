@@ -34,7 +34,10 @@ def test_results_json_has_the_documented_fields(audit_dir):
     assert saved["methods"]["na-3%"]["params"]["percent"] == 3.0
     assert saved["neurons"]["na-3%"]["n_selected"] == round(0.03 * 2 * 64)
     sweep = {round(r["alpha"], 6): r for r in saved["methods"]["ksd"]["alpha_sweep"]}
-    assert sweep[1.5]["relative"] == saved["methods"]["ksd"]["relative"]  # the chosen alpha
+    params = saved["methods"]["ksd"]["params"]
+    assert params["alpha"] <= 1.5 and params["calibration"]["alpha_max"] == 1.5
+    assert params["calibration"]["retain_probe_fpr"] == 0.0   # default max FPR 0 on the probes
+    assert sweep[round(params["alpha"], 6)]["relative"] == saved["methods"]["ksd"]["relative"]
     rates = [r["abstention_rate"]["xquad-de"] for r in saved["methods"]["ksd"]["alpha_sweep"]]
     assert rates == sorted(rates)  # a wider cube never abstains on fewer queries
     det = saved["detector"]
@@ -93,3 +96,19 @@ def test_cli_help_and_errors(capsys):
     assert "examples:" in capsys.readouterr().out
     assert main(["audit", "--model", "tiny-llama", "--forget", "gsm8k", "--retain", "gsm8k"]) == 2
     assert "forget skill and a retain skill" in capsys.readouterr().err
+
+
+def test_language_matrix_with_calibrated_ksd(tmp_path, data_dir):
+    from skilllens.audit import run_language_matrix
+    langs = ["xquad-en", "xquad-de", "xquad-es"]
+    res = run_language_matrix(langs, tmp_path, model="tiny-llama", methods=("ksd",),
+                              probe_items=4, eval_items=3, alphas=(1.0,), data_dir=str(data_dir),
+                              max_length=64, progress=False, calibrate_max=3.0)
+    assert set(res["methods"]) == {"ksd@1", "ksd@auto"}
+    for rows in res["methods"].values():
+        assert len(rows) == 3 and all(len(r) == 3 for r in rows)
+        assert all(0.0 <= v <= 1.0 + 1e-9 for r in rows for v in r)  # KSD only abstains
+    chosen = res["params"]["calibrated_alpha"]
+    assert set(chosen) == set(langs) and all(0 < a <= 3.0 for a in chosen.values())
+    assert (tmp_path / "language_matrix.json").exists()
+    assert (tmp_path / "language_matrix.png").stat().st_size > 1000

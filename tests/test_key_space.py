@@ -107,3 +107,28 @@ def test_save_load_and_fingerprint(tiny_llama, tmp_path):
         KeySpaceDetector.load(path, load_model("tiny-gpt2"))
     with pytest.raises(SkillLensError, match="another model"):
         ksd.abstains(load_model("tiny-mistral"), PROBES)
+
+
+def test_calibration_narrows_alpha_to_the_retain_probe_fpr():
+    g = torch.Generator().manual_seed(7)
+    v = _probe(n=40, d=20)
+    ksd = KeySpaceDetector(alpha=3.0).fit_vectors(v)
+    retain = v.mean(0) + 2.5 * torch.randn(50, 20, generator=g) * v.std(0)
+    r = ksd.scores(retain).double().sort().values       # float64 reference of the rule
+    for max_fpr in (0.0, 0.1):
+        ksd.alpha = 3.0
+        ksd.calibrate_vectors(retain, max_fpr=max_fpr, margin=0.1)
+        n_fp = int(max_fpr * 50)
+        assert ksd.alpha == pytest.approx(min(3.0, float(r[n_fp]) / 1.1))
+        assert float(ksd.inside(retain).double().mean()) <= max_fpr
+        assert ksd.calibration["retain_probe_fpr"] <= max_fpr
+    ksd.alpha = 3.0
+    ksd.calibrate_vectors(v.mean(0, keepdim=True) + 100 * v.std(0), alpha_max=1.25)
+    assert ksd.alpha == 1.25                             # never wider than the upper bound
+
+
+@pytest.mark.parametrize("kw", [dict(max_fpr=1.0), dict(max_fpr=-0.1), dict(margin=-1.0)])
+def test_calibration_rejects_bad_settings(kw):
+    ksd = KeySpaceDetector(alpha=2.0).fit_vectors(_probe())
+    with pytest.raises(SkillLensError):
+        ksd.calibrate_vectors(_probe(seed=1), **kw)

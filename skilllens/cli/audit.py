@@ -34,7 +34,15 @@ def add_parser(sub):
     add_data_args(p)
     p.add_argument("--metric", default=d.metric,
                    help="token_accuracy (default), nll, exact_match, pass@1, f1, substring")
-    p.add_argument("--alpha", type=float, default=d.alpha, help="KSD cube scale (default 2.0)")
+    p.add_argument("--alpha", type=float, default=d.alpha,
+                   help="KSD cube scale (default 2.0, the reference's GSM8K value); with "
+                        "calibration it is the upper bound")
+    p.add_argument("--no-ksd-calibrate", dest="ksd_calibrate", action="store_false",
+                   help="use --alpha as is (the reference); by default alpha is narrowed on the "
+                        "retain probe items so at most --ksd-max-fpr of them fall in the cube")
+    p.add_argument("--ksd-max-fpr", type=float, default=d.ksd_max_fpr,
+                   help="share of retain probe queries allowed inside the calibrated cube "
+                        "(default 0)")
     p.add_argument("--na-percent", default=",".join(f"{x:g}" for x in d.na_percent),
                    help="Neuron Adjust percent(s), comma-separated (default 1.5)")
     p.add_argument("--na-rule", default=d.na_rule,
@@ -62,7 +70,8 @@ def run(args) -> int:
                       methods=parse_list(args.methods), probe_items=args.probe_items,
                       eval_items=args.eval_items, out=args.out or default_out(),
                       data_dir=args.data_dir, metric=args.metric, seed=args.seed,
-                      alpha=args.alpha, na_percent=na_percent, na_rule=args.na_rule,
+                      alpha=args.alpha, ksd_calibrate=args.ksd_calibrate,
+                      ksd_max_fpr=args.ksd_max_fpr, na_percent=na_percent, na_rule=args.na_rule,
                       sp_percent=args.sp_percent, batch_size=args.batch_size,
                       max_length=args.max_length, device=args.device,
                       progress=not args.no_progress)
