@@ -1,13 +1,16 @@
 """Concept vectors on a real model (default: the embedded SmolLM2-135M), in two stages.
 
-Stage A (validation): search all concepts, screen the top candidates by the teacher-forced
-log-prob drop of zero-ablation, then score the best vector's ablation (``--method``) with
-BLEU / ROUGE-L against the original answers, plus ``noise`` at sigma 0.1 for comparison.
-Stage B (unlearning comparison): on the first ``--compare-concepts`` concepts, Needle, gradient
-ascent and NPO on the same vector, intrinsic next to behavioural metrics, and the robustness
-probes (in-context article, role play).
+Stage A (validation): search all concepts (TF-IDF scorer through the final norm, see
+``skilllens.concepts.search``), screen the ``--candidates`` best vectors per concept by the
+teacher-forced log-prob drop of the concept's original answers under ``--method`` ablation,
+validate the ``--validate`` best by regenerating the answers (concept QA, then all 50 unrelated
+questions) and keep the vector with the lowest concept-QA BLEU whose unrelated BLEU stays
+>= 0.9; report BLEU / ROUGE-L against the original answers and every validated candidate.
+Stage B (unlearning comparison): on the first ``--compare-concepts`` concepts that reached the
+target in stage A (else the first ones), Needle, gradient ascent and NPO on the stage-A vector,
+intrinsic next to behavioural metrics, and the robustness probes (in-context article, role play).
 
-    python analyses/concept_vectors.py --out benchmarks/concept_vectors            # full
+    python analyses/concept_vectors.py --out benchmarks/results/concept-vectors     # recorded run
     python analyses/concept_vectors.py --model tiny-llama --concepts 2 --max-new-tokens 4 \\
         --unrelated 4 --compare-concepts 1 --steps 1 --out /tmp/cv                  # smoke test
 
@@ -29,18 +32,23 @@ def main(argv=None) -> dict:
     p.add_argument("--concepts", type=int, default=None, help="number of dev concepts (all)")
     p.add_argument("--method", default="zero", choices=["noise", "zero", "project"])
     p.add_argument("--sigma", type=float, default=0.1)
-    p.add_argument("--candidates", type=int, default=5)
+    p.add_argument("--candidates", type=int, default=8)
+    p.add_argument("--validate", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--unrelated", type=int, default=20)
-    p.add_argument("--compare-concepts", type=int, default=3)
+    p.add_argument("--unrelated", type=int, default=None, help="unrelated questions (all 50)")
+    p.add_argument("--unrelated-b", type=int, default=20, help="unrelated questions in stage B")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--compare-concepts", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--max-chunks", type=int, default=4)
     p.add_argument("--skip-b", action="store_true")
-    p.add_argument("--out", default="benchmarks/concept_vectors")
+    p.add_argument("--out", default="benchmarks/results/concept-vectors")
     args = p.parse_args(argv)
 
     import torch
+
+    torch.set_num_threads(1)
 
     from skilllens import load_model
     from skilllens.concepts import ConceptSearch, load_concepts
@@ -53,27 +61,41 @@ def main(argv=None) -> dict:
     lm = load_model(args.model)
     concepts = load_concepts(None, args.data_dir, limit=args.concepts)
     ts = time.perf_counter()
-    search = ConceptSearch(k=50, n_candidates=args.candidates).fit(lm, concepts)
+    search = ConceptSearch(k=50, n_candidates=args.candidates, through_norm=True).fit(lm, concepts)
     search_s = time.perf_counter() - ts
     search.save(out / "search.safetensors")
-    common = dict(sigma=args.sigma, n_candidates=args.candidates,
-                  max_new_tokens=args.max_new_tokens, n_unrelated=args.unrelated,
+    common = dict(sigma=args.sigma, n_candidates=args.candidates, n_validate=args.validate,
+                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                   seq_len=args.seq_len, max_chunks=args.max_chunks, unlearn_steps=args.steps)
-    res_a = run_concepts(lm, concepts, ExperimentSettings(method=args.method, compare=("noise",),
-                                                          **common), search=search)
+    res_a = run_concepts(lm, concepts, ExperimentSettings(method=args.method,
+                                                          n_unrelated=args.unrelated, **common),
+                         search=search)
     res_a["meta"].update(search_seconds=round(search_s, 1), machine=_machine(torch))
     write_report(res_a, out / "validation")
-    summary = {"validation_hits": sum(target_reached(r) for r in res_a["concepts"]),
-               "n_concepts": len(concepts), "search_seconds": round(search_s, 1)}
+    hits = [r for r in res_a["concepts"] if target_reached(r)]
+    summary = {"validation_hits": len(hits), "n_concepts": len(concepts),
+               "hit_concepts": [r["concept"] for r in hits],
+               "search_seconds": round(search_s, 1),
+               "validation_seconds": res_a["meta"]["seconds"],
+               "vectors": {r["concept"]: {"layer": r["layer"], "index": r["index"],
+                                          "concept_bleu": round(r["concept_qa"]["bleu"], 4),
+                                          "unrelated_bleu": round(r["unrelated_qa"]["bleu"], 4),
+                                          "hit": target_reached(r)} for r in res_a["concepts"]}}
     print(json.dumps(summary))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if not args.skip_b and args.compare_concepts:
-        sub = concepts[: args.compare_concepts]
+        order = [r["concept"] for r in hits] + [r["concept"] for r in res_a["concepts"]
+                                                 if not target_reached(r)]
+        names = order[: args.compare_concepts]
+        sub = [c for c in concepts if c.name in names]
+        vecs = {r["concept"]: (r["layer"], r["index"]) for r in res_a["concepts"]}
         res_b = run_concepts(lm, sub, ExperimentSettings(
-            method="needle", compare=("ga", "npo"), n_completions=3,
-            probes=("in_context", "role_play"), **common), search=search)
+            method="needle", compare=("ga", "npo"), n_completions=3, n_unrelated=args.unrelated_b,
+            probes=("in_context", "role_play"), **common), search=search, vectors=vecs)
         res_b["meta"].update(machine=_machine(torch))
         write_report(res_b, out / "unlearning")
-        summary["unlearning_concepts"] = len(sub)
+        summary["unlearning_concepts"] = [c.name for c in sub]
+        summary["unlearning_seconds"] = res_b["meta"]["seconds"]
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))

@@ -1,7 +1,8 @@
 """Time and peak memory per mask-optimisation step: skilllens vs a reference-style loop.
 
 * ``skilllens``: pre-trained weights, ``theta_ft - theta_pre`` and the scores live on the model's
-  device; the soft graft is a functional call, autograd gives the score gradients.
+  device; the soft graft (``skilllens.grafting.soft_graft``, a custom autograd function that
+  keeps no full-size intermediates) is a functional call, autograd gives the score gradients.
 * ``reference``: as in the released code, both model copies stay on the CPU; every step copies
   the pre-trained weights, the fine-tuned weights (to build the graft in the model's parameters)
   and the pre-trained weights again (to restore) to the device, and chains the parameter
@@ -55,6 +56,7 @@ def run_variant(a) -> dict:
     import torch
 
     from skilllens.graft_tasks import task_loss
+    from skilllens.grafting import soft_graft
 
     torch.set_num_threads(a.threads)
     lm, data, names, params, pre_cpu, ft_cpu, base = setup(a)
@@ -67,10 +69,9 @@ def run_variant(a) -> dict:
         for s in scores.values():
             s.requires_grad_(True)
 
-        def step():
-            gam = {n: torch.where(base[n], 1 - torch.sigmoid(s - b), torch.sigmoid(s - b))
-                   for n, s in scores.items()}
-            loss = task_loss(model, data, {n: pre[n] + gam[n] * diff[n] for n in names})
+        def step():  # the same calls as GraftLocalizer.fit's optimisation step
+            loss = task_loss(model, data, {n: soft_graft(scores[n], pre[n], diff[n], base[n], b)
+                                           for n in names})
             grads = torch.autograd.grad(loss, list(scores.values()))
             with torch.no_grad():
                 for s, gr in zip(scores.values(), grads):

@@ -44,7 +44,7 @@ class AuditConfig:
     seed: int = 0
     alpha: float = 2.0
     ksd_calibrate: bool = True
-    ksd_max_fpr: float = 0.0
+    ksd_max_fpr: float = 0.05
     ksd_layer: int = -1
     na_percent: list[float] = field(default_factory=lambda: [1.5])
     na_rule: str = "signed"
@@ -280,7 +280,7 @@ def run_language_matrix(langs: list[str], out: str | os.PathLike, *, model="smol
                         alphas=(1.0, 2.0), na_percent: float = 1.5, seed: int = 0,
                         data_dir=None, batch_size: int = 8, max_length: int = 384,
                         progress: bool = True, lm=None, calibrate_max: float | None = 5.0,
-                        max_fpr: float = 0.0) -> dict:
+                        max_fpr: float = 0.05) -> dict:
     """Forgotten-language x tested-language matrix of relative scores, forgetting each of
     ``langs`` in turn while keeping the others. Baselines, key vectors and per-language
     statistics are computed once and reused (the pooled retain statistics are exact merges).

@@ -34,6 +34,8 @@ from .graft_tasks import GraftTask, encode_task_items, score_task, task_loss
 from .models import LoadedModel, load_model, model_fingerprint
 
 KIND = "graft-mask"
+#: score updates: the reference's plain SGD, Adam, and SGD normalised by the largest gradient
+OPTIMIZERS = ("sgd", "adam", "normalized")
 
 
 class GraftError(SkillLensError):
@@ -100,6 +102,40 @@ def global_topk_masks(values: dict[str, torch.Tensor], k: int,
     return masks
 
 
+class _SoftGraft(torch.autograd.Function):
+    """``pre + g * diff`` with ``g = base ? 1 - sig(S - b) : sig(S - b)``; saves only ``S``,
+    ``diff`` and ``base`` for the backward (which recomputes the sigmoid) instead of autograd's
+    chain of full-size intermediates."""
+
+    @staticmethod
+    def forward(ctx, score, pre, diff, base, bias):
+        sig = torch.sigmoid(score - bias)
+        gam = torch.where(base, 1 - sig, sig)
+        ctx.save_for_backward(score, diff, base)
+        ctx.bias = bias
+        return torch.addcmul(pre, gam, diff)
+
+    @staticmethod
+    def backward(ctx, grad):
+        score, diff, base = ctx.saved_tensors
+        sig = torch.sigmoid(score - ctx.bias)
+        dsig = sig.mul_(1 - sig)
+        dsig = torch.where(base, -dsig, dsig)
+        return dsig.mul_(diff).mul_(grad), None, None, None, None
+
+
+def soft_mask(score: torch.Tensor, base: torch.Tensor, bias: float) -> torch.Tensor:
+    """The soft mask ``g = base * (1 - sig(S - b)) + (1 - base) * sig(S - b)``."""
+    sig = torch.sigmoid(score - bias)
+    return torch.where(base, 1 - sig, sig)
+
+
+def soft_graft(score: torch.Tensor, pre: torch.Tensor, diff: torch.Tensor, base: torch.Tensor,
+               bias: float) -> torch.Tensor:
+    """Differentiable (w.r.t. ``score``) soft graft ``pre + soft_mask(score) * diff``."""
+    return _SoftGraft.apply(score, pre, diff, base, float(bias))
+
+
 @dataclass
 class GraftFitResult:
     """What :meth:`GraftLocalizer.fit` found: target and actual sparsity, counts, history."""
@@ -119,7 +155,15 @@ class GraftLocalizer:
     ``sparsity`` in (0, 1): share of eligible parameters in the base patch. ``steps`` optimiser
     steps on the scores (0: the base patch only). ``optimizer="sgd"`` is the reference's plain
     update ``S -= lr * grad`` (``lr`` 1e7, since sig'(-10) ~ 5e-5); ``"adam"`` uses Adam with
-    ``lr`` (try 0.5). ``l1`` adds ``l1 * (sum g) / n_eligible`` to the loss (Localize-and-Stitch).
+    ``lr`` (try 0.5; note that Adam moves every score with a non-zero gradient by about ``lr``
+    per step, so all of them reach the bias together); ``"normalized"`` (a skilllens option, not
+    in the reference) is the plain update rescaled per step by the largest score gradient,
+    ``S -= lr * grad / max|grad|``: the entry with the largest gradient moves by ``lr`` (try 1-3
+    with ``bias`` 10), so the scores move whatever the scale of ``theta_ft - theta_pre`` and of
+    the loss, and entries flip in the order of their gradients. ``l1`` adds
+    ``l1 * (sum g) / n_eligible`` to the loss (Localize-and-Stitch). ``history`` records per
+    step the rounded mask's size, the entries added to / removed from the base patch
+    (``n_added``/``n_removed``) and the largest score gradient (``max_grad``).
     """
 
     def __init__(self, sparsity: float = 1e-4, include=DEFAULT_INCLUDE, exclude=DEFAULT_EXCLUDE,
@@ -129,8 +173,9 @@ class GraftLocalizer:
         if not (isinstance(sparsity, (int, float)) and 0 < float(sparsity) < 1):
             raise GraftError(f"sparsity must be in (0, 1) (a share of eligible parameters, e.g. "
                              f"1e-4 for 0.01%), got {sparsity!r}")
-        if optimizer not in ("sgd", "adam"):
-            raise GraftError(f"unknown optimizer {optimizer!r}; use sgd or adam")
+        if optimizer not in OPTIMIZERS:
+            raise GraftError(f"unknown optimizer {optimizer!r}; use one of "
+                             f"{', '.join(OPTIMIZERS)}")
         if steps < 0 or lr <= 0 or l1 < 0:
             raise GraftError("steps must be >= 0, lr > 0 and l1 >= 0")
         self.sparsity, self.steps, self.lr, self.bias, self.l1 = float(sparsity), steps, lr, \
@@ -169,6 +214,7 @@ class GraftLocalizer:
             raise GraftError("the fine-tuned model equals the pre-trained one on every eligible "
                              "parameter; fine-tune first or widen include/exclude")
         base = global_topk_masks({n: d.abs() for n, d in diff.items()}, k)
+        n_base = sum(int(m.sum()) for m in base.values())
         scores = {n: torch.zeros_like(d, requires_grad=True) for n, d in diff.items()}
         opt = torch.optim.Adam(scores.values(), lr=self.lr) if self.optimizer == "adam" else None
         tok = pre.tokenizer
@@ -179,39 +225,52 @@ class GraftLocalizer:
         model = pre.model
         was_training = model.training
         model.eval()
-        best, history = None, []
+        best, history, prev = None, [], None
         try:
             for step in tqdm(range(self.steps + 1), desc=f"graft {task.name}",
                              disable=not self.progress):
                 with torch.no_grad():
                     hard = {n: (base[n] ^ (scores[n] > self.bias)) for n in diff}
-                    hp = self._graft_params(pre_p, diff,
-                                            {n: hard[n].to(diff[n].dtype) for n in diff})
-                    tr = score_task(model, train, self.batch_size, hp)
-                    dv = score_task(model, dev_data, self.batch_size, hp) if dev_data else None
+                    if prev is None or not all(torch.equal(hard[n], prev[0][n]) for n in diff):
+                        hp = self._graft_params(pre_p, diff,
+                                                {n: hard[n].to(diff[n].dtype) for n in diff})
+                        tr = score_task(model, train, self.batch_size, hp)
+                        dv = score_task(model, dev_data, self.batch_size, hp) if dev_data \
+                            else None
+                        del hp
+                    else:  # the rounded mask did not change: same scores as the last step
+                        tr, dv = prev[1], prev[2]
+                    prev = (hard, tr, dv)
                 sel = sum(int(m.sum()) for m in hard.values())
+                added = sum(int((hard[n] & ~base[n]).sum()) for n in diff)
                 total = tr.score * train.n_items + (dv.score * dev_data.n_items if dv else 0)
                 rec = {"step": step, "train_score": tr.score, "train_loss": tr.loss,
                        "dev_score": dv.score if dv else None, "n_selected": sel,
-                       "sparsity": sel / n_eligible}
+                       "sparsity": sel / n_eligible, "n_added": added,
+                       "n_removed": n_base - (sel - added)}
                 key = (total, -tr.loss)
                 if best is None or key > best[0]:
                     best = (key, step, {n: m.clone() for n, m in hard.items()})
                 if step == self.steps:
                     history.append(rec)
                     break
-                gam = {n: torch.where(base[n], 1 - torch.sigmoid(s - self.bias),
-                                      torch.sigmoid(s - self.bias)) for n, s in scores.items()}
-                loss = task_loss(model, train, self._graft_params(pre_p, diff, gam))
+                soft = {n: soft_graft(s, pre_p[n], diff[n], base[n], self.bias)
+                        for n, s in scores.items()}
+                loss = task_loss(model, train, soft)
                 if self.l1:
-                    loss = loss + self.l1 * sum(g.sum() for g in gam.values()) / n_eligible
+                    loss = loss + self.l1 * sum(soft_mask(s, base[n], self.bias).sum()
+                                                for n, s in scores.items()) / n_eligible
                 grads = torch.autograd.grad(loss, list(scores.values()))
+                gmax = float(max(g.abs().max() for g in grads))
                 rec["soft_loss"] = float(loss.detach())
+                rec["max_grad"] = gmax
                 history.append(rec)
                 with torch.no_grad():
                     if opt is None:
+                        lr = self.lr if self.optimizer == "sgd" else \
+                            (self.lr / gmax if gmax > 0 else 0.0)
                         for s, g in zip(scores.values(), grads):
-                            s.sub_(self.lr * g)
+                            s.sub_(lr * g)
                     else:
                         for s, g in zip(scores.values(), grads):
                             s.grad = g
@@ -223,7 +282,7 @@ class GraftLocalizer:
         self.values_ = {n: ft_all[n].detach().to(dev)[m] for n, m in self.masks_.items()}
         n_sel = sum(int(m.sum()) for m in self.masks_.values())
         self.result_ = GraftFitResult(self.sparsity, n_sel / n_eligible, n_eligible, n_sel,
-                                      sum(int(m.sum()) for m in base.values()), best_step, history)
+                                      n_base, best_step, history)
         self.meta_ = {"fingerprint": pre.fingerprint, "finetuned_fingerprint": ftm.fingerprint,
                       "task": dict(task.spec or {"name": task.name}), "eligible": eligible}
         return self

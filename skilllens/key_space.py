@@ -171,7 +171,7 @@ class KeySpaceDetector:
         return self
 
     # -- calibration --
-    def calibrate(self, lm, retain, *, max_fpr: float = 0.0, margin: float = 0.1,
+    def calibrate(self, lm, retain, *, max_fpr: float = 0.05, margin: float = 0.1,
                   alpha_max: float | None = None, data_dir=None,
                   progress: bool = False) -> "KeySpaceDetector":
         """Choose ``alpha`` from held-out *retain probe* queries (never the evaluation items).
@@ -179,7 +179,8 @@ class KeySpaceDetector:
         ``alpha`` becomes ``min(alpha_max, r / (1 + margin))`` where ``r`` is the
         ``(floor(max_fpr * n) + 1)``-th smallest cube score of the retain probe queries, so at
         most a ``max_fpr`` share of them falls inside the cube (``alpha_max`` defaults to the
-        current ``alpha``: calibration only ever narrows the cube). Returns ``self``."""
+        current ``alpha``: calibration only ever narrows the cube). The default ``max_fpr`` of
+        5% spends half of a 10% retain-loss budget on false detections. Returns ``self``."""
         from .models import load_model
 
         lm = load_model(lm)
@@ -190,7 +191,7 @@ class KeySpaceDetector:
         return self.calibrate_vectors(torch.cat(vecs), max_fpr=max_fpr, margin=margin,
                                       alpha_max=alpha_max)
 
-    def calibrate_vectors(self, retain_vectors: torch.Tensor, *, max_fpr: float = 0.0,
+    def calibrate_vectors(self, retain_vectors: torch.Tensor, *, max_fpr: float = 0.05,
                           margin: float = 0.1, alpha_max: float | None = None
                           ) -> "KeySpaceDetector":
         """:meth:`calibrate` on retain probe vectors ``[n, d]``."""

@@ -36,7 +36,7 @@ def test_results_json_has_the_documented_fields(audit_dir):
     sweep = {round(r["alpha"], 6): r for r in saved["methods"]["ksd"]["alpha_sweep"]}
     params = saved["methods"]["ksd"]["params"]
     assert params["alpha"] <= 1.5 and params["calibration"]["alpha_max"] == 1.5
-    assert params["calibration"]["retain_probe_fpr"] == 0.0   # default max FPR 0 on the probes
+    assert params["calibration"]["retain_probe_fpr"] <= 0.05  # default max FPR on the probes
     assert sweep[round(params["alpha"], 6)]["relative"] == saved["methods"]["ksd"]["relative"]
     rates = [r["abstention_rate"]["xquad-de"] for r in saved["methods"]["ksd"]["alpha_sweep"]]
     assert rates == sorted(rates)  # a wider cube never abstains on fewer queries

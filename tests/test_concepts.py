@@ -323,3 +323,65 @@ def test_suite_scores_all_unrelated_and_checks_dtype(lm):
     lm.model.to(torch.bfloat16)
     with pytest.raises(DataError, match="same dtype"):
         suite.score(lm)
+
+
+# ---------------------------------------------------------------- search scorer and selection
+def test_token_weights_tfidf_and_name_bonus():
+    """Words as frequent in every article get 0; article-only words the most; the concept's
+    name is raised to the top weight unless it is a very frequent token."""
+    lm = load_model("smollm2-135m")
+    tok = lm.tokenizer
+    vocab = lm.adapter.unembedding().shape[0]
+    text = "The Warsaw castle is in the city. " * 5 + "Poland joined the union. " * 2
+    bg = ["The cat is in the house. " * 6, "The river is in the valley. " * 6]
+    w = token_weights(tok, vocab, text, bg, name="Poland")
+    ids = {s: tok(s, add_special_tokens=False)["input_ids"][0] for s in (" the", " Warsaw", " Poland", " is")}
+    assert w[ids[" the"]] == 0 and w[ids[" is"]] == 0
+    assert w[ids[" Warsaw"]] > 0 and float(w.max()) == pytest.approx(1.0)
+    assert w[ids[" Poland"]] == pytest.approx(1.0)  # name bonus
+    w2 = token_weights(tok, vocab, "The harbour and the harbour wall of the new town. " * 5, bg, name="New Town")
+    assert w2[tok(" new", add_special_tokens=False)["input_ids"][0]] < 1.0  # frequent: no bonus
+
+
+def test_zero_ablation_edits_exactly_the_intended_column(lm):
+    """The edit lands in down_proj's column ``index`` of ``layer`` (no other weight), changes the
+    model's output, and is undone bit-for-bit."""
+    key = "model.layers.1.mlp.down_proj.weight"
+    snap = snapshot(lm.model)
+    x = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.no_grad():
+        before = lm.model(x).logits
+    abl = ConceptAblation(1, 7, "zero").fit(lm)
+    with abl.applied(lm):
+        W = lm.model.state_dict()[key]
+        assert torch.all(W[:, 7] == 0) and torch.equal(W[:, 8:], snap[key][:, 8:])
+        assert_identical(lm.model, snap, except_=(key,))
+        with torch.no_grad():
+            assert not torch.equal(lm.model(x).logits, before)
+    assert_identical(lm.model, snap)
+
+
+def test_run_concepts_validates_candidates_and_picks_the_chosen(data_dir):
+    from skilllens.concepts.experiment import ExperimentSettings, run_concepts
+
+    lm = load_model("tiny-llama")
+    cs = load_concepts(None, data_dir, limit=1)
+    s = ExperimentSettings(method="zero", n_candidates=3, n_validate=2, max_new_tokens=3,
+                           n_unrelated=4, n_questions=3, multi=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = run_concepts(lm, cs, s, progress=False)
+    r = res["concepts"][0]
+    assert len(r["screening"]) == 3 and len(r["validation"]) == 2
+    chosen = [v for v in r["validation"] if v["chosen"]]
+    assert len(chosen) == 1 and (chosen[0]["layer"], chosen[0]["index"]) == (r["layer"], r["index"])
+    # the chosen candidate's numbers are the headline numbers (same deterministic edit)
+    assert chosen[0]["concept_qa"]["bleu"] == pytest.approx(r["concept_qa"]["bleu"])
+    assert chosen[0]["unrelated_qa"]["bleu"] == pytest.approx(r["unrelated_qa"]["bleu"])
+    assert r["unrelated_qa"]["n"] == 4 and len(r["multi"]["vectors"]) == 2
+    assert all("_known" not in v for v in r["validation"])
+    json.dumps(res)  # serialisable
+    # a fixed vector skips screening and validation
+    res2 = run_concepts(lm, cs, s, progress=False, vectors={cs[0].name: (1, 3)})
+    assert (res2["concepts"][0]["layer"], res2["concepts"][0]["index"]) == (1, 3)
+    assert res2["concepts"][0]["validation"] == []

@@ -157,3 +157,17 @@ def test_smollm2_label_logits_and_graft_end_to_end(smollm2, data_dir):
     with loc.grafted(smollm2):
         pass
     assert torch.equal(smollm2.model.model.layers[29].mlp.up_proj.weight, before)
+
+
+def test_xquad_lang_snippets_per_paragraph(data_dir):
+    one = build_task("xquad-lang", data_dir, n_train=8, n_dev=4, n_test=48)
+    assert one.test == build_task("xquad-lang", data_dir, n_train=8, n_dev=4, n_test=48,
+                                  per_paragraph=1).test  # the default is unchanged
+    three = build_task("xquad-lang", data_dir, n_train=8, n_dev=4, n_test=192, per_paragraph=3)
+    assert len(three.test) == 192 and three.spec["per_paragraph"] == 3
+    para = lambda items: {"/".join(it.id.split("/")[2:4]) for it in items}  # noqa: E731
+    assert not (para(three.train) & para(three.test))  # snippets of a paragraph share a split
+    assert not (para(three.dev) & para(three.test))
+    assert len({it.id for it in three.test}) == 192
+    assert all(it.prompt.startswith("Text: ") and it.prompt.endswith("\nLanguage:")
+               for it in three.test)

@@ -12,7 +12,8 @@ from skilllens.finetune import FineTuneConfig, finetune, select_parameters
 from skilllens.graft_metrics import (expected_calibration_error, mask_location, mask_overlap,
                                      overlap_matrix, precision_recall, recovered_fraction)
 from skilllens.graft_tasks import build_task
-from skilllens.grafting import GraftError, GraftLocalizer, global_topk_masks
+from skilllens.grafting import (GraftError, GraftLocalizer, global_topk_masks, soft_graft,
+                                soft_mask)
 
 
 @pytest.fixture(autouse=True)
@@ -133,6 +134,65 @@ def test_mask_optimisation_changes_the_mask(lm, task, ft):
     assert best["n_selected"] == loc.result_.n_selected
     assert all(best["train_score"] + (best["dev_score"] or 0) >=
                h["train_score"] + (h["dev_score"] or 0) for h in loc.result_.history)
+
+
+def test_soft_graft_gradient():
+    g = torch.Generator().manual_seed(0)
+    S = (torch.randn(60, generator=g, dtype=torch.float64) * 3 + 8).requires_grad_()
+    pre, diff = (torch.randn(60, generator=g, dtype=torch.float64) for _ in range(2))
+    base = torch.rand(60, generator=g) < 0.3
+    assert torch.autograd.gradcheck(lambda s: soft_graft(s, pre, diff, base, 10.0), (S,))
+    w = torch.randn(60, generator=g, dtype=torch.float64)
+    g1, = torch.autograd.grad((soft_graft(S, pre, diff, base, 10.0) * w).sum(), S)
+    g2, = torch.autograd.grad(((pre + soft_mask(S, base, 10.0) * diff) * w).sum(), S)
+    torch.testing.assert_close(g1, g2, rtol=1e-12, atol=0)
+    gam = soft_mask(torch.zeros(60, dtype=torch.float64), base, 10.0)
+    assert bool((gam[base] > 0.99).all()) and bool((gam[~base] < 0.01).all())
+
+
+def test_graft_loss_gradient_matches_reference_chain_rule(lm, task, ft):
+    """d loss / d S from the soft graft equals the reference's hand-written chain
+    dL/dtheta * (ft - pre) * d gamma / dS evaluated with the soft graft written into the model."""
+    from skilllens.graft_tasks import encode_task_items, task_loss
+
+    names = select_parameters(lm.model)
+    pre = {n: p.detach() for n, p in lm.model.named_parameters() if n in names}
+    fp = dict(ft.model.named_parameters())
+    diff = {n: (fp[n].detach() - pre[n]).double() for n in names}
+    base = global_topk_masks({n: d.abs() for n, d in diff.items()}, 50)
+    g = torch.Generator().manual_seed(1)
+    scores = {n: (4 * torch.rand(pre[n].shape, generator=g, dtype=torch.float64) + 6)
+              .requires_grad_() for n in names}
+    data = encode_task_items(task.train, lm.tokenizer, task.kind, task.label_words)
+    model = copy.deepcopy(lm.model).double()
+    pre64 = {n: p.double() for n, p in pre.items()}
+    loss = task_loss(model, data, {n: soft_graft(scores[n], pre64[n], diff[n], base[n], 10.0)
+                                   for n in names})
+    got = torch.autograd.grad(loss, [scores[n] for n in names])
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n in names:
+            params[n].copy_(pre64[n] + soft_mask(scores[n], base[n], 10.0) * diff[n])
+    model.zero_grad()
+    task_loss(model, data).backward()
+    for n, gs in zip(names, got):
+        sig = torch.sigmoid(scores[n].detach() - 10.0)
+        dg = torch.where(base[n], -sig * (1 - sig), sig * (1 - sig))
+        torch.testing.assert_close(gs, params[n].grad * diff[n] * dg, rtol=1e-6, atol=1e-14)
+    assert any(bool((gs != 0).any()) for gs in got)
+
+
+def test_normalized_update_flips_entries_and_logs_them(lm, task, ft):
+    loc = GraftLocalizer(sparsity=1e-3, steps=4, lr=4.0, optimizer="normalized",
+                         progress=False).fit(lm, ft, task)
+    h = loc.result_.history
+    assert h[0]["n_added"] == 0 and h[0]["n_removed"] == 0
+    assert all(x["max_grad"] > 0 for x in h[:-1])
+    assert h[-1]["n_added"] + h[-1]["n_removed"] > 0  # lr 4 x 3 steps > bias 10
+    for x in h:
+        assert x["n_selected"] == loc.result_.n_base + x["n_added"] - x["n_removed"]
+    with pytest.raises(GraftError, match="unknown optimizer"):
+        GraftLocalizer(optimizer="rmsprop")
 
 
 def test_save_load_roundtrip_and_fingerprints(lm, task, ft, tmp_path):

@@ -42,7 +42,7 @@ def add_parser(sub):
                         "retain probe items so at most --ksd-max-fpr of them fall in the cube")
     p.add_argument("--ksd-max-fpr", type=float, default=d.ksd_max_fpr,
                    help="share of retain probe queries allowed inside the calibrated cube "
-                        "(default 0)")
+                        "(default 0.05)")
     p.add_argument("--na-percent", default=",".join(f"{x:g}" for x in d.na_percent),
                    help="Neuron Adjust percent(s), comma-separated (default 1.5)")
     p.add_argument("--na-rule", default=d.na_rule,

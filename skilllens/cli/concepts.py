@@ -36,6 +36,11 @@ def add_parser(sub):
     p.add_argument("--sigma", type=float, default=0.1, help="noise scale (noise, needle)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--candidates", type=int, default=5, help="candidates screened per concept")
+    p.add_argument("--validate", type=int, default=3,
+                   help="screened candidates validated by regenerating answers; the one with the "
+                        "lowest concept-QA BLEU whose unrelated-QA BLEU stays >= 0.9 is kept")
+    p.add_argument("--multi", type=int, default=0,
+                   help="also ablate the first M validated vectors together (0: off)")
     p.add_argument("--k", type=int, default=50, help="top tokens used by the search scorer")
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--questions", type=int, default=None, help="concept questions used (all)")
@@ -60,7 +65,8 @@ def run(args) -> int:
 
     settings = ExperimentSettings(
         method=args.method, sigma=args.sigma, seed=args.seed, k_search=args.k,
-        n_candidates=args.candidates, max_new_tokens=args.max_new_tokens,
+        n_candidates=args.candidates, n_validate=args.validate, multi=args.multi,
+        max_new_tokens=args.max_new_tokens,
         n_questions=args.questions, n_unrelated=args.unrelated, n_completions=args.completions,
         probes=_csv(args.probes), batch_size=args.batch_size, compare=_csv(args.compare),
         unlearn_steps=args.steps, unlearn_lr=args.lr, scope=args.scope).check()

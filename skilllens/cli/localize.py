@@ -30,7 +30,11 @@ def add_parser(sub):
     p.add_argument("--exclude", default="*embed*,*lm_head*,*wte*,*wpe*")
     p.add_argument("--steps", type=int, default=20, help="mask optimisation steps")
     p.add_argument("--lr", type=float, default=1e7, help="mask learning rate")
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "normalized"],
+                   help="score update: sgd = the reference's S -= lr*grad (lr ~1e7); adam; "
+                        "normalized = S -= lr*grad/max|grad| (lr ~1-3)")
+    p.add_argument("--bias", type=float, default=10.0,
+                   help="score bias b of the soft mask (the reference: 10)")
     p.add_argument("--l1", type=float, default=0.0, help="L1 penalty on the soft mask")
     p.add_argument("--n-train", type=int, default=16)
     p.add_argument("--n-dev", type=int, default=8)
@@ -60,6 +64,7 @@ def run(args) -> int:
     exclude = tuple(x for x in args.exclude.split(",") if x)
     loc = GraftLocalizer(sparsity=args.sparsity, include=include, exclude=exclude,
                          steps=args.steps, lr=args.lr, optimizer=args.optimizer, l1=args.l1,
+                         bias=args.bias,
                          max_length=args.max_length, progress=not args.no_progress)
     if args.finetuned:
         ft = load_finetuned(args.finetuned, lm)

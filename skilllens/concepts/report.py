@@ -120,6 +120,35 @@ def report_markdown(results: dict) -> str:
                      f"{r['concept_qa']['bleu']:.3f} | {r['concept_qa']['rougeL']:.3f} | "
                      f"{r['unrelated_qa']['bleu']:.3f} | {r['unrelated_qa']['rougeL']:.3f} | "
                      f"{r['intrinsic']['cosine']:.3f} | {'yes' if target_reached(r) else 'no'} |")
+    if any(r.get("validation") for r in rows):
+        lines += ["", "## Causal validation of the candidates", "",
+                  f"Screened: the {s.get('n_candidates')} best search candidates, by the teacher-"
+                  f"forced log-prob drop of the original concept answers under `"
+                  f"{s.get('screen_method')}`; validated: the {s.get('n_validate')} best, by "
+                  f"regenerating the answers. The chosen vector has the lowest concept BLEU among "
+                  f"those with unrelated BLEU >= {s.get('min_unrelated_bleu', 0.9)}; unrelated "
+                  f"answers are generated only until one passes ('-' = not generated).", "",
+                  "| concept | layer | index | search rank | top tokens | concept log-prob drop | "
+                  "concept BLEU | concept ROUGE-L | unrelated BLEU | chosen |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            for v in r.get("validation", []):
+                toks = ", ".join(repr(t)[1:-1].replace("|", "\\|") for t in v["top_tokens"][:6])
+                u = v.get("unrelated_qa")
+                ub = "-" if u is None else f"{u['bleu']:.3f}"
+                lines.append(f"| {r['concept']} | {v['layer']} | {v['index']} | "
+                             f"{v['search_rank']} | {toks} | {v['concept_drop']:.3f} | "
+                             f"{v['concept_qa']['bleu']:.3f} | {v['concept_qa']['rougeL']:.3f} | "
+                             f"{ub} | "
+                             f"{'**yes**' if v['chosen'] else ''} |")
+    if any("multi" in r for r in rows):
+        lines += ["", "## Several vectors ablated together", "",
+                  "| concept | vectors | concept BLEU | unrelated BLEU |", "|---|---|---|---|"]
+        for r in rows:
+            if "multi" in r:
+                m = r["multi"]
+                lines.append(f"| {r['concept']} | {', '.join(f'{a}/{b}' for a, b in m['vectors'])} | "
+                             f"{m['concept_qa']['bleu']:.3f} | {m['unrelated_qa']['bleu']:.3f} |")
     if any("comparison" in r for r in rows):
         lines += ["", "## Unlearning comparison (same vector)", "",
                   "| concept | method | concept BLEU | unrelated BLEU | completions BLEU | cosine | "

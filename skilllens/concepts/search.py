@@ -3,21 +3,40 @@
 Scorer (all deterministic):
 
 1. *Token keys.* Every vocabulary id gets a key: its decoded text, stripped and lower-cased,
-   so that ``" Poland"``, ``"Poland"`` and ``"poland"`` count as one word.
-2. *Specificity weights.* For each concept, count keys in its article (foreground) and in a
-   background corpus (the other concepts' articles plus any ``background`` texts). The weight
-   of a key is its smoothed log-odds ratio, clipped at 0::
+   so that ``" Poland"``, ``"Poland"`` and ``"poland"`` count as one word. Keys shorter than
+   ``min_chars`` characters, without a letter, or with a replacement character get weight 0.
+2. *Specificity weights* (TF-IDF over articles). The background documents are the other
+   concepts' articles plus any ``background`` texts (``B`` documents). For a key ``t`` seen
+   ``c(t) >= min_count`` times in the concept's article, with relative frequency ``f(t)`` there
+   and ``f_d(t)`` in background document ``d``, a *soft* document frequency (a stray mention
+   elsewhere counts little, an equally frequent use counts fully) gives::
 
-       w(t) = max(0, log((c_fg(t) + a) / (N_fg + a·K)) - log((c_bg(t) + a) / (N_bg + a·K)))
+       df(t) = sum_d min(1, f_d(t) / f(t))
+       w(t)  = (1 + log c(t)) * log((B + 1) / (1 + df(t)))      (kept when > 0)
 
-   for keys seen at least ``min_count`` times in the article and at least ``min_chars``
-   characters long (else 0). Without any background text, a Zipf prior over token ids (BPE ids
-   are ordered roughly by frequency) stands in for the background.
-3. *Vector score.* Project every value vector onto the vocabulary (``W_U v``) and average the
-   weights of its top-``k`` tokens: ``score = mean_{r<k} w(top_r)``. ``coverage`` is the share
-   of those tokens with a positive weight. The candidates of a concept are its
-   ``n_candidates`` best-scoring vectors over all layers; :mod:`.validate` then tests them
-   causally.
+   so words that occur as often in every article ("the", "his", "was", "new") get ~0 and words that
+   only this article uses ("warsaw", "hamlet", "batter") get the most. *Name tokens*: the keys
+   of the concept's name (tokenised with and without a leading space) are raised to
+   ``name_weight * max_t w(t) * idf(key) / log(B + 1)``, so "poland" or "zealand" count as much as
+   the best article word while a name part the other articles use as often stays low. Weights are
+   divided by their maximum (range [0, 1]). Name parts whose key is among the ``common_ids``
+   (1,000) lowest token ids, i.e. the most frequent BPE tokens ("new", "of", "his"), get no
+   bonus. With a single concept and no background texts
+   there is no document frequency; a Zipf prior over token ids (BPE ids are ordered roughly
+   by frequency) then stands in for it: ``w(t) = max(0, log p_article(t) - log p_zipf(t))``
+   (smoothed with ``alpha``).
+3. *Vector score.* Project every value vector onto the vocabulary (``W_U v``; with
+   ``through_norm=True``, the default, ``W_U (g * v)`` with the final norm's scale ``g``, which is
+   what the model's last layer does to anything written into the residual stream) and take the
+   rank-discounted mean of the weights of its top-``k`` tokens::
+
+       score = sum_{r<k} w(top_r) / log2(r + 2)  /  sum_{r<k} 1 / log2(r + 2)
+
+   so a vector whose first tokens are the concept's words beats one whose 40th token is.
+   ``coverage`` is the share of the top-``k`` tokens with a positive weight. The candidates of a
+   concept are its ``n_candidates`` best-scoring vectors over all layers; :mod:`.validate` then
+   tests them causally and :func:`skilllens.concepts.experiment.run_concepts` keeps the one
+   whose ablation changes the concept's answers most while unrelated answers stay put.
 """
 from __future__ import annotations
 
@@ -67,12 +86,40 @@ def _byte_only(counts: Counter) -> bool:
     return total > 0 and short / total > 0.5
 
 
+def _usable(k: str, min_chars: int) -> bool:
+    return len(k) >= min_chars and "\ufffd" not in k and any(ch.isalpha() for ch in k)
+
+
+def _first_ids(keys: list[str]) -> dict[str, int]:
+    first: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        first.setdefault(k, i)
+    return first
+
+
+def name_keys(tokenizer, name: str, keys: list[str]) -> set[str]:
+    """Keys of the tokens of a concept's name, tokenised with and without a leading space."""
+    ids = set(tokenizer(name, add_special_tokens=False)["input_ids"])
+    ids |= set(tokenizer(" " + name, add_special_tokens=False)["input_ids"])
+    return {keys[i] for i in ids if i < len(keys) and keys[i]}
+
+
 def token_weights(tokenizer, vocab_size: int, text: str, background: list[str] | None = None,
                   min_count: int = 2, min_chars: int = 3, alpha: float = 0.5,
-                  keys: list[str] | None = None, name: str = "concept") -> torch.Tensor:
-    """Specificity weight of every token id for ``text`` against ``background``: ``[vocab]``."""
+                  keys: list[str] | None = None, name: str = "concept",
+                  name_weight: float = 1.0, _counts: dict | None = None,
+                  common_ids: int = 1000) -> torch.Tensor:
+    """Specificity weight in [0, 1] of every token id for ``text`` against ``background``
+    (TF-IDF over the documents ``[text] + background``; see the module docstring): ``[vocab]``."""
     keys = keys or vocab_keys(tokenizer, vocab_size)
-    fg = _key_counts(tokenizer, text, keys)
+    counts = _counts if _counts is not None else {}
+
+    def count(t):
+        if t not in counts:
+            counts[t] = _key_counts(tokenizer, t, keys)
+        return counts[t]
+
+    fg = count(text)
     if not fg:
         raise DataError(f"{name}: the text has no tokens; give the concept's article as 'text'")
     if _byte_only(fg):
@@ -80,28 +127,50 @@ def token_weights(tokenizer, vocab_size: int, text: str, background: list[str] |
                       f"only; token weights fall back to single characters (min_chars=1) and the "
                       f"search is much less specific", stacklevel=2)
         min_chars = 1
-    n_keys = len(set(keys))
-    n_fg = sum(fg.values())
+    key_w = {}
     if background:
-        bg = Counter()
-        for t in background:
-            bg.update(_key_counts(tokenizer, t, keys))
-        n_bg = sum(bg.values())
-        log_bg = {k: math.log((bg.get(k, 0) + alpha) / (n_bg + alpha * n_keys)) for k in fg}
+        bg_docs = [count(t) for t in background]
+        n_bg = len(bg_docs)
+        n_fg = sum(fg.values())
+        max_idf = math.log(n_bg + 1)
+        idf = {}
+        for k, c in fg.items():  # soft document frequency: relative frequency vs the article's
+            f = c / n_fg
+            soft_df = sum(min(1.0, d.get(k, 0) / max(1, sum(d.values())) / f) for d in bg_docs)
+            idf[k] = math.log((n_bg + 1) / (1 + soft_df))
+        for k, c in fg.items():
+            if c >= min_count and _usable(k, min_chars) and idf[k] > 0:
+                key_w[k] = (1 + math.log(c)) * idf[k]
+        if key_w and name_weight > 0 and name != "concept":
+            top = max(key_w.values())
+            first = _first_ids(keys)
+            for k in name_keys(tokenizer, name, keys):
+                if _usable(k, min_chars) and first[k] >= common_ids:
+                    i = idf.get(k, max_idf)  # a name word the article never uses is specific
+                    key_w[k] = max(key_w.get(k, 0.0), name_weight * top * i / max_idf)
     else:  # Zipf prior over ids: id order ~ BPE merge order ~ frequency
+        n_keys = len(set(keys))
+        n_fg = sum(fg.values())
         first = {}
         for i, k in enumerate(keys):
             first.setdefault(k, i)
         z = sum(1.0 / (r + 10) for r in range(vocab_size))
-        log_bg = {k: math.log(1.0 / (first[k] + 10) / z) for k in fg}
-    key_w = {}
-    for k, c in fg.items():
-        if c < min_count or len(k) < min_chars or "\ufffd" in k:
-            continue
-        w = math.log((c + alpha) / (n_fg + alpha * n_keys)) - log_bg[k]
-        if w > 0:
-            key_w[k] = w
+        for k, c in fg.items():
+            if c < min_count or not _usable(k, min_chars):
+                continue
+            w = math.log((c + alpha) / (n_fg + alpha * n_keys)) - math.log(1.0 / (first[k] + 10) / z)
+            if w > 0:
+                key_w[k] = w
+    top = max(key_w.values(), default=0.0)
+    if top > 0:
+        key_w = {k: v / top for k, v in key_w.items()}
     return torch.tensor([key_w.get(k, 0.0) for k in keys], dtype=torch.float32)
+
+
+def rank_discount(k: int) -> torch.Tensor:
+    """Weights ``1/log2(r+2)`` of ranks ``r < k``, normalised to sum 1: ``[k]``."""
+    d = 1.0 / torch.log2(torch.arange(k, dtype=torch.float32) + 2)
+    return d / d.sum()
 
 
 class ConceptSearch:
@@ -111,13 +180,15 @@ class ConceptSearch:
     >>> search.candidates_["Poland"][0].layer                            # doctest: +SKIP
     """
 
-    def __init__(self, k: int = 50, n_candidates: int = 10, layers=None, through_norm: bool = False,
-                 min_count: int = 2, min_chars: int = 3, alpha: float = 0.5):
+    def __init__(self, k: int = 50, n_candidates: int = 10, layers=None, through_norm: bool = True,
+                 min_count: int = 2, min_chars: int = 3, alpha: float = 0.5,
+                 name_weight: float = 1.0):
         if k < 1 or n_candidates < 1:
             raise DataError("k and n_candidates must be at least 1")
         self.k, self.n_candidates, self.layers = k, n_candidates, layers
         self.through_norm, self.min_count, self.min_chars, self.alpha = \
             through_norm, min_count, min_chars, alpha
+        self.name_weight = name_weight
         self.candidates_: dict[str, list[Candidate]] = {}
         self.weights_: dict[str, torch.Tensor] = {}
         self.fingerprint_: dict | None = None
@@ -128,19 +199,22 @@ class ConceptSearch:
         if not concepts:
             raise DataError("no concepts to search for; pass at least one Concept")
         ad = lm.adapter
-        if projection is None or projection.k < self.k:
+        if projection is None or projection.k < self.k or \
+                bool(projection.through_norm) != bool(self.through_norm):
             projection = project_values(lm, self.layers, k=self.k, through_norm=self.through_norm,
                                         progress=progress)
         vocab = ad.unembedding().shape[0]
         keys = vocab_keys(lm.tokenizer, vocab)
         top = projection.top_ids[:, :, : self.k]  # [L, d_ff, k]
+        disc = rank_discount(top.shape[-1])
+        cache: dict = {}
         for c in concepts:
             bg = [o.text for o in concepts if o.name != c.name] + list(background or [])
             w = token_weights(lm.tokenizer, vocab, c.text, bg, self.min_count, self.min_chars,
-                              self.alpha, keys, c.name)
+                              self.alpha, keys, c.name, self.name_weight, cache)
             self.weights_[c.name] = w
             gathered = w[top]  # [L, d_ff, k]
-            scores = gathered.mean(-1)
+            scores = (gathered * disc).sum(-1)
             coverage = (gathered > 0).float().mean(-1)
             best = scores.flatten().topk(min(self.n_candidates, scores.numel()))
             cands = []
@@ -165,7 +239,8 @@ class ConceptSearch:
         tensors = {f"weights.{i}": self.weights_[n] for i, n in enumerate(names)}
         meta = {"params": {"k": self.k, "n_candidates": self.n_candidates,
                            "through_norm": self.through_norm, "min_count": self.min_count,
-                           "min_chars": self.min_chars, "alpha": self.alpha},
+                           "min_chars": self.min_chars, "alpha": self.alpha,
+                           "name_weight": self.name_weight},
                 "concepts": names,
                 "candidates": {n: [c.to_dict() for c in self.candidates_[n]] for n in names}}
         return save_artifact(path, tensors, meta, kind="concept_search",
