@@ -15,6 +15,12 @@ intrinsic next to behavioural metrics, and the robustness probes (in-context art
         --unrelated 4 --compare-concepts 1 --steps 1 --out /tmp/cv                  # smoke test
 
 Each stage writes ``results.json``, ``report.md`` and figures into its own subfolder.
+
+Supplementary (not the headline; run after the above): a small model may spread a concept over
+several vectors, so ``--multi-only M`` re-reads ``<out>/validation/results.json`` and ablates the
+first ``M`` screened candidates of each concept *together* (``--method``), writing ``<out>/multi``::
+
+    python analyses/concept_vectors.py --multi-only 8 --out benchmarks/results/concept-vectors
 """
 from __future__ import annotations
 
@@ -43,6 +49,8 @@ def main(argv=None) -> dict:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--max-chunks", type=int, default=4)
     p.add_argument("--skip-b", action="store_true")
+    p.add_argument("--multi-only", type=int, default=0,
+                   help="only the supplementary stage: ablate the first M screened vectors together")
     p.add_argument("--out", default="benchmarks/results/concept-vectors")
     args = p.parse_args(argv)
 
@@ -57,6 +65,8 @@ def main(argv=None) -> dict:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.multi_only:
+        return multi_stage(args, out, torch)
     t0 = time.perf_counter()
     lm = load_model(args.model)
     concepts = load_concepts(None, args.data_dir, limit=args.concepts)
@@ -100,6 +110,54 @@ def main(argv=None) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))
     return summary
+
+
+def multi_stage(args, out: Path, torch) -> dict:
+    """Ablate the first ``args.multi_only`` screened vectors of each concept together."""
+    from skilllens import load_model
+    from skilllens.concepts import AnswerCache, BehaviourSuite, load_concepts
+    from skilllens.concepts.experiment import ExperimentSettings, evaluate_multi, target_reached
+
+    t0 = time.perf_counter()
+    prev = json.loads((out / "validation" / "results.json").read_text())
+    lm = load_model(args.model)
+    concepts = {c.name: c for c in load_concepts(None, args.data_dir)}
+    s = ExperimentSettings(method=args.method, sigma=args.sigma, max_new_tokens=args.max_new_tokens,
+                           n_unrelated=args.unrelated, batch_size=args.batch_size)
+    rows, cache = [], AnswerCache()
+    for r in prev["concepts"]:
+        c = concepts[r["concept"]]
+        vecs = [(x["layer"], x["index"]) for x in r["screening"]][: args.multi_only]
+        suite = BehaviourSuite(c, s.max_new_tokens, s.n_unrelated, batch_size=s.batch_size).fit(lm, cache)
+        m = evaluate_multi(lm, suite, vecs, s.method, s)
+        m["target"] = target_reached(m)
+        rows.append({"concept": c.name, "single": {"layer": r["layer"], "index": r["index"],
+                     "concept_qa": r["concept_qa"], "unrelated_qa": r["unrelated_qa"]}, **m})
+        print(c.name, m["concept_qa"]["bleu"], m["unrelated_qa"]["bleu"], flush=True)
+    res = {"concepts": rows, "settings": {"m": args.multi_only, "method": s.method,
+                                          "sigma": s.sigma, "max_new_tokens": s.max_new_tokens,
+                                          "n_unrelated": s.n_unrelated},
+           "meta": {"model": args.model, "machine": _machine(torch),
+                    "seconds": round(time.perf_counter() - t0, 1)}}
+    (out / "multi").mkdir(exist_ok=True)
+    (out / "multi" / "results.json").write_text(json.dumps(res, indent=2) + "\n")
+    lines = [f"# {args.multi_only} screened vectors ablated together ({s.method}), "
+             f"{args.model}", "", f"Greedy answers of up to {s.max_new_tokens} new tokens; all "
+             f"unrelated questions; BLEU against the unedited model's answers. Supplementary: the "
+             f"headline target is about one vector (see ../validation/report.md).", "",
+             f"Target reached (concept BLEU <= 0.6, unrelated >= 0.9): "
+             f"**{sum(r['target'] for r in rows)} of {len(rows)}**", "",
+             "| concept | single vector | single: concept BLEU | single: unrelated BLEU | "
+             f"{args.multi_only} vectors: concept BLEU | {args.multi_only} vectors: unrelated BLEU | "
+             "target |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        sg = r["single"]
+        lines.append(f"| {r['concept']} | {sg['layer']}/{sg['index']} | "
+                     f"{sg['concept_qa']['bleu']:.3f} | {sg['unrelated_qa']['bleu']:.3f} | "
+                     f"{r['concept_qa']['bleu']:.3f} | {r['unrelated_qa']['bleu']:.3f} | "
+                     f"{'yes' if r['target'] else 'no'} |")
+    (out / "multi" / "report.md").write_text("\n".join(lines) + "\n")
+    return res
 
 
 def _machine(torch) -> str:

@@ -12,7 +12,7 @@ def test_cli_tiny_end_to_end(tmp_path, data_dir):
     out = tmp_path / "cv"
     rc = main(["concepts", "--model", "tiny-llama", "--data-dir", str(data_dir), "--max-concepts", "2",
                "--max-new-tokens", "3", "--unrelated", "3", "--questions", "3", "--candidates", "2",
-               "--method", "zero", "--compare", "needle,npo", "--steps", "1", "--completions", "1",
+               "--method", "zero", "--validate", "2", "--multi", "2", "--compare", "needle,npo", "--steps", "1", "--completions", "1",
                "--probes", "role_play", "--no-progress", "--out", str(out)])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
@@ -22,10 +22,13 @@ def test_cli_tiny_end_to_end(tmp_path, data_dir):
         assert key in r
     assert set(r["concept_qa"]) >= {"bleu", "rougeL"} and r["unrelated_qa"]["n"] == 3
     assert r["intrinsic"]["cosine"] == 0.0  # zeroed vector
+    assert len(r["validation"]) == 2 and sum(v["chosen"] for v in r["validation"]) == 1
+    assert len(r["multi"]["vectors"]) == 2
     assert set(r["comparison"]) == {"needle", "npo"} and "role_play" in r
     for name in ("top_tokens", "layers", "before_after", "comparison"):
         assert (out / f"{name}.png").stat().st_size > 0 and (out / f"{name}.svg").exists()
-    assert "| Poland |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| Poland |" in report and "Causal validation" in report
 
 
 def test_cli_bad_input(tmp_path, capsys):

@@ -18,7 +18,7 @@ asked), intrinsic metrics, and optionally a ``comparison`` of other methods on t
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from tqdm.auto import tqdm
 

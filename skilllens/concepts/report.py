@@ -165,10 +165,12 @@ def report_markdown(results: dict) -> str:
                      or k.startswith("translated:")})
     if probes:
         lines += ["", "## Robustness probes (BLEU vs the original model under the same prompt)", "",
-                  "| concept | " + " | ".join(probes) + " |", "|---" * (len(probes) + 1) + "|"]
+                  "| concept | method | " + " | ".join(probes) + " |",
+                  "|---" * (len(probes) + 2) + "|"]
         for r in rows:
-            lines.append(f"| {r['concept']} | " + " | ".join(
-                f"{r[p]['bleu']:.3f}" if p in r else "-" for p in probes) + " |")
+            for m, e in [(s["method"], r)] + list(r.get("comparison", {}).items()):
+                lines.append(f"| {r['concept']} | {m} | " + " | ".join(
+                    f"{e[p]['bleu']:.3f}" if p in e else "-" for p in probes) + " |")
     lines += ["", "Figures: `top_tokens.png`, `layers.png`, `before_after.png`"
               + (", `comparison.png`" if any("comparison" in r for r in rows) else "") + "."]
     return "\n".join(lines) + "\n"
