@@ -1,8 +1,13 @@
 """Grafting experiment: fine-tune per task, localize at several sparsities, report.
 
 Reproduces the recovery-vs-sparsity curve, the ECE table (pre / ft / graft) and the task-overlap
-heatmap. Each stage is saved under ``--out`` (fine-tuned tensors, masks, ``results.json``) and
-re-used when present; ``--figures-only`` redraws everything from the saved ``results.json``.
+heatmap. Defaults = the recorded run in ``benchmarks/results/grafting``: SGD fine-tuning (as the
+paper; lr 0.1, gsm8k-calc 0.03, 30 full-batch steps on 8 items) of the MLPs of layers 22-29,
+then the reference's grafting (base patch + 10 plain-SGD score steps, lr 1e7, bias 10, no L1),
+scored on 192 held-out items (gsm8k-calc: 96). Everything is saved under ``--out`` (fine-tuned
+tensors, which are re-used when present, masks, ``results.json``, ``table.md``, figures);
+``--figures-only`` redraws from ``results.json``, ``--confidence`` re-scores the saved models and
+masks (mean confidence vs accuracy, ``confidence.json``).
 
     python analyses/grafting.py --model smollm2-135m --out benchmarks/results/grafting
     python analyses/grafting.py --model tiny-llama --tasks synthetic --quick --out /tmp/g
@@ -54,14 +59,16 @@ def parse(argv=None):
     p.add_argument("--sparsities", default="1e-5,1e-4,1e-3,1e-2")
     p.add_argument("--n-train", type=int, default=8)
     p.add_argument("--n-dev", type=int, default=8)
-    p.add_argument("--n-test", type=int, default=192)
+    p.add_argument("--n-test", default="192,gsm8k-calc=96",
+                   help="int, or per task: name=int,... (generation scoring is costly)")
     p.add_argument("--lang-per-paragraph", type=int, default=3,
                    help="xquad-lang: snippets per paragraph (3 gives 267 held-out items)")
     p.add_argument("--ft-optimizer", default="sgd", choices=["sgd", "adamw"],
                    help="the paper fine-tunes with SGD (gradient-shaped, heavy-tailed updates)")
     p.add_argument("--ft-steps", default="30", help="int, or per task: name=int,...")
-    p.add_argument("--ft-lr", default="0.1", help="float, or per task: name=float,...")
-    p.add_argument("--graft-steps", type=int, default=20)
+    p.add_argument("--ft-lr", default="0.1,gsm8k-calc=0.03",
+                   help="float, or per task: name=float,...")
+    p.add_argument("--graft-steps", type=int, default=10)
     p.add_argument("--graft-optimizer", default="sgd", choices=["sgd", "adam", "normalized"])
     p.add_argument("--graft-lr", type=float, default=1e7)
     p.add_argument("--graft-l1", type=float, default=0.0)
@@ -73,10 +80,13 @@ def parse(argv=None):
     p.add_argument("--data-dir", default=None)
     p.add_argument("--quick", action="store_true", help="tiny settings for tests/notebooks")
     p.add_argument("--figures-only", action="store_true")
+    p.add_argument("--confidence", action="store_true",
+                   help="only re-score the saved models and masks: mean confidence vs "
+                        "accuracy (confidence.json)")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     if a.quick:
-        a.n_train, a.n_dev, a.n_test, a.ft_steps, a.graft_steps = 32, 16, 32, "30", 4
+        a.n_train, a.n_dev, a.n_test, a.ft_steps, a.graft_steps = 32, 16, "32", "30", 4
         a.sparsities, a.ft_lr, a.include, a.ft_optimizer = "1e-3,1e-2", "3e-3", "*layers.*", \
             "adamw"
     return a
@@ -85,7 +95,8 @@ def parse(argv=None):
 def run_task(lm, name, a, out: Path) -> dict:
     opts = {"per_paragraph": a.lang_per_paragraph} if name == "xquad-lang" and \
         a.lang_per_paragraph != 1 else {}
-    task = build_task(name, a.data_dir, a.n_train, a.n_dev, a.n_test, **opts)
+    task = build_task(name, a.data_dir, a.n_train, a.n_dev, per_task(a.n_test, name, int),
+                      **opts)
     tdir = out / name
     ft_path = tdir / "finetuned.safetensors"
     include, exclude = tuple(a.include.split(",")), tuple(a.exclude.split(","))
@@ -120,6 +131,7 @@ def run_task(lm, name, a, out: Path) -> dict:
                        "base_train_dev": [base_only["train_score"], base_only["dev_score"]],
                        "best_train_dev": [best["train_score"], best["dev_score"]],
                        "score": g.score, "ece": g.ece, "loss": g.loss,
+                       "confidence": g.confidence,
                        "fit_seconds": time.time() - t0,
                        "recovered_fraction": recovered_fraction(base["pre"].score,
                                                                 base["ft"].score, g.score),
@@ -182,6 +194,28 @@ def figures(results: dict, out: Path) -> None:
     write_text(out / "table.md", "\n".join(rows) + "\n")
 
 
+def confidence_table(lm, out: Path) -> dict:
+    """Mean confidence next to accuracy and ECE of pre / ft / every graft, re-scored from the
+    saved fine-tuned tensors and masks (``--confidence``; writes ``confidence.json``)."""
+    res = json.loads((out / "results.json").read_text())
+    rows = {}
+    for t, r in res["tasks"].items():
+        spec = dict(r["task_spec"])
+        task = build_task(spec.pop("name"), res["args"].get("data_dir"), **spec)
+        ft = load_finetuned(out / t / "finetuned.safetensors", lm)
+        scores = evaluate_models({"pre": lm, "ft": ft.lm}, task)
+        for g in r["grafts"]:
+            s = g["sparsity_target"]
+            scores[f"graft {s:g}"] = GraftLocalizer.load(out / t / f"mask_{s:g}.safetensors",
+                                                         lm).score(lm, task)
+        rows[t] = {k: {"score": v.score, "confidence": v.confidence, "ece": v.ece}
+                   for k, v in scores.items()}
+        print(t, " ".join(f"{k}: acc {v.score:.3f} conf {v.confidence:.3f} ece {v.ece:.3f};"
+                          for k, v in scores.items()), flush=True)
+    write_json(out / "confidence.json", rows)
+    return rows
+
+
 def main(argv=None) -> int:
     a = parse(argv)
     out = Path(a.out)
@@ -192,6 +226,9 @@ def main(argv=None) -> int:
         figures(json.loads((out / "results.json").read_text()), out)
         return 0
     lm = load_model(a.model)
+    if a.confidence:
+        confidence_table(lm, out)
+        return 0
     tasks = a.tasks.split(",")
     t0 = time.time()
     results = {"model": a.model, "args": vars(a), "tasks": {}}

@@ -49,7 +49,13 @@ def select_parameters(model: torch.nn.Module, include=DEFAULT_INCLUDE,
 
 @dataclass
 class FineTuneConfig:
-    """``steps`` optimiser steps on the train items (``batch_size=None``: full batch)."""
+    """``steps`` optimiser steps on the train items (``batch_size=None``: full batch).
+
+    For grafting, prefer ``optimizer="sgd"`` (the paper's choice; on SmolLM2-135M lr 0.03-0.1,
+    30 steps, trains the built-in tasks): SGD updates are gradient-shaped and heavy-tailed, so
+    the top-k of ``|theta_ft - theta_pre|`` is informative. AdamW (the default here) moves every
+    trained entry by about ``lr`` per step whatever its gradient, which makes ``|ft - pre|``
+    nearly uniform and the grafting base patch close to a random one."""
 
     steps: int = 30
     optimizer: str = "adamw"

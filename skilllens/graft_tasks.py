@@ -181,13 +181,15 @@ def task_loss(model: nn.Module, data: TaskData, params: dict | None = None) -> t
 
 @dataclass
 class TaskScore:
-    """Teacher-forced result: ``score`` (accuracy), ``loss`` (mean NLL), ``ece`` and counts."""
+    """Teacher-forced result: ``score`` (accuracy), ``loss`` (mean NLL), ``ece``, counts and
+    ``confidence`` (mean top probability; above ``score``: over-confident, below: under-)."""
 
     score: float
     loss: float
     ece: float
     n_items: int
     n_predictions: int
+    confidence: float = float("nan")
 
 
 @torch.no_grad()
@@ -217,7 +219,7 @@ def score_task(model: nn.Module, data: TaskData, batch_size: int = 16,
         model.train(was_training)
     return TaskScore(float(correct.double().mean()), float(nll.mean()),
                      expected_calibration_error(conf, correct, n_bins), data.n_items,
-                     int(conf.numel()))
+                     int(conf.numel()), float(conf.mean()))
 
 
 # ---------------------------------------------------------------- built-in tasks
@@ -243,7 +245,27 @@ def _split_pools(keyed: list[tuple[str, Item]], n_train, n_dev, n_test, seed):
     if len(pool) < n_train + n_dev or len(test) < n_test:
         raise DataError(f"not enough items ({len(pool)} train/dev, {len(test)} test) for "
                         f"n_train={n_train}, n_dev={n_dev}, n_test={n_test}; ask for fewer")
+    if all("label" in it.meta for it in pool + test):  # classification: stratify every split
+        train, rest = _stratified_take(pool, n_train)
+        dev, _ = _stratified_take(rest, n_dev)
+        test, _ = _stratified_take(test, n_test)
+        return train, dev, test
     return pool[:n_train], pool[n_train:n_train + n_dev], test[:n_test]
+
+
+def _stratified_take(items: list[Item], n: int) -> tuple[list[Item], list[Item]]:
+    """``n`` items taken round-robin over labels (as balanced as the rarest label allows),
+    keeping the given order within each label; also returns the items left over."""
+    labels = sorted({it.meta["label"] for it in items})
+    by = {c: [it for it in items if it.meta["label"] == c] for c in labels}
+    taken, i = [], 0
+    while len(taken) < min(n, len(items)):
+        for c in labels:
+            if i < len(by[c]) and len(taken) < n:
+                taken.append(by[c][i])
+        i += 1
+    ids = {id(it) for it in taken}
+    return taken, [it for it in items if id(it) not in ids]
 
 
 def _balanced(keyed, n_labels, n):
@@ -259,7 +281,8 @@ def _read_squad(path):
     try:
         return json.loads(path.read_text(encoding="utf-8"))["data"]
     except FileNotFoundError:
-        raise DataError(f"{path} does not exist; pass data_dir= the folder holding xquad/") from None
+        raise DataError(f"{path} does not exist; pass data_dir= the folder holding "
+                        f"xquad/") from None
 
 
 LANG_WORDS = {"en": " English", "de": " German", "es": " Spanish", "vi": " Vietnamese",

@@ -315,3 +315,15 @@ def test_cli_localize_task_then_finetuned(tmp_path):
     assert res2["scores"]["ft"] == res["scores"]["ft"]
     assert main(["localize", "--model", "tiny-llama", "--task", "synthetic", "--sparsity", "2",
                  "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_classification_splits_are_label_balanced_and_disjoint(data_dir):
+    from collections import Counter
+
+    from skilllens.graft_tasks import build_task
+    task = build_task("xquad-numeric", str(data_dir), n_train=8, n_dev=8, n_test=64)
+    for split, n in ((task.train, 8), (task.dev, 8), (task.test, 64)):
+        counts = Counter(it.meta["label"] for it in split)
+        assert len(split) == n and counts[0] == counts[1] == n // 2   # numbers are the rare class
+    ids = [it.id for it in task.train + task.dev + task.test]
+    assert len(ids) == len(set(ids))

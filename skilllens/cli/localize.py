@@ -6,11 +6,13 @@ from .common import add_data_args, add_model_args, formatter, load
 EXAMPLE = """examples:
   skilllens localize --model tiny-llama --task synthetic --sparsity 0.01 --out runs/synth
   skilllens localize --task xquad-lang --sparsity 1e-3 --include '*layers.2[2-9].mlp.*' \\
-      --n-train 8 --ft-steps 20 --ft-lr 3e-4 --out runs/lang
+      --n-train 8 --ft-optimizer sgd --ft-steps 30 --ft-lr 0.1 --out runs/lang
   skilllens localize --finetuned runs/lang/finetuned.safetensors --sparsity 1e-4 --out runs/lang4
 
 tasks: xquad-lang, xquad-numeric, gsm8k-calc, synthetic. With --task the model is fine-tuned
-first (saved as finetuned.safetensors); with --finetuned the task comes from that file.
+first (saved as finetuned.safetensors); with --finetuned the task comes from that file. Fine-tune
+with SGD (as the paper) for a meaningful base patch: AdamW moves every trained entry by about
+its lr per step, so |ft - pre| is nearly uniform and its top-k close to random.
 Writes mask.safetensors, results.json ({"sparsity", "recovered_fraction", "scores": {"pre",
 "ft", "graft"}, "ece": {...}}), location.png/.svg, scores.png/.svg and report.md."""
 
@@ -40,8 +42,12 @@ def add_parser(sub):
     p.add_argument("--n-dev", type=int, default=8)
     p.add_argument("--n-test", type=int, default=64)
     p.add_argument("--ft-steps", type=int, default=30)
-    p.add_argument("--ft-lr", type=float, default=1e-4)
-    p.add_argument("--ft-optimizer", default="adamw", choices=["sgd", "adamw"])
+    p.add_argument("--ft-lr", type=float, default=0.1,
+                   help="fine-tuning learning rate (default 0.1, for SGD on SmolLM2's MLPs)")
+    p.add_argument("--ft-optimizer", default="sgd", choices=["sgd", "adamw"],
+                   help="sgd (default, the paper's): gradient-shaped updates, so the top "
+                        "|theta_ft - theta_pre| entries carry the skill; adamw moves every "
+                        "entry by about lr and leaves a near-random base patch")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
