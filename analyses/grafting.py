@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from skilllens import load_model  # noqa: E402
 from skilllens.finetune import (FineTuneConfig, evaluate_models, finetune,  # noqa: E402
-                                load_finetuned)
+                                load_finetuned, train_digest)
 from skilllens.graft_metrics import (mask_count, mask_location, overlap_matrix,  # noqa: E402
                                      plot_mask_location, plot_overlap_heatmap,
                                      plot_recovery_curve, recovered_fraction)
@@ -103,9 +103,14 @@ def run_task(lm, name, a, out: Path) -> dict:
     cfg = FineTuneConfig(steps=per_task(a.ft_steps, name, int), lr=per_task(a.ft_lr, name),
                          optimizer=a.ft_optimizer, include=include, exclude=exclude)
     t0 = time.time()
-    if ft_path.exists():
-        ft = load_finetuned(ft_path, lm)
-    else:
+    ft = load_finetuned(ft_path, lm) if ft_path.exists() else None
+    if ft is not None and (ft.train_digest != train_digest(task) or any(
+            getattr(ft.config, k) != getattr(cfg, k)
+            for k in ("steps", "lr", "optimizer", "include", "exclude"))):
+        print(f"{name}: {ft_path} was fine-tuned on other items or settings; fine-tuning again",
+              flush=True)
+        ft = None
+    if ft is None:
         ft = finetune(lm, task, cfg)
         ft.save(ft_path)
     t_ft = time.time() - t0

@@ -86,6 +86,7 @@ class FineTuned:
     task_spec: dict
     losses: list[float] = field(default_factory=list)
     base_fingerprint: dict | None = None
+    train_digest: str | None = None  # hash of the train items' ids (stale-result checks)
 
     @property
     def model(self):
@@ -98,7 +99,8 @@ class FineTuned:
         params = dict(self.lm.model.named_parameters())
         save_artifact(path, {n: params[n] for n in self.trained},
                       {"config": asdict(self.config), "task": self.task_spec,
-                       "losses": self.losses, "trained": self.trained},
+                       "losses": self.losses, "trained": self.trained,
+                       "train_digest": self.train_digest},
                       kind="finetuned", fingerprint=self.base_fingerprint)
 
 
@@ -120,7 +122,7 @@ def load_finetuned(path: str | os.PathLike, base) -> FineTuned:
     cfg = FineTuneConfig(**{k: v for k, v in meta["config"].items()})
     lm = LoadedModel(model, base.tokenizer, type(base.adapter)(model), base.name + "+ft")
     return FineTuned(lm, list(meta["trained"]), cfg, meta["task"], meta.get("losses", []),
-                     meta.get("fingerprint"))
+                     meta.get("fingerprint"), meta.get("train_digest"))
 
 
 def finetune(lm, task: GraftTask, config: FineTuneConfig | None = None,
@@ -179,7 +181,14 @@ def finetune(lm, task: GraftTask, config: FineTuneConfig | None = None,
     for p in model.parameters():
         p.requires_grad_(False)
     out = LoadedModel(model, lm.tokenizer, type(lm.adapter)(model), lm.name + "+ft")
-    return FineTuned(out, trained, config, dict(task.spec or {"name": task.name}), losses, base_fp)
+    return FineTuned(out, trained, config, dict(task.spec or {"name": task.name}), losses, base_fp,
+                     train_digest(task))
+
+
+def train_digest(task: GraftTask) -> str:
+    """Short hash of the ids of ``task.train`` (which items a fine-tune saw)."""
+    import hashlib
+    return hashlib.sha256("\n".join(it.id for it in task.train).encode()).hexdigest()[:16]
 
 
 def evaluate_models(models: dict, task: GraftTask, split: str = "test", max_length: int = 128,

@@ -67,6 +67,8 @@ def test_save_load_finetuned(lm, task, tmp_path):
     for (n, a), (_, b) in zip(ft.model.named_parameters(), back.model.named_parameters()):
         assert torch.equal(a, b), n
     assert back.trained == ft.trained and back.task_spec["name"] == "synthetic"
+    from skilllens.finetune import train_digest
+    assert back.train_digest == ft.train_digest == train_digest(task)  # which items it saw
     with pytest.raises(FingerprintMismatchError):
         load_finetuned(path, load_model("tiny-mistral"))
 
