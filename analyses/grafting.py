@@ -181,14 +181,13 @@ def figures(results: dict, out: Path) -> None:
                         f"+{g.get('n_added', 0)}/-{g.get('n_removed', 0)} | {g['score']:.3f} | "
                         f"{'nan' if math.isnan(rf) else f'{rf:.2f}'} | {r['pre']['ece']:.3f} | "
                         f"{r['ft']['ece']:.3f} | {g['ece']:.3f} |")
-    for key in ("overlaps",):
-        for o in results.get(key, []):
-            rows += ["", f"Overlap |g_i & g_j| / |g_j| at target sparsity {o.get('sparsity')} "
-                     f"(chance, i.e. independent masks: ~{o.get('chance', float('nan')):.2e}):",
-                     "", "| i \\ j | " + " | ".join(o["names"]) + " |",
-                     "|---|" + "---:|" * len(o["names"])]
-            rows += [f"| {n} | " + " | ".join(f"{v:.3f}" for v in row) + " |"
-                     for n, row in zip(o["names"], o["asymmetric"])]
+    for o in results.get("overlaps", []):
+        rows += ["", f"Overlap |g_i & g_j| / |g_j| at target sparsity {o.get('sparsity')} "
+                 f"(chance, i.e. independent masks: ~{o.get('chance', float('nan')):.2e}):",
+                 "", "| i \\ j | " + " | ".join(o["names"]) + " |",
+                 "|---|" + "---:|" * len(o["names"])]
+        rows += [f"| {n} | " + " | ".join(f"{v:.3f}" for v in row) + " |"
+                 for n, row in zip(o["names"], o["asymmetric"])]
     if "overlaps" not in results and "overlap" in results:
         o = results["overlap"]
         rows += ["", f"Overlap |g_i & g_j| / |g_j| at sparsity {o.get('sparsity')}:", "",

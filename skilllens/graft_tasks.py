@@ -253,28 +253,27 @@ def _split_pools(keyed: list[tuple[str, Item]], n_train, n_dev, n_test, seed):
     return pool[:n_train], pool[n_train:n_train + n_dev], test[:n_test]
 
 
-def _stratified_take(items: list[Item], n: int) -> tuple[list[Item], list[Item]]:
-    """``n`` items taken round-robin over labels (as balanced as the rarest label allows),
-    keeping the given order within each label; also returns the items left over."""
-    labels = sorted({it.meta["label"] for it in items})
-    by = {c: [it for it in items if it.meta["label"] == c] for c in labels}
+def _round_robin(items: list, label_of, n: int | None = None) -> list:
+    """Up to ``n`` (default all) of ``items`` taken round-robin over the labels ``label_of(x)``
+    (sorted), keeping the given order within each label: as balanced as the rarest label
+    allows."""
+    by: dict = {}
+    for x in items:
+        by.setdefault(label_of(x), []).append(x)
+    groups = [by[c] for c in sorted(by)]
+    n = len(items) if n is None else min(n, len(items))
     taken, i = [], 0
-    while len(taken) < min(n, len(items)):
-        for c in labels:
-            if i < len(by[c]) and len(taken) < n:
-                taken.append(by[c][i])
+    while len(taken) < n:
+        taken += [g[i] for g in groups if i < len(g)][: n - len(taken)]
         i += 1
+    return taken
+
+
+def _stratified_take(items: list[Item], n: int) -> tuple[list[Item], list[Item]]:
+    """``n`` items taken round-robin over labels, and the items left over."""
+    taken = _round_robin(items, lambda it: it.meta["label"], n)
     ids = {id(it) for it in taken}
     return taken, [it for it in items if id(it) not in ids]
-
-
-def _balanced(keyed, n_labels, n):
-    """Round-robin over labels so that every split is balanced."""
-    by = [[kv for kv in keyed if kv[1].meta["label"] == c] for c in range(n_labels)]
-    out = []
-    for i in range(max(len(b) for b in by)):
-        out += [b[i] for b in by if i < len(b)]
-    return out
 
 
 def _read_squad(path):
@@ -317,8 +316,8 @@ def xquad_lang_task(data_dir_=None, langs=("en", "de", "es"), n_train=16, n_dev=
                     iid = f"xquad-lang/{lang}/{key}" + (f"/{j}" if j else "")
                     keyed.append((key, Item(iid, f"Text: {text}\nLanguage:", LANG_WORDS[lang],
                                             {"label": c})))
-    keyed = _balanced(sorted(keyed, key=lambda kv: _hash01(kv[1].id + str(seed))), len(langs),
-                      len(keyed))
+    keyed = _round_robin(sorted(keyed, key=lambda kv: _hash01(kv[1].id + str(seed))),
+                         lambda kv: kv[1].meta["label"])
     train, dev, test = _split_pools(keyed, n_train, n_dev, n_test, seed)
     return GraftTask("xquad-lang", "classification", train, dev, test,
                      tuple(LANG_WORDS[l] for l in langs))
@@ -338,7 +337,8 @@ def xquad_numeric_task(data_dir_=None, lang="en", n_train=16, n_dev=8, n_test=64
                 keyed.append((f"{a}/{p}", Item(f"xquad-numeric/{qa['id']}",
                                                f"Question: {q}\nIs the answer a number?",
                                                (" no", " yes")[label], {"label": label})))
-    keyed = _balanced(sorted(keyed, key=lambda kv: _hash01(kv[1].id + str(seed))), 2, len(keyed))
+    keyed = _round_robin(sorted(keyed, key=lambda kv: _hash01(kv[1].id + str(seed))),
+                         lambda kv: kv[1].meta["label"])
     train, dev, test = _split_pools(keyed, n_train, n_dev, n_test, seed)
     return GraftTask("xquad-numeric", "classification", train, dev, test, (" no", " yes"))
 

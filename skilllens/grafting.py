@@ -109,11 +109,9 @@ class _SoftGraft(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, score, pre, diff, base, bias):
-        sig = torch.sigmoid(score - bias)
-        gam = torch.where(base, 1 - sig, sig)
         ctx.save_for_backward(score, diff, base)
         ctx.bias = bias
-        return torch.addcmul(pre, gam, diff)
+        return torch.addcmul(pre, soft_mask(score, base, bias), diff)
 
     @staticmethod
     def backward(ctx, grad):
