@@ -106,7 +106,8 @@ def matrix_table(res: dict) -> str:
     if p.get("calibrated_alpha"):
         out.append("")
         out.append(f"ksd@auto: alpha calibrated per forgotten language on the other languages' "
-                   f"probe items (upper bound {p['calibrate_max']:g}, at most 5% of them inside): "
+                   f"probe items (upper bound {p['calibrate_max']:g}, at most "
+                   f"{p.get('max_fpr', 0.05):.0%} of them inside): "
                    + ", ".join(f"{k.replace('xquad-', '')} {v:.2f}"
                                for k, v in p["calibrated_alpha"].items()) + ".")
     out.append("")

@@ -310,29 +310,29 @@ def run_language_matrix(langs: list[str], out: str | os.PathLike, *, model="smol
         ksd = KeySpaceDetector(alpha=alphas[0], batch_size=batch_size, max_length=max_length)
         probe_v = {s: ksd.query_vectors(lm, parts[s][0]) for s in langs}
         eval_v = {s: ksd.query_vectors(lm, parts[s][1]) for s in langs}
-        for a in alphas:
-            rows = []
-            for f in langs:
-                ksd.alpha = float(a)
-                ksd.fit_vectors(probe_v[f])
-                rows.append([relative(with_abstention(base[t], ksd.inside(eval_v[t]).tolist())
-                                      .score, base[t].score) for t in langs])
-                rep = ksd.report(eval_v[f], torch.cat([eval_v[t] for t in langs if t != f]))
-                res["detector_auc"][f] = rep.auc
-            res["methods"][f"ksd@{a:g}"] = rows
+        ksd_rows = {f"ksd@{a:g}": [] for a in alphas}
         if calibrate_max is not None:
-            rows, chosen = [], {}
-            for f in langs:
+            ksd_rows["ksd@auto"], chosen = [], {}
+
+        def row(alpha: float) -> list[float]:
+            return [relative(with_abstention(base[t], ksd.inside(eval_v[t], alpha=alpha)
+                                             .tolist()).score, base[t].score) for t in langs]
+        for f in langs:  # the cube (m, s, k) depends on the forgotten language, not on alpha
+            ksd.fit_vectors(probe_v[f])
+            res["detector_auc"][f] = ksd.report(
+                eval_v[f], torch.cat([eval_v[t] for t in langs if t != f])).auc
+            for a in alphas:
+                ksd_rows[f"ksd@{a:g}"].append(row(float(a)))
+            if calibrate_max is not None:
                 ksd.alpha = float(calibrate_max)
-                ksd.fit_vectors(probe_v[f])
                 ksd.calibrate_vectors(torch.cat([probe_v[t] for t in langs if t != f]),
                                       max_fpr=max_fpr)
                 chosen[f] = ksd.alpha
-                rows.append([relative(with_abstention(base[t], ksd.inside(eval_v[t]).tolist())
-                                      .score, base[t].score) for t in langs])
-            res["methods"]["ksd@auto"] = rows
-            res["params"]["calibrated_alpha"] = chosen
-            res["params"]["calibrate_max"] = calibrate_max
+                ksd_rows["ksd@auto"].append(row(ksd.alpha))
+        res["methods"].update(ksd_rows)
+        if calibrate_max is not None:
+            res["params"].update(calibrated_alpha=chosen, calibrate_max=calibrate_max,
+                                 max_fpr=max_fpr)
     if "na" in methods:
         from .collect import collect
         kw = dict(sites=["gate"], tokens="all", batch_size=batch_size, max_length=max_length,
