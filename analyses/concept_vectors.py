@@ -62,6 +62,7 @@ def main(argv=None) -> dict:
     from skilllens.concepts import ConceptSearch, load_concepts
     from skilllens.concepts.experiment import ExperimentSettings, run_concepts, target_reached
     from skilllens.concepts.report import write_report
+    from skilllens.io import write_json
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,7 +93,7 @@ def main(argv=None) -> dict:
                                           "unrelated_bleu": round(r["unrelated_qa"]["bleu"], 4),
                                           "hit": target_reached(r)} for r in res_a["concepts"]}}
     print(json.dumps(summary))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "summary.json", summary)
     if not args.skip_b and args.compare_concepts:
         order = [r["concept"] for r in hits] + [r["concept"] for r in res_a["concepts"]
                                                  if not target_reached(r)]
@@ -107,7 +108,7 @@ def main(argv=None) -> dict:
         summary["unlearning_concepts"] = [c.name for c in sub]
         summary["unlearning_seconds"] = res_b["meta"]["seconds"]
     summary["seconds"] = round(time.perf_counter() - t0, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "summary.json", summary)
     print(json.dumps(summary))
     return summary
 
@@ -117,6 +118,7 @@ def multi_stage(args, out: Path, torch) -> dict:
     from skilllens import load_model
     from skilllens.concepts import AnswerCache, BehaviourSuite, load_concepts
     from skilllens.concepts.experiment import ExperimentSettings, evaluate_multi, target_reached
+    from skilllens.io import write_json, write_text
 
     t0 = time.perf_counter()
     prev = json.loads((out / "validation" / "results.json").read_text())
@@ -139,8 +141,7 @@ def multi_stage(args, out: Path, torch) -> dict:
                                           "n_unrelated": s.n_unrelated},
            "meta": {"model": args.model, "machine": _machine(torch),
                     "seconds": round(time.perf_counter() - t0, 1)}}
-    (out / "multi").mkdir(exist_ok=True)
-    (out / "multi" / "results.json").write_text(json.dumps(res, indent=2) + "\n")
+    write_json(out / "multi" / "results.json", res)
     lines = [f"# {args.multi_only} screened vectors ablated together ({s.method}), "
              f"{args.model}", "", f"Greedy answers of up to {s.max_new_tokens} new tokens; all "
              f"unrelated questions; BLEU against the unedited model's answers. Supplementary: the "
@@ -156,7 +157,7 @@ def multi_stage(args, out: Path, torch) -> dict:
                      f"{sg['concept_qa']['bleu']:.3f} | {sg['unrelated_qa']['bleu']:.3f} | "
                      f"{r['concept_qa']['bleu']:.3f} | {r['unrelated_qa']['bleu']:.3f} | "
                      f"{'yes' if r['target'] else 'no'} |")
-    (out / "multi" / "report.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "multi" / "report.md", "\n".join(lines) + "\n")
     return res
 
 

@@ -130,13 +130,14 @@ def token_weights(tokenizer, vocab_size: int, text: str, background: list[str] |
     key_w = {}
     if background:
         bg_docs = [count(t) for t in background]
+        bg_sizes = [max(1, sum(d.values())) for d in bg_docs]
         n_bg = len(bg_docs)
         n_fg = sum(fg.values())
         max_idf = math.log(n_bg + 1)
         idf = {}
         for k, c in fg.items():  # soft document frequency: relative frequency vs the article's
             f = c / n_fg
-            soft_df = sum(min(1.0, d.get(k, 0) / max(1, sum(d.values())) / f) for d in bg_docs)
+            soft_df = sum(min(1.0, d.get(k, 0) / size / f) for d, size in zip(bg_docs, bg_sizes))
             idf[k] = math.log((n_bg + 1) / (1 + soft_df))
         for k, c in fg.items():
             if c >= min_count and _usable(k, min_chars) and idf[k] > 0:
@@ -151,9 +152,7 @@ def token_weights(tokenizer, vocab_size: int, text: str, background: list[str] |
     else:  # Zipf prior over ids: id order ~ BPE merge order ~ frequency
         n_keys = len(set(keys))
         n_fg = sum(fg.values())
-        first = {}
-        for i, k in enumerate(keys):
-            first.setdefault(k, i)
+        first = _first_ids(keys)
         z = sum(1.0 / (r + 10) for r in range(vocab_size))
         for k, c in fg.items():
             if c < min_count or not _usable(k, min_chars):
