@@ -154,13 +154,10 @@ def _limits(memory_mb: int, cpu_s: int, file_mb: int, nproc: int | None) -> list
 
 
 def _read_paths() -> list[str]:
-    """Folders the child may read: the Python installation, ``sys.path``, system libraries."""
-    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(sys.executable)}
-    paths.update(p for p in sys.path if p and os.path.isabs(p))
-    paths.update(("/usr", "/lib", "/lib64", "/lib32", "/etc/ld.so.cache", "/etc/localtime",
-                  "/usr/share/zoneinfo", "/dev/urandom", "/dev/random", "/proc/self",
-                  "/sys/devices/system/cpu"))
-    return sorted(p for p in paths if os.path.exists(p))
+    """System folders the child may read; it adds its own Python installation and ``sys.path``
+    (those of ``python -I``, not the parent's, which may hold the current folder)."""
+    return ["/usr", "/lib", "/lib64", "/lib32", "/etc/ld.so.cache", "/etc/localtime",
+            "/dev/urandom", "/dev/random", "/proc/self", "/sys/devices/system/cpu"]
 
 
 def _report(status: dict, require: str) -> str:

@@ -209,10 +209,16 @@ def install_audit_hook():
     STATUS["layers"].append("audit-hook")
 
 
+def python_paths():
+    """This interpreter's installation and import path (``-I``: no user site, no cwd)."""
+    paths = [sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(sys.executable)]
+    return paths + [p for p in sys.path if p and os.path.isabs(p)]
+
+
 def main():
     cfg = CONFIG
     steps = [("rlimits", lambda: set_limits(cfg["limits"])), ("nocaps", drop_privileges),
-             ("landlock", lambda: apply_landlock(cfg["read"], cfg["work"])),
+             ("landlock", lambda: apply_landlock(cfg["read"] + python_paths(), cfg["work"])),
              ("seccomp", apply_seccomp)]
     for name, step in steps:
         if name in cfg["skip"]:

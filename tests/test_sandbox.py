@@ -215,3 +215,29 @@ def test_all_humaneval_canonical_solutions_pass():
     if KERNEL:
         assert all("seccomp" in r.isolation and "landlock" in r.isolation
                    for r in results.values())
+
+
+def test_honest_programs_using_threads_files_and_libraries_pass():
+    code = ("import hashlib, json, os, tempfile, threading, time, random, datetime, decimal\n"
+            "from concurrent.futures import ThreadPoolExecutor\n"
+            "with ThreadPoolExecutor(4) as pool:\n"
+            "    assert list(pool.map(lambda x: x * x, range(8)))[-1] == 49\n"
+            "t = threading.Thread(target=time.sleep, args=(0.01,)); t.start(); t.join()\n"
+            "with tempfile.TemporaryDirectory() as d:\n"
+            "    open(os.path.join(d, 'a.json'), 'w').write(json.dumps([1]))\n"
+            "os.makedirs('sub/dir'); os.rename('solution.py', 'sub/dir/s.py')\n"
+            "print(hashlib.md5(b'x').hexdigest()[:6], time.localtime().tm_year > 2000,\n"
+            "      os.cpu_count() >= 1, random.Random(0).random() < 1)\n"
+            "import numpy\nprint(int(numpy.arange(10).sum()))\n")
+    res = run_python(code, timeout=20)
+    assert res.passed, res
+    assert res.stdout.split() == ["9dd4e4", "True", "True", "True", "45"]
+
+
+def test_the_child_cannot_read_the_parents_working_folder(tmp_path, monkeypatch):
+    (tmp_path / "notes.txt").write_text("private")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))  # as `python -m` run from that folder would
+    res = run_python(f"print(open({str(tmp_path / 'notes.txt')!r}).read())", timeout=T)
+    if KERNEL:
+        assert not res.passed and "private" not in res.stdout and "Permission" in res.stderr
