@@ -110,8 +110,6 @@ def _tail(path: Path) -> str:
         return ""
 
 
-
-
 @functools.lru_cache(maxsize=1)
 def kernel_layers() -> dict:
     """Which kernel layers this machine offers: ``{"landlock": reason or "", "seccomp": ...}``
@@ -160,7 +158,7 @@ def _read_paths() -> list[str]:
             "/dev/urandom", "/dev/random", "/proc/self", "/sys/devices/system/cpu"]
 
 
-def _report(status: dict, require: str) -> str:
+def _report(status: dict) -> str:
     """Isolation string from the child's status; warns once per missing kernel layer."""
     missing = {k: v for k, v in status.get("missing", {}).items() if k in KERNEL_LAYERS}
     for layer, why in missing.items():
@@ -254,7 +252,7 @@ def run_python(code: str, *, timeout: float = 10.0, memory_mb: int = 1024, file_
         if status.get("refused"):
             raise SandboxError("require='strict' but the child could not apply the kernel "
                                f"layers: {status.get('missing')}; use require='best-effort'")
-        isolation = _report(status, require)
+        isolation = _report(status)
         if use_ns:
             isolation = isolation.replace("+audit-hook", "+netns+audit-hook")
         rc = None if timed_out else rc_final

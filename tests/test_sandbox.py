@@ -188,10 +188,10 @@ def test_missing_layer_warns_once(monkeypatch):
     status = {"layers": ["rlimits", "landlock", "audit-hook"],
               "missing": {"seccomp": "OSError: libseccomp.so.2: cannot open"}}
     with pytest.warns(RuntimeWarning, match="seccomp layer is not active"):
-        assert sandbox._report(status, "best-effort") == "rlimits+landlock+audit-hook"
+        assert sandbox._report(status) == "rlimits+landlock+audit-hook"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        sandbox._report(status, "best-effort")  # the second time: silent
+        sandbox._report(status)  # the second time: silent
 
 
 def _humaneval():

@@ -105,13 +105,11 @@ def test_foreign_syscall_abi_kills_the_process():
 
 
 def test_fork_bomb_is_contained():
-    before = len(os.listdir("/proc"))
     res = hostile("import os\nwhile True:\n    os.fork()")
     assert not res.passed and "PermissionError" in res.stderr and res.duration_s < T
     res = hostile("import os\nlibc = ctypes.CDLL(None)\nn = 0\nfor _ in range(5000):\n"
                   "    n += libc.fork() >= 0\nprint('forks that worked', n)")
     assert "forks that worked 0" in res.stdout
-    assert len(os.listdir("/proc")) < before + 20
 
 
 def test_memory_bomb_is_stopped():
@@ -201,7 +199,7 @@ def test_parent_environment_and_secrets_stay_hidden(monkeypatch):
 
 
 def test_no_process_outlives_the_run():
-    code = ("import os, threading, time\nprint('pid', os.getpid(), flush=True)\n"
+    code = ("import os, threading, time\nprint('pid', os.getpid(), os.getcwd(), flush=True)\n"
             "libc = ctypes.CDLL(None)\n"
             "for f in (os.fork, libc.fork, lambda: os.posix_spawn('/bin/sleep', ['sleep', '60'], "
             "{})):\n    try:\n        r = f()\n        if r == 0:\n            os.setsid()\n"
@@ -212,13 +210,13 @@ def test_no_process_outlives_the_run():
             "time.sleep(60)\n")
     res = hostile(code, timeout=2)
     assert res.timed_out
-    pid = int(res.stdout.split("pid ")[1].split()[0])
+    pid, cwd = res.stdout.split("pid ")[1].split()[:2]
     assert not os.path.exists(f"/proc/{pid}")  # killed and reaped
     assert res.stdout.count("refused 1") == 2 and "result -1" in res.stdout  # libc.fork: -1
     leftovers = []
     for p in os.listdir("/proc"):
         try:
-            if "skilllens-sandbox-" in os.readlink(f"/proc/{p}/cwd"):
+            if os.readlink(f"/proc/{p}/cwd").startswith(cwd):  # this run's folder
                 leftovers.append(p)
         except OSError:
             pass
