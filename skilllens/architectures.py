@@ -183,6 +183,17 @@ class ModelAdapter:
         path, where = self.arch.site(site)
         return self._module(self.check_layers([layer])[0], path), where
 
+    def site_device(self, site: str, layer: int) -> torch.device:
+        """Where ``site``'s activation at ``layer`` lives: the device of its module's parameters
+        (of the block's, for a parameter-free module); right also when ``device_map`` spreads
+        the layers over several devices."""
+        mod, _ = self.site_module(site, layer)
+        for m in (mod, self.blocks[self.check_layers([layer])[0]], self.model):
+            p = next(m.parameters(), None)
+            if p is not None:
+                return p.device
+        return torch.device("cpu")
+
     def site_module_path(self, site: str, layer: int) -> tuple[str, str]:
         path, where = self.arch.site(site)
         return f"{self.layers_path}.{layer}.{path}", where

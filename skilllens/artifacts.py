@@ -2,7 +2,8 @@
 
 The metadata holds the artifact ``kind``, the skilllens version, the arguments, data hashes and
 the model fingerprint; loading onto a model with another fingerprint raises
-:class:`~skilllens.errors.FingerprintMismatchError`. Writes are atomic (temp file + rename).
+:class:`~skilllens.errors.FingerprintMismatchError` (so does a fingerprint of the retired scheme
+1; :func:`restamp` upgrades such a file after checking the model as far as scheme 1 can). Writes are atomic (temp file + rename).
 """
 from __future__ import annotations
 
@@ -56,23 +57,89 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return json.loads(raw)
 
 
+def _model_fp(model) -> dict:
+    from .models import LoadedModel, model_fingerprint
+
+    if isinstance(model, LoadedModel):
+        return model.fingerprint
+    return model if isinstance(model, dict) else model_fingerprint(model)
+
+
 def check_fingerprint(meta: dict, model, path="artifact") -> None:
-    """Raise if ``meta['fingerprint']`` does not match ``model`` (a LoadedModel or module)."""
+    """Raise if ``meta['fingerprint']`` does not match ``model`` (a LoadedModel, module or
+    fingerprint dict); see :func:`skilllens.models.fingerprints_match`."""
     expected = meta.get("fingerprint")
     if expected is None or model is None:
         return
-    from .models import LoadedModel, model_fingerprint
+    from .models import FINGERPRINT_SCHEME, STRUCTURE, fingerprints_match
 
-    fp = model.fingerprint if isinstance(model, LoadedModel) else (
-        model if isinstance(model, dict) else model_fingerprint(model))
-    if fp.get("id") != expected.get("id"):
-        diff = [k for k in ("architecture", "n_layers", "d_model", "d_ff", "config_hash", "weights")
-                if fp.get(k) != expected.get(k)]
+    if expected.get("scheme") != FINGERPRINT_SCHEME:
+        raise FingerprintMismatchError(
+            f"{path} carries a fingerprint of scheme {expected.get('scheme', 1)}, which sampled "
+            f"a few weights and cannot tell a fine-tuned copy from its base; this skilllens "
+            f"checks scheme {FINGERPRINT_SCHEME} (every weight). Re-fit and save it again, or, "
+            f"if you are sure this is the model it was made on, re-stamp it once with "
+            f"skilllens.artifacts.restamp({str(path)!r}, model)")
+    fp = _model_fp(model)
+    if not fingerprints_match(fp, expected):
+        diff = [k for k in STRUCTURE + ("dtype", "weights") if fp.get(k) != expected.get(k)]
         raise FingerprintMismatchError(
             f"{path} was made on another model (fingerprint {expected.get('id')}, "
-            f"{expected.get('architecture')}, {expected.get('n_layers')} layers) than this one "
-            f"({fp.get('id')}, {fp.get('architecture')}, {fp.get('n_layers')} layers); differs "
-            f"in {diff}. Load it onto the model it was fitted on, or re-fit on this model.")
+            f"{expected.get('architecture')}, {expected.get('n_layers')} layers, "
+            f"{expected.get('dtype')}) than this one ({fp.get('id')}, {fp.get('architecture')}, "
+            f"{fp.get('n_layers')} layers, {fp.get('dtype')}); differs in {diff}. Load it onto "
+            f"the model it was fitted on, or re-fit on this model.")
+
+
+def _legacy_id(model) -> str:
+    """The scheme-1 fingerprint id (bf16 samples of three tensors); only for :func:`restamp`."""
+    import hashlib
+
+    from .architectures import ModelAdapter
+    from .models import _VOLATILE, LoadedModel
+
+    m, ad = (model.model, model.adapter) if isinstance(model, LoadedModel) else (model, None)
+    ad = ad or ModelAdapter(m)
+
+    def digest(t):
+        flat = t.detach().reshape(-1)
+        x = torch.cat([flat[:4096], flat[-4096:]]).to("cpu", torch.bfloat16).to(torch.float32)
+        return hashlib.sha256(x.numpy().tobytes()).hexdigest()[:16]
+
+    cfg = {k: v for k, v in m.config.to_dict().items() if k not in _VOLATILE}
+    last = ad.n_layers - 1
+    fp = {"architecture": ad.arch.name, "model_type": m.config.model_type,
+          "n_layers": ad.n_layers, "d_model": ad.d_model, "d_ff": ad.d_ff,
+          "config_hash": hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str)
+                                        .encode()).hexdigest()[:16],
+          "weights": {"value.0": digest(ad.value_weight(0)),
+                      f"value.{last}": digest(ad.value_weight(last)),
+                      "unembed": digest(ad.unembedding())}}
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def restamp(path: str | os.PathLike, model) -> Path:
+    """Rewrite an artifact saved with the scheme-1 fingerprint with ``model``'s current one,
+    after checking ``model`` against the old fingerprint (as far as scheme 1 can tell).
+    Atomic; tensors and other metadata are kept."""
+    from safetensors.torch import load_file, save_file
+
+    from .models import FINGERPRINT_SCHEME
+
+    path = Path(path)
+    meta = read_metadata(path)
+    old = meta.get("fingerprint")
+    if old is None or old.get("scheme") == FINGERPRINT_SCHEME:
+        raise ArtifactError(f"{path} needs no re-stamping (fingerprint scheme "
+                            f"{FINGERPRINT_SCHEME} or none)")
+    if _legacy_id(model) != old.get("id"):
+        raise FingerprintMismatchError(f"{path} was made on another model (old fingerprint "
+                                       f"{old.get('id')}); re-stamp it with that model")
+    meta["fingerprint"] = _model_fp(model)
+    tensors = load_file(str(path))
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta, default=str)})
+    return path
 
 
 def load_artifact(path: str | os.PathLike, kind: str | None = None, model=None,

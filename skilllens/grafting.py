@@ -28,10 +28,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .artifacts import check_fingerprint
 from .errors import ArtifactError, FingerprintMismatchError, SkillLensError
 from .finetune import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, FineTuned, select_parameters
 from .graft_tasks import GraftTask, encode_task_items, score_task, task_loss
-from .models import LoadedModel, load_model, model_fingerprint
+from .models import LoadedModel, fingerprints_match, load_model, model_fingerprint
 
 KIND = "graft-mask"
 #: score updates: the reference's plain SGD, Adam, and SGD normalised by the largest gradient
@@ -292,11 +293,15 @@ class GraftLocalizer:
                              "GraftLocalizer.load(path, model) first")
 
     def _check_model(self, model: torch.nn.Module) -> dict:
-        fp = self.meta_.get("fingerprint")
-        if fp is not None and model_fingerprint(model).get("id") != fp.get("id"):
-            raise FingerprintMismatchError(
-                f"this graft was fitted on model {fp.get('id')} ({fp.get('architecture')}, "
-                f"{fp.get('n_layers')} layers); apply it to that pre-trained model")
+        fp, ft_fp = self.meta_.get("fingerprint"), self.meta_.get("finetuned_fingerprint")
+        if fp is not None:
+            have = model_fingerprint(model)
+            if ft_fp and ft_fp.get("scheme") == have.get("scheme") and \
+                    fingerprints_match(have, ft_fp) and not fingerprints_match(have, fp):
+                raise FingerprintMismatchError(
+                    f"this is the fine-tuned model ({have.get('id')}) of this graft; apply the "
+                    f"graft to its pre-trained model ({fp.get('id')})")
+            check_fingerprint({"fingerprint": fp}, have, "this graft")
         params = dict(model.named_parameters())
         for n, m in self.masks_.items():
             if n not in params or params[n].shape != m.shape:
@@ -357,7 +362,7 @@ class GraftLocalizer:
 
         m = model.model if isinstance(model, (LoadedModel, FineTuned)) else model
         device = next(m.parameters()).device if m is not None else None
-        tensors, meta = load_artifact(path, kind=KIND, model=m, device=device)
+        tensors, meta = load_artifact(path, kind=KIND, device=device)  # model: below
         cfg = dict(meta["config"])
         obj = cls(**{k: v for k, v in cfg.items() if k not in ("include", "exclude")},
                   include=tuple(cfg["include"]), exclude=tuple(cfg["exclude"]), progress=False)

@@ -4,8 +4,9 @@ A :class:`Hook` names a site, a layer and a function ``fn(act) -> act | None`` t
 activation ``[batch, seq, d_ff]`` and may return a replacement (an edit) or ``None`` (read only).
 
 * ``torch`` (default, fastest): plain forward hooks / pre-hooks on the site's module.
-* ``lens``: TransformerLens ``TransformerBridge`` hook points (``blocks.{i}.mlp.hook_pre`` ...).
-* ``nnsight``: an ``nnsight.NNsight`` trace over the same modules.
+* ``lens``: TransformerLens ``TransformerBridge`` hook points (``blocks.{i}.mlp.hook_pre`` ...),
+  on a view of the model that shares its weights (the user's module tree is never rewrapped).
+* ``nnsight``: an ``nnsight.NNsight`` trace over the same modules (also on a view).
 
 >>> import torch, skilllens
 >>> from skilllens.hooks import Hook, run_with_hooks
@@ -21,6 +22,9 @@ Hooks are always removed on exit, also when the forward pass raises.
 from __future__ import annotations
 
 import contextlib
+import copy
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,6 +35,10 @@ from .errors import SiteError
 
 BACKENDS = ("torch", "lens", "nnsight")
 HookFn = Callable[[torch.Tensor], "torch.Tensor | None"]
+# per-model caches of the library wrappers (weak: they never keep a model alive, and nothing
+# is stored on the user's model)
+_BRIDGES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_NNSIGHT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -133,50 +141,100 @@ def run_with_hooks(lm, inputs: dict, hooks: list[Hook], backend: str = "torch",
     return _run_nnsight(adapter, inputs, hooks, forward_kwargs)
 
 
-def lens_bridge(lm):
-    """The TransformerLens ``TransformerBridge`` around ``lm`` (built once, cached on the model).
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_backward_pre_hooks", "_backward_hooks")
 
-    Note: TransformerLens wraps the model's submodules in place; plain torch hooks keep working.
-    """
+
+def shallow_view(model: torch.nn.Module) -> tuple[torch.nn.Module, list]:
+    """``(view, named modules of the view)``: a new module tree over the *same* parameter and
+    buffer tensors (no weight is copied) and without hooks. Libraries that rewrap submodules
+    in place (TransformerLens) or patch ``forward`` (nnsight) change the view, never ``model``;
+    weight edits show in both."""
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    view = copy.deepcopy(model, memo)
+    named = list(view.named_modules())  # before any rewrapping: the names of ``model``
+    for _, mod in named:
+        for d in _HOOK_DICTS:
+            if hasattr(mod, d):
+                setattr(mod, d, OrderedDict())
+    return view, named
+
+
+@contextlib.contextmanager
+def _users_hooks_on(model: torch.nn.Module, named: list):
+    """For one call, the view's modules also run the torch hooks installed on ``model``'s
+    modules of the same name (e.g. :func:`hooks_applied`); the view's own dicts come back
+    afterwards, so nothing a library registers during the call is left on either tree."""
+    orig = dict(model.named_modules())
+    saved = []
+    try:
+        for name, v in named:
+            o = orig.get(name)
+            if o is None or not any(getattr(o, d, None) for d in _HOOK_DICTS):
+                continue
+            saved.append((v, {d: getattr(v, d) for d in _HOOK_DICTS if hasattr(v, d)}))
+            for d, own in saved[-1][1].items():
+                merged = OrderedDict(getattr(o, d, {}))
+                merged.update(own)
+                setattr(v, d, merged)
+        yield
+    finally:
+        for v, dicts in saved:
+            for d, own in dicts.items():
+                setattr(v, d, own)
+
+
+def _wrapped(model, cache, build):
+    """``(wrapper, named)`` for ``model`` from ``cache``, rebuilt when a tensor was replaced."""
+    key = tuple(id(t) for t in (*model.parameters(), *model.buffers()))
+    hit = cache.get(model)
+    if hit is None or hit[0] != key:
+        view, named = shallow_view(model)
+        hit = (key, build(view), named)
+        cache[model] = hit
+    return hit[1], hit[2]
+
+
+def lens_bridge(lm):
+    """The TransformerLens ``TransformerBridge`` over a :func:`shallow_view` of ``lm``'s model
+    (built once per model, cached weakly; the user's model is never rewrapped)."""
+    return _lens(lm)[0]
+
+
+def _lens(lm):
     model = _adapter(lm).model
-    bridge = getattr(model, "_skilllens_bridge", None)
-    if bridge is None:
-        try:
-            from transformer_lens.model_bridge import TransformerBridge
-        except ImportError:
-            raise SiteError("the 'lens' backend needs TransformerLens: "
-                            "pip install 'transformer-lens>=3'") from None
-        tok = getattr(lm, "tokenizer", None)
-        if tok is None:
-            raise SiteError("the 'lens' backend needs a tokenizer: pass a LoadedModel")
-        device = next(model.parameters()).device
-        name = getattr(lm, "name", None) or model.config._name_or_path or "model"
-        bridge = TransformerBridge.boot_transformers(name, hf_model=model, tokenizer=tok,
-                                                     device=device, dtype=model.dtype)
-        object.__setattr__(model, "_skilllens_bridge", bridge)
-    return bridge
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:
+        raise SiteError("the 'lens' backend needs TransformerLens: "
+                        "pip install 'transformer-lens>=3'") from None
+    tok = getattr(lm, "tokenizer", None)
+    if tok is None:
+        raise SiteError("the 'lens' backend needs a tokenizer: pass a LoadedModel")
+    name = getattr(lm, "name", None) or model.config._name_or_path or "model"
+    return _wrapped(model, _BRIDGES, lambda view: TransformerBridge.boot_transformers(
+        name, hf_model=view, tokenizer=tok, device=next(model.parameters()).device,
+        dtype=model.dtype))
 
 
 def _run_lens(lm, adapter, inputs, hooks):
-    bridge = lens_bridge(lm)
+    bridge, named = _lens(lm)
     fwd = []
     for h in hooks:
         name = LENS_HOOKS[h.site].format(i=h.layer)
         fwd.append((name, lambda act, hook, fn=h.fn: fn(act)))
-    return bridge.run_with_hooks(inputs["input_ids"], fwd_hooks=fwd,
-                                 attention_mask=inputs.get("attention_mask"))
+    with _users_hooks_on(adapter.model, named):
+        return bridge.run_with_hooks(inputs["input_ids"], fwd_hooks=fwd,
+                                     attention_mask=inputs.get("attention_mask"))
 
 
 def _nnsight_model(model):
-    nm = getattr(model, "_skilllens_nnsight", None)
-    if nm is None:
-        try:
-            from nnsight import NNsight
-        except ImportError:
-            raise SiteError("the 'nnsight' backend needs nnsight: pip install nnsight") from None
-        nm = NNsight(model)
-        object.__setattr__(model, "_skilllens_nnsight", nm)
-    return nm
+    try:
+        from nnsight import NNsight
+    except ImportError:
+        raise SiteError("the 'nnsight' backend needs nnsight: pip install nnsight") from None
+    return _wrapped(model, _NNSIGHT, NNsight)
 
 
 def _envoy(nm, path: str):
@@ -187,8 +245,8 @@ def _envoy(nm, path: str):
 
 
 def _run_nnsight(adapter, inputs, hooks, forward_kwargs):
-    nm = _nnsight_model(adapter.model)
-    with nm.trace(**inputs, **forward_kwargs):
+    nm, named = _nnsight_model(adapter.model)
+    with _users_hooks_on(adapter.model, named), nm.trace(**inputs, **forward_kwargs):
         for h in hooks:
             path, where = adapter.site_module_path(h.site, h.layer)
             envoy = _envoy(nm, path)

@@ -11,7 +11,9 @@ import hashlib
 import importlib.util
 import json
 import os
-from dataclasses import dataclass, field
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -70,16 +72,14 @@ class LoadedModel:
     tokenizer: object
     adapter: ModelAdapter
     name: str
-    _fingerprint: dict | None = field(default=None, repr=False)
 
     def __iter__(self):
         return iter((self.model, self.tokenizer, self.adapter))
 
     @property
     def fingerprint(self) -> dict:
-        if self._fingerprint is None:
-            self._fingerprint = model_fingerprint(self.model, self.adapter)
-        return self._fingerprint
+        """:func:`model_fingerprint` (cached until a weight changes)."""
+        return model_fingerprint(self.model, self.adapter)
 
     @property
     def device(self) -> torch.device:
@@ -208,31 +208,118 @@ def load_model(spec=DEFAULT_MODEL, device: str | torch.device | None = None,
     return LoadedModel(model, tok, ModelAdapter(model), name)
 
 
+#: 2: SHA-256 of every parameter (1: a bf16-rounded sample of three tensors, retired: it could
+#: not tell a fine-tuned copy from its base). Artifacts with another scheme are rejected.
+FINGERPRINT_SCHEME = 2
+PIECE_BYTES = 1 << 26
+_DIGESTS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 _VOLATILE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures",
              "quantization_config", "use_cache", "_attn_implementation_autoset",
              "attn_implementation", "_attn_implementation", "output_attentions",
              "output_hidden_states", "return_dict"}
 
 
-def _tensor_digest(t: torch.Tensor, n: int = 4096) -> str:
-    flat = t.detach().reshape(-1)
-    sample = torch.cat([flat[:n], flat[-n:]]).to("cpu", torch.bfloat16).to(torch.float32)
-    return hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16]
+def _pieces(n_bytes: int, itemsize: int) -> list[tuple[int, int]]:
+    step = max(1, PIECE_BYTES // itemsize)
+    n = n_bytes // itemsize
+    return [(i, min(i + step, n)) for i in range(0, n, step)] or [(0, 0)]
 
 
-def model_fingerprint(model: nn.Module, adapter: ModelAdapter | None = None) -> dict:
-    """Architecture, config hash and hashes of a few weight tensors (dtype-independent: values
-    are rounded to bfloat16 before hashing). ``fingerprint["id"]`` summarises it."""
+def _hash_piece(flat: torch.Tensor, start: int, stop: int, to_bf16: bool) -> bytes:
+    x = flat[start:stop]
+    if to_bf16:
+        x = x.to(torch.bfloat16)
+    return hashlib.sha256(x.contiguous().view(torch.uint8).cpu().numpy()).digest()
+
+
+def _weight_digests(model: nn.Module) -> tuple[str, str]:
+    """``(exact, bf16)``: SHA-256 over every parameter's bytes (name, dtype and shape included)
+    and over the parameters rounded to bfloat16 (non-float tensors: their own bytes). Tensors
+    are hashed in 64 MiB pieces on a thread pool (hashlib releases the GIL); GPU pieces are
+    copied to the host one at a time, so host memory stays bounded."""
+    params = sorted(model.named_parameters(), key=lambda kv: kv[0])
+    workers = max(1, min(16, os.cpu_count() or 1))
+    exact, rounded = hashlib.sha256(), hashlib.sha256()
+    with ThreadPoolExecutor(workers) as pool:
+        def submit(name, p, flat, dt):
+            item = torch.empty((), dtype=dt).element_size()
+            head = f"{name}|{dt}|{tuple(p.shape)}".encode()
+            return head, [pool.submit(_hash_piece, flat, a, b, dt != p.dtype)
+                          for a, b in _pieces(flat.numel() * item, item)]
+
+        queued = []
+        for name, p in params:
+            if p.device.type == "meta":
+                raise ModelSpecError(f"parameter {name!r} is on the meta device (offloaded); "
+                                     f"the fingerprint needs every weight in memory: load "
+                                     f"without disk offload")
+            flat = p.detach().reshape(-1)
+            ex = submit(name, p, flat, p.dtype)
+            rounds = p.is_floating_point() and p.dtype != torch.bfloat16
+            queued.append((ex, submit(name, p, flat, torch.bfloat16) if rounds else ex))
+        for ex, rd in queued:
+            tensor = [hashlib.sha256(h + b"".join(f.result() for f in fs)).digest()
+                      for h, fs in (ex, rd)]
+            exact.update(tensor[0])
+            rounded.update(tensor[1])
+    return exact.hexdigest()[:32], rounded.hexdigest()[:32]
+
+
+def _weights_key(model: nn.Module) -> tuple:
+    """Changes whenever a parameter is replaced or edited in place (``_version`` counts in-place
+    ops, also under ``no_grad``); edits through ``.data`` or numpy views bypass it."""
+    return tuple((n, p.data_ptr(), p._version, p.dtype, tuple(p.shape), str(p.device))
+                 for n, p in model.named_parameters())
+
+
+def _dominant_dtype(model: nn.Module) -> str:
+    count: dict[str, int] = {}
+    for p in model.parameters():
+        count[str(p.dtype)] = count.get(str(p.dtype), 0) + p.numel()
+    return max(count, key=count.get).replace("torch.", "") if count else "none"
+
+
+def model_fingerprint(model: nn.Module, adapter: ModelAdapter | None = None,
+                      refresh: bool = False) -> dict:
+    """Architecture, config hash and exact digests of every weight; ``fingerprint["id"]``
+    summarises it and changes with any change of any parameter (one flipped bit suffices).
+
+    The weight digests are computed on first use and cached per model object; any in-place
+    edit of a parameter (or replacing one) makes the next call recompute them. Edits that
+    bypass autograd's version counter (``p.data.add_``, numpy views) need ``refresh=True``.
+    ``weights_bf16`` (the weights rounded to bfloat16) lets a bfloat16 copy match the model it
+    was cast from: see :func:`fingerprints_match`. Cost: one SHA-256 pass over the weights
+    (plus one over their bfloat16 rounding for non-bf16 models), ~1 GB/s per CPU core.
+    """
     adapter = adapter or ModelAdapter(model)
+    key = _weights_key(model)
+    hit = None if refresh else _DIGESTS.get(model)
+    if hit is None or hit[0] != key:
+        hit = (key, _weight_digests(model))
+        _DIGESTS[model] = hit
+    exact, rounded = hit[1]
     cfg = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE}
     cfg_hash = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    weights = {
-        "value.0": _tensor_digest(adapter.value_weight(0)),
-        f"value.{adapter.n_layers - 1}": _tensor_digest(adapter.value_weight(adapter.n_layers - 1)),
-        "unembed": _tensor_digest(adapter.unembedding()),
-    }
-    fp = {"architecture": adapter.arch.name, "model_type": model.config.model_type,
-          "n_layers": adapter.n_layers, "d_model": adapter.d_model, "d_ff": adapter.d_ff,
-          "config_hash": cfg_hash, "weights": weights}
+    fp = {"scheme": FINGERPRINT_SCHEME, "architecture": adapter.arch.name,
+          "model_type": model.config.model_type, "n_layers": adapter.n_layers,
+          "d_model": adapter.d_model, "d_ff": adapter.d_ff, "config_hash": cfg_hash,
+          "n_params": sum(p.numel() for p in model.parameters()),
+          "dtype": _dominant_dtype(model), "weights": exact}
     fp["id"] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+    fp["weights_bf16"] = rounded
     return fp
+
+
+STRUCTURE = ("architecture", "model_type", "n_layers", "d_model", "d_ff", "config_hash", "n_params")
+
+
+def fingerprints_match(a: dict, b: dict) -> bool:
+    """Same model: equal ids, or one side is a bfloat16 model that equals the other side's
+    weights rounded to bfloat16 (a fitted artifact then transfers to the bf16 cast)."""
+    if a.get("id") == b.get("id"):
+        return True
+    if a.get("scheme") != FINGERPRINT_SCHEME or b.get("scheme") != FINGERPRINT_SCHEME:
+        return False
+    return (all(a.get(k) == b.get(k) for k in STRUCTURE)
+            and "bfloat16" in (a.get("dtype"), b.get("dtype"))
+            and a.get("weights_bf16") == b.get("weights_bf16"))

@@ -275,21 +275,24 @@ class NeuronAdjuster:
         lm = load_model(lm)
         if self.fingerprint is not None:
             check_fingerprint({"fingerprint": self.fingerprint}, lm, "this NeuronAdjuster")
-        device = lm.device
-        on_device = {l: p.to(device) for l, p in self.params.items()}
+        # each layer's parameters and random stream live on that layer's device (device_map)
+        devices = {l: lm.adapter.site_device(self.site, l) for l in self.params}
+        on_device = {l: p.to(devices[l]) for l, p in self.params.items()}
         self.n_device_transfers += 1
-        if generator is None:
-            generator = torch.Generator(device=device).manual_seed(self.seed)
+        gens = {} if generator is None else {generator.device: generator}
+        for dev in devices.values():
+            if dev not in gens and dev.type != "meta":  # meta (shape-only) tensors draw nothing
+                gens[dev] = torch.Generator(device=dev).manual_seed(self.seed)
 
-        def make(p: _LayerParams):
+        def make(p: _LayerParams, gen: torch.Generator | None):
             def fn(act):
                 out = act.clone()
                 out[..., p.index] = adjust_values(act[..., p.index], p.mu_f, p.sd_f, p.mu_r,
-                                                  p.sd_r, generator)
+                                                  p.sd_r, gen)
                 return out
             return fn
 
-        return [Hook(self.site, l, make(p)) for l, p in on_device.items()]
+        return [Hook(self.site, l, make(p, gens.get(devices[l]))) for l, p in on_device.items()]
 
     @contextlib.contextmanager
     def applied(self, lm):

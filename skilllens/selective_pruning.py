@@ -104,7 +104,8 @@ class SelectivePruner:
         lm = load_model(lm)
         if self.fingerprint is not None:
             check_fingerprint({"fingerprint": self.fingerprint}, lm, "this SelectivePruner")
-        on_device = {l: i.to(lm.device) for l, i in self.selected.items()}
+        on_device = {l: i.to(lm.adapter.site_device(self.site, l))  # each layer's device
+                     for l, i in self.selected.items()}
 
         def make(idx):
             def fn(act):

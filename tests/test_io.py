@@ -22,3 +22,42 @@ def test_failed_write_leaves_no_file(tmp_path):
             tmp.write_bytes(b"half")
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- grafting artifacts (defect 8)
+def test_graft_artifact_rejects_swapped_pretrained_and_finetuned(tmp_path):
+    """A graft holds both fingerprints: loading or applying it on the fine-tuned model, or a
+    graft fitted with the two roles swapped onto the pre-trained one, is a clear error. The
+    fine-tune touches only attention matrices, which the old sampled fingerprint never saw."""
+    import torch
+
+    from skilllens import load_model
+    from skilllens.errors import FingerprintMismatchError
+    from skilllens.finetune import FineTuneConfig, finetune
+    from skilllens.graft_tasks import build_task
+    from skilllens.grafting import GraftLocalizer
+
+    pre = load_model("tiny-llama")
+    task = build_task("synthetic", n_train=8, n_dev=4, n_test=4)
+    ft = finetune(pre, task, FineTuneConfig(steps=2, lr=1e-3, include=("*self_attn.q_proj*",),
+                                            progress=False))
+    assert pre.fingerprint["id"] != ft.lm.fingerprint["id"]
+    loc = GraftLocalizer(sparsity=0.05, steps=0, progress=False).fit(pre, ft, task)
+    path = tmp_path / "graft.safetensors"
+    loc.save(path)
+    with pytest.raises(FingerprintMismatchError, match="fine-tuned model"):
+        GraftLocalizer.load(path, ft.lm)
+    with pytest.raises(FingerprintMismatchError, match="fine-tuned model"):
+        with loc.grafted(ft.model):
+            pass
+    back = GraftLocalizer.load(path, pre)  # the right model loads
+    assert set(back.masks_) == set(loc.masks_)
+    swapped = GraftLocalizer(sparsity=0.05, steps=0, progress=False).fit(ft.lm, pre, task)
+    swapped.save(tmp_path / "swapped.safetensors")
+    with pytest.raises(FingerprintMismatchError, match="fine-tuned model"):
+        GraftLocalizer.load(tmp_path / "swapped.safetensors", pre)
+    with torch.no_grad():
+        before = {n: p.clone() for n, p in pre.model.named_parameters()}
+    with loc.grafted(pre.model):
+        pass
+    assert all(torch.equal(p, before[n]) for n, p in pre.model.named_parameters())

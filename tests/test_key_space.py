@@ -109,19 +109,49 @@ def test_save_load_and_fingerprint(tiny_llama, tmp_path):
         ksd.abstains(load_model("tiny-mistral"), PROBES)
 
 
-def test_calibration_narrows_alpha_to_the_retain_probe_fpr():
+def _numpy_calibrated_alpha(probe, retain, max_fpr, margin, cap):
+    """METHODS.md 2b from the raw vectors, in numpy float64 (nothing from the detector): cube
+    m +- k*s with s the population std, k = max |v - m| / s over dims with s > 0; the alpha
+    the calibration must pick is the (floor(max_fpr*n)+1)-th smallest retain score (the
+    smallest alpha that puts that query inside the cube), shrunk by 1 + margin, capped."""
+    v, r = np.asarray(probe, dtype=np.float64), np.asarray(retain, dtype=np.float64)
+    m, s = v.mean(0), v.std(0)
+    live = s > 0
+    k = (np.abs(v[:, live] - m[live]) / s[live]).max()
+    need = (np.abs(r[:, live] - m[live]) / (k * s[live])).max(1)  # alpha putting each inside
+    need.sort()
+    n_fp = int(np.floor(max_fpr * len(r)))
+    return min(cap, need[n_fp] / (1 + margin)), m, s, k, live
+
+
+def _numpy_inside_share(retain, m, s, k, live, alpha):
+    r = np.asarray(retain, dtype=np.float64)
+    return float((np.abs(r[:, live] - m[live]) <= alpha * k * s[live]).all(1).mean())
+
+
+def test_calibration_matches_an_independent_numpy_computation():
     g = torch.Generator().manual_seed(7)
     v = _probe(n=40, d=20)
+    v[:, 3] = 0.7  # a degenerate dimension (s == 0) that must not decide
     ksd = KeySpaceDetector(alpha=3.0).fit_vectors(v)
-    retain = v.mean(0) + 2.5 * torch.randn(50, 20, generator=g) * v.std(0)
-    r = ksd.scores(retain).double().sort().values       # float64 reference of the rule
-    for max_fpr in (0.0, 0.1):
+    retain = v.mean(0) + 2.5 * torch.randn(50, 20, generator=g) * v.std(0).clamp(min=0.1)
+    for max_fpr, margin in ((0.0, 0.1), (0.1, 0.1), (0.3, 0.0)):
         ksd.alpha = 3.0
-        ksd.calibrate_vectors(retain, max_fpr=max_fpr, margin=0.1)
-        n_fp = int(max_fpr * 50)
-        assert ksd.alpha == pytest.approx(min(3.0, float(r[n_fp]) / 1.1))
-        assert float(ksd.inside(retain).double().mean()) <= max_fpr
-        assert ksd.calibration["retain_probe_fpr"] <= max_fpr
+        ksd.calibrate_vectors(retain, max_fpr=max_fpr, margin=margin)
+        want, m, s, k, live = _numpy_calibrated_alpha(v, retain, max_fpr, margin, 3.0)
+        assert want < 3.0  # the cap does not decide these cases
+        # the detector's m, s come from float32-accumulated statistics: ~1e-7 relative
+        assert ksd.alpha == pytest.approx(want, rel=1e-6)
+        if margin > 0:
+            share = _numpy_inside_share(retain, m, s, k, live, ksd.alpha)
+            assert share <= max_fpr
+            assert ksd.calibration["retain_probe_fpr"] == pytest.approx(share)
+            assert np.array_equal(ksd.inside(retain).numpy(),
+                                  (np.abs(retain.double().numpy()[:, live] - m[live])
+                                   <= ksd.alpha * k * s[live]).all(1))
+        else:  # no margin: the (n_fp+1)-th retain query lies on the cube's face
+            assert _numpy_inside_share(retain, m, s, k, live, ksd.alpha * (1 - 1e-5)) <= max_fpr
+            assert _numpy_inside_share(retain, m, s, k, live, ksd.alpha * (1 + 1e-5)) > max_fpr
     ksd.alpha = 3.0
     ksd.calibrate_vectors(v.mean(0, keepdim=True) + 100 * v.std(0), alpha_max=1.25)
     assert ksd.alpha == 1.25                             # never wider than the upper bound

@@ -189,3 +189,31 @@ def test_forget_and_retain_must_differ(tiny_llama, data_dir):
     with pytest.raises(SkillLensError, match="forgotten and kept"):
         NeuronAdjuster().fit(tiny_llama, "gsm8k", "humaneval,gsm8k", data_dir=data_dir,
                              progress=False)
+
+
+def _closure_values(fn) -> list:
+    return [c.cell_contents for c in (fn.__closure__ or ())]
+
+
+def test_each_layer_gets_its_own_devices_statistics_and_generator():
+    """Defect 10: statistics and the generator went to ``lm.device`` (the first parameter's),
+    which breaks a model spread over devices. Test double: layer 1 lives on the ``meta``
+    device (a second device without a GPU); its hook must get meta tensors and work on a meta
+    activation, while layer 0 stays on the CPU."""
+    lm = load_model("tiny-llama")
+    lm.model.model.layers[1].to("meta")
+    assert lm.device == torch.device("cpu")
+    g = torch.Generator().manual_seed(3)
+    f = {l: torch.randn(50, 64, generator=g) + 2 for l in range(2)}
+    r = {l: torch.randn(50, 64, generator=g) for l in range(2)}
+    na = NeuronAdjuster(percent=10, scope="per_layer").fit_stats(_collection(f), _collection(r))
+    hooks = {h.layer: h for h in na.hooks(lm)}
+    for layer, dev in ((0, "cpu"), (1, "meta")):
+        params = [v for v in _closure_values(hooks[layer].fn) if hasattr(v, "mu_f")]
+        assert len(params) == 1
+        p = params[0]
+        assert {t.device.type for t in (p.index, p.mu_f, p.sd_f, p.mu_r, p.sd_r)} == {dev}
+        gens = [v for v in _closure_values(hooks[layer].fn) if isinstance(v, torch.Generator)]
+        assert [x.device.type for x in gens] == (["cpu"] if dev == "cpu" else [])
+        out = hooks[layer].fn(torch.randn(2, 3, 64, device=dev) + 2)
+        assert out.device.type == dev and out.shape == (2, 3, 64)

@@ -71,3 +71,19 @@ def test_pruning_zeroes_selected_neurons_and_is_reversible(tiny_llama, tmp_path)
 def test_bad_percent(bad):
     with pytest.raises(SkillLensError, match=r"\(0, 100\]"):
         SelectivePruner(percent=bad)
+
+
+def test_each_layer_gets_indices_on_its_own_device():
+    """Defect 10: indices went to ``lm.device``; with layer 1 on another device (test double:
+    ``meta``) its indices must live there, layer 0's on the CPU."""
+    lm = load_model("tiny-llama")
+    lm.model.model.layers[1].to("meta")
+    g = torch.Generator().manual_seed(1)
+    f = {l: torch.randn(40, 64, generator=g) * 3 for l in range(2)}
+    r = {l: torch.randn(40, 64, generator=g) for l in range(2)}
+    sp = SelectivePruner(percent=10, scope="per_layer").fit_stats(_stats(f), _stats(r))
+    for h in sp.hooks(lm):
+        dev = "meta" if h.layer == 1 else "cpu"
+        idx = [c.cell_contents for c in h.fn.__closure__ if isinstance(c.cell_contents, torch.Tensor)]
+        assert len(idx) == 1 and idx[0].device.type == dev
+        assert h.fn(torch.ones(1, 2, 64, device=dev)).device.type == dev
