@@ -1,8 +1,9 @@
 """Fine-tuning helper: turn ``theta_pre`` into ``theta_ft`` for a :class:`GraftTask`.
 
 Few-shot (the task's train items, full batch or mini-batches), SGD (the default) or AdamW,
-trainable parameters chosen by name patterns (``fnmatch``), and an optional element-wise ``param_masks`` that lets only
-a known sparse set of entries change (used by the ground-truth test). The pre-trained model is
+trainable parameters chosen by name patterns (``fnmatch``), and an optional element-wise
+``param_masks`` that lets only a known sparse set of entries change (used by the ground-truth
+test). The pre-trained model is
 never modified: a deep copy is trained.
 
 >>> from skilllens import load_model
