@@ -229,23 +229,14 @@ def generate_texts(lm, prompts: list[str], *, max_new_tokens: int = 64, stops=()
                    desc: str = "generate") -> list[str]:
     """Greedy continuations of ``prompts`` (batched by :func:`~skilllens.batching.plan_batches`:
     longest first, left-padded; returned in prompt order), cut at the first stop string. Prompts
-    longer than ``max_length - max_new_tokens`` keep their end (see :func:`generate_batched`)."""
-    return generate_batched(lm, prompts, max_new_tokens=max_new_tokens, stops=stops,
-                            batch_size=batch_size, max_length=max_length, progress=progress,
-                            desc=desc)[0]
-
-
-@torch.no_grad()
-def generate_batched(lm, prompts: list[str], *, max_new_tokens: int = 64, stops=(),
-                     batch_size: int = 8, max_length: int = 2048, progress: bool = True,
-                     desc: str = "generate") -> tuple[list[str], list[bool]]:
-    """:func:`generate_texts` plus, per prompt, whether it was truncated to fit."""
+    longer than ``max_length - max_new_tokens`` keep BOS and their end
+    (:func:`~skilllens.batching.encode_prompts`)."""
     from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
     model, tok = lm.model, lm.tokenizer
     if max_new_tokens < 1:
         raise SkillLensError("max_new_tokens must be at least 1")
-    enc, cut = encode_prompts(tok, prompts, max(1, max_length - max_new_tokens))
+    enc, _ = encode_prompts(tok, prompts, max(1, max_length - max_new_tokens))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     eos = tok.eos_token_id
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
@@ -261,7 +252,7 @@ def generate_batched(lm, prompts: list[str], *, max_new_tokens: int = 64, stops=
                              generation_config=cfg, stopping_criteria=StoppingCriteriaList([crit]))
         for r, i in enumerate(chunk):
             texts[i] = cut_at_stops(tok.decode(gen[r, T:], skip_special_tokens=True), stops)
-    return texts, cut
+    return texts
 
 
 def strip_calculator(text: str) -> str:
@@ -318,10 +309,13 @@ def _score_generation(lm, skill: Skill, items: list[Item], metric: str, *, batch
     mbpp = any("test_list" in it.meta for it in items)
     stops = {"gsm8k": GSM8K_STOPS, "code": MBPP_STOPS if mbpp else CODE_STOPS,
              "qa": QA_STOPS}.get(kind, ("\n\n",))
-    texts, cut = generate_batched(lm, [prefix + it.prompt for it in items],
-                           max_new_tokens=max_new_tokens or MAX_NEW_TOKENS[kind], stops=stops,
+    prompts = [prefix + it.prompt for it in items]
+    new_tokens = max_new_tokens or MAX_NEW_TOKENS[kind]
+    length = max(max_length, 2048) if prefix else max_length
+    texts = generate_texts(lm, prompts, max_new_tokens=new_tokens, stops=stops,
                            batch_size=batch_size, progress=progress, desc=f"generate {skill.name}",
-                           max_length=max(max_length, 2048) if prefix else max_length)
+                           max_length=length)
+    cut = encode_prompts(lm.tokenizer, prompts, max(1, length - new_tokens))[1]
     rows = []
     for it, text, c in zip(items, texts, cut):
         row = {"prediction": text[:1000], "truncated": c}
