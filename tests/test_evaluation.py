@@ -300,3 +300,23 @@ def test_smollm2_token_accuracy_in_reported_range(smollm2, data_dir):
         res = evaluate(smollm2, sk, batch_size=6, progress=False)
         assert 0.3 <= res.score <= 0.95, (name, res.score)
         assert 0.05 < res.nll < 5
+
+
+def test_ksd_generate_is_batched_and_keeps_prompt_order(tiny_llama, monkeypatch):
+    """KSD's generation goes through the same length-sorted batches (one generate call for
+    up to 8 kept prompts, not one per prompt); refusals and answers stay in prompt order."""
+    from skilllens.key_space import KeySpaceDetector
+    prompts = ["a", "the quick brown fox", "xyz", "hello there, general", "ab"]
+    ksd = KeySpaceDetector()
+    monkeypatch.setattr(ksd, "abstains", lambda lm, items: torch.tensor(
+        [it.prompt == "xyz" for it in items]))
+    calls = []
+    orig = tiny_llama.model.generate
+    monkeypatch.setattr(tiny_llama.model, "generate",
+                        lambda *a, **kw: calls.append(1) or orig(*a, **kw))
+    out = ksd.generate(tiny_llama, prompts, max_new_tokens=4, refusal="NO")
+    monkeypatch.undo()
+    single = [generate_texts(tiny_llama, [p], max_new_tokens=4, progress=False)[0]
+              for p in prompts]
+    assert len(calls) == 1
+    assert out == [s if p != "xyz" else "NO" for p, s in zip(prompts, single)]
