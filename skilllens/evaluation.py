@@ -15,25 +15,22 @@ Metrics (``evaluate(..., metric=...)``):
 * ``f1`` / ``substring``: greedy short answers for SQuAD/XQuAD/MLQA items, scored against all
   gold answers (:mod:`skilllens.scoring`).
 
-Batching: every path groups items with :func:`skilllens.batching.plan_batches` (longest first,
-so rows of similar length share a batch); teacher-forced batches are right-padded, generation
-batches left-padded (a left-padded copy; the tokenizer keeps padding right); results are put back
-in item order. Items longer than ``max_length`` are cut as :mod:`skilllens.batching` documents
-(a prompt that fits is never cut); ``SkillScore.n_truncated`` counts them.
+Batching: :func:`skilllens.batching.plan_batches` (longest first) for every path; teacher-forced
+batches right-padded, generation left-padded; results in item order. Items over ``max_length``
+are cut as :mod:`skilllens.batching` says (never a prompt that fits), counted in ``n_truncated``.
 
 **Abstention.** An ``abstainer`` (``.abstains(lm, items) -> BoolTensor[n]``) decides on the
 prompts before anything runs; abstained items are neither generated nor scored teacher-forced,
 and they count in every mean (``n_items`` is always the denominator):
 
 * ``token_accuracy`` and every generation metric: an abstained item scores 0 (wrong).
-* ``nll``: an abstained item costs ``abstain_nll = log(V)`` nats per token (``V``: the model's
-  output vocabulary), the NLL of the uniform distribution, i.e. of a model that gives no
-  information about the answer. ``nll_answered`` is the mean over answered items only.
+* ``nll``: an abstained item costs ``abstain_nll = log(V)`` nats per token (the uniform
+  distribution over the ``V`` outputs: no information about the answer). ``nll_answered`` is
+  the mean over answered items only.
 
-:func:`relative` is direction-aware: ``after / before`` for higher-is-better metrics and
-``before / after`` for ``nll``, so a value below 1 always means "worse at the skill".
-Everything runs under ``torch.no_grad()``; interventions are active when the caller wraps the
-call in ``with method.applied(lm): ...``.
+:func:`relative` is ``after / before``, or ``before / after`` for ``nll``: below 1 always means
+"worse at the skill". Everything runs under ``torch.no_grad()``; interventions are active when
+the caller wraps the call in ``with method.applied(lm): ...``.
 """
 from __future__ import annotations
 
@@ -381,8 +378,7 @@ def evaluate(lm, skill, metric: str = "token_accuracy", *, batch_size: int = 8,
 
 
 def abstained_row(metric: str, penalty: float) -> dict:
-    """The per-item row of an abstained item (see the module docstring): score 0 / accuracy 0,
-    NLL ``penalty`` (``abstain_nll``) for teacher-forced metrics; never truncated."""
+    """Per-item row of an abstained item: score/accuracy 0, NLL ``penalty`` (module docstring)."""
     if metric in TEACHER_FORCED:
         return {"score": penalty if metric == "nll" else 0.0, "accuracy": 0.0, "nll": penalty,
                 "n_tokens": 0, "truncated": False}
@@ -390,8 +386,8 @@ def abstained_row(metric: str, penalty: float) -> dict:
 
 
 def summarize(name: str, metric: str, per_item: list[dict], penalty: float) -> SkillScore:
-    """The :class:`SkillScore` of per-item rows (each with ``abstained``, ``score`` and, for
-    teacher-forced metrics, ``accuracy``/``nll``): every mean is over all rows."""
+    """The :class:`SkillScore` of per-item rows (``abstained``, ``score``, teacher-forced also
+    ``accuracy``/``nll``); every mean is over all rows (evaluate and the audit share it)."""
     n = len(per_item)
     if n == 0:
         raise DataError(f"skill {name!r} has no items to score")
