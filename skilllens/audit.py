@@ -26,6 +26,8 @@ from .errors import SkillLensError
 METHODS = ("ksd", "na", "sp")
 DEFAULT_FORGET = "gsm8k"
 DEFAULT_RETAIN = ("humaneval", "xquad-en")
+ABSTENTION_RULE = ("an abstained item counts in every mean: score 0 (token accuracy and "
+                   "generation metrics), NLL log(V) nats/token (nll; the uniform distribution)")
 
 
 @dataclass
@@ -92,28 +94,34 @@ def skill_parts(spec: str, n_probe: int, n_eval: int, seed: int, data_dir=None) 
 
 
 def with_abstention(base, mask: list[bool]):
-    """A baseline ``SkillScore`` with the abstained items scored 0 (what ``evaluate`` returns
-    with an abstainer on an unmodified model)."""
-    rows = []
-    for r, a in zip(base.per_item, mask):
-        rows.append({**r, "abstained": True, "score": 0.0, "accuracy": 0.0, "nll": float("nan")}
-                    if a else dict(r))
-    n = len(rows)
-    acc = sum(r.get("accuracy", r["score"]) for r in rows) / n
-    nlls = [r["nll"] for r in rows if not r["abstained"] and "nll" in r]
-    nll = sum(nlls) / len(nlls) if nlls else float("nan")
-    score = nll if base.metric == "nll" else sum(r["score"] for r in rows) / n
-    return replace(base, score=score, accuracy=acc, nll=nll, n_abstained=sum(mask),
-                   per_item=rows)
+    """A baseline ``SkillScore`` with the abstained items scored as ``evaluate`` scores them
+    (0, or ``abstain_nll`` for NLL; :mod:`skilllens.evaluation`), i.e. what ``evaluate`` returns
+    with an abstainer on an unmodified model. Same aggregation code path as ``evaluate``."""
+    from .evaluation import abstained_row, summarize
+
+    if len(mask) != len(base.per_item):
+        raise SkillLensError(f"abstention mask has {len(mask)} entries for "
+                             f"{len(base.per_item)} items")
+    rows = [{**r, **abstained_row(base.metric, base.abstain_nll), "abstained": True} if a
+            else dict(r) for r, a in zip(base.per_item, mask)]
+    return summarize(base.skill, base.metric, rows, base.abstain_nll)
 
 
 def _score_entry(s) -> dict:
     return s.to_dict(per_item=False)
 
 
-def _relative(scores: dict, baseline: dict) -> dict:
+def _relative(scores: dict, baseline: dict, metric: str) -> dict:
+    """Direction-aware relative score per skill (``< 1``: worse; :func:`evaluation.relative`)."""
     from .evaluation import relative
-    return {k: relative(v["score"], baseline[k]["score"]) for k, v in scores.items()}
+    return {k: relative(v["score"], baseline[k]["score"], metric) for k, v in scores.items()}
+
+
+def relative_definition(metric: str) -> str:
+    """How ``relative`` is computed for ``metric`` (written into results.json)."""
+    from .evaluation import higher_is_better
+    return ("score after / score before" if higher_is_better(metric) else
+            "score before / score after (lower is better)") + "; < 1 means worse at the skill"
 
 
 def _is_language_audit(cfg: AuditConfig) -> bool:
@@ -150,7 +158,8 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
 
     baseline = timed("baseline", lambda: {s: evaluate(lm, parts[s][1], **ev) for s in names})
     results: dict = {"model": lm.name, "forget": cfg.forget, "retain": list(cfg.retain),
-                     "metric": cfg.metric,
+                     "metric": cfg.metric, "relative_definition": relative_definition(cfg.metric),
+                     "abstention": ABSTENTION_RULE,
                      "baseline": {s: _score_entry(v) for s, v in baseline.items()},
                      "methods": {}, "neurons": {}}
     methods = results["methods"]
@@ -175,10 +184,11 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
         entry = {s: _score_entry(v) for s, v in scores.items()}
         methods["ksd"] = {"params": {**ksd.get_params(), "k": ksd.k, "k_exact": ksd.k_exact,
                                      "calibration": ksd.calibration},
-                          "scores": entry, "relative": _relative(entry, results["baseline"]),
+                          "scores": entry,
+                          "relative": _relative(entry, results["baseline"], cfg.metric),
                           "abstained": {s: v.n_abstained for s, v in scores.items()}}
         results["detector"] = asdict(report)
-        methods["ksd"]["alpha_sweep"] = _alpha_sweep(ksd, vecs, baseline, names)
+        methods["ksd"]["alpha_sweep"] = _alpha_sweep(ksd, vecs, baseline, names, cfg.metric)
 
     fitters = []
     if "na" in cfg.methods:
@@ -207,7 +217,7 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
             method.save(out / f"{name.replace('%', '')}.safetensors")
             entry = {s: _score_entry(v) for s, v in scores.items()}
             methods[name] = {"params": method.get_params(), "scores": entry,
-                             "relative": _relative(entry, results["baseline"])}
+                             "relative": _relative(entry, results["baseline"], cfg.metric)}
             results["neurons"][name] = _neuron_summary(method, fs, rs)
 
     if _is_language_audit(cfg):
@@ -226,7 +236,8 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
 ALPHA_GRID = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0)
 
 
-def _alpha_sweep(ksd, vecs: dict, baseline: dict, names: list[str]) -> list[dict]:
+def _alpha_sweep(ksd, vecs: dict, baseline: dict, names: list[str],
+                 metric: str = "token_accuracy") -> list[dict]:
     """Relative scores and abstention rates of KSD over a grid of ``alpha`` (exact: KSD leaves
     kept items untouched, so each point is the baseline with the abstained items set to 0)."""
     rows = []
@@ -235,7 +246,8 @@ def _alpha_sweep(ksd, vecs: dict, baseline: dict, names: list[str]) -> list[dict
         for s in names:
             inside = ksd.inside(vecs[s], alpha=a).tolist()
             sc = with_abstention(baseline[s], inside)
-            rel[s] = _relative({s: {"score": sc.score}}, {s: {"score": baseline[s].score}})[s]
+            rel[s] = _relative({s: {"score": sc.score}}, {s: {"score": baseline[s].score}},
+                               metric)[s]
             rate[s] = sum(inside) / max(1, len(inside))
         rows.append({"alpha": a, "relative": rel, "abstention_rate": rate})
     return rows

@@ -15,11 +15,22 @@ Metrics (``evaluate(..., metric=...)``):
 * ``f1`` / ``substring``: greedy short answers for SQuAD/XQuAD/MLQA items, scored against all
   gold answers (:mod:`skilllens.scoring`).
 
-Generation is batched with left padding (a left-padded copy; the tokenizer keeps padding right).
-An ``abstainer`` (``.abstains(lm, items) -> BoolTensor[n]``) decides on the prompts before
-anything runs; abstained items score 0 and are neither generated nor scored teacher-forced
-(their NLL is left out of the NLL mean). Everything runs under ``torch.no_grad()``; interventions
-are active when the caller wraps the call in ``with method.applied(lm): ...``.
+Batching: :func:`skilllens.batching.plan_batches` (longest first) for every path; teacher-forced
+batches right-padded, generation left-padded; results in item order. Items over ``max_length``
+are cut as :mod:`skilllens.batching` says (never a prompt that fits), counted in ``n_truncated``.
+
+**Abstention.** An ``abstainer`` (``.abstains(lm, items) -> BoolTensor[n]``) decides on the
+prompts before anything runs; abstained items are neither generated nor scored teacher-forced,
+and they count in every mean (``n_items`` is always the denominator):
+
+* ``token_accuracy`` and every generation metric: an abstained item scores 0 (wrong).
+* ``nll``: an abstained item costs ``abstain_nll = log(V)`` nats per token (the uniform
+  distribution over the ``V`` outputs: no information about the answer). ``nll_answered`` is
+  the mean over answered items only.
+
+:func:`relative` is ``after / before``, or ``before / after`` for ``nll``: below 1 always means
+"worse at the skill". Everything runs under ``torch.no_grad()``; interventions are active when
+the caller wraps the call in ``with method.applied(lm): ...``.
 """
 from __future__ import annotations
 
@@ -30,12 +41,14 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .batching import encode_items, iter_batches, n_batches
+from .batching import (encode_items, encode_prompts, iter_batches, left_padded, n_batches,
+                       plan_batches)
 from .data import Item, Skill, as_skill, load_skill, sample_skill
 from .errors import DataError, SkillLensError
 
 METRICS = ("token_accuracy", "nll", "exact_match", "pass@1", "f1", "substring")
 TEACHER_FORCED = ("token_accuracy", "nll")
+LOWER_IS_BETTER = ("nll",)
 #: stop strings and default new-token budgets per kind of item
 CODE_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
 MBPP_STOPS = ('\n"""', "\nassert ", "\nif __name__", "\nprint(", "\n```", "\n\n\n")
@@ -47,8 +60,11 @@ MAX_NEW_TOKENS = {"gsm8k": 256, "code": 384, "qa": 24, "other": 64}
 @dataclass
 class SkillScore:
     """One skill under one model state. ``score`` is the headline of ``metric`` (for ``nll``: mean
-    NLL, lower is better); ``accuracy`` is token accuracy (teacher-forced) or the mean item score
-    (generation); ``nll`` is NaN for generation metrics."""
+    NLL, lower is better: ``higher_is_better`` says which); ``accuracy`` is token accuracy
+    (teacher-forced) or the mean item score (generation); ``nll`` is NaN for generation metrics.
+    All means are over all ``n_items``, abstained ones included (module docstring):
+    ``abstain_nll`` is the NLL charged per abstained item, ``nll_answered`` the mean NLL of the
+    answered items only. ``n_truncated`` items were cut to ``max_length``."""
 
     skill: str
     metric: str
@@ -58,6 +74,10 @@ class SkillScore:
     n_items: int
     n_abstained: int
     per_item: list[dict] = field(default_factory=list)
+    n_truncated: int = 0
+    higher_is_better: bool = True
+    abstain_nll: float = float("nan")
+    nll_answered: float = float("nan")
 
     def to_dict(self, per_item: bool = True) -> dict:
         """JSON-ready dict (NaN -> None); ``per_item=False`` drops the item list."""
@@ -77,11 +97,33 @@ def _nan_to_none(o):
     return o
 
 
-def relative(after: float, before: float) -> float:
-    """``after / before``; 0 when ``before == 0``; NaN when either is NaN/None (never raises)."""
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger ``metric`` means a better model (False for ``nll``)."""
+    if metric not in METRICS:
+        raise SkillLensError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+    return metric not in LOWER_IS_BETTER
+
+
+def relative(after: float, before: float, metric: str = "token_accuracy") -> float:
+    """Relative performance, direction-aware so that ``< 1`` always means worse at the skill:
+    ``after / before`` for higher-is-better metrics (0 when ``before == 0``), ``before / after``
+    for ``nll`` (1 when both are 0, inf when only ``after`` is). NaN when either is NaN/None."""
     if after is None or before is None or math.isnan(after) or math.isnan(before):
         return float("nan")
-    return 0.0 if before == 0 else float(after) / float(before)
+    after, before = float(after), float(before)
+    if higher_is_better(metric):
+        return 0.0 if before == 0 else after / before
+    if after == 0:
+        return 1.0 if before == 0 else float("inf")
+    return before / after
+
+
+def abstain_nll(lm) -> float:
+    """NLL (nats/token) charged to an abstained item: ``log(V)``, the uniform distribution over
+    the model's output vocabulary ``V``."""
+    emb = lm.model.get_output_embeddings()
+    v = emb.weight.shape[0] if emb is not None else lm.model.config.vocab_size
+    return math.log(v)
 
 
 def _loaded(lm):
@@ -111,7 +153,8 @@ def _progress(it, total, desc, progress):
 @torch.no_grad()
 def teacher_forced(lm, items: list[Item], *, batch_size: int = 8, max_length: int = 512,
                    progress: bool = True, desc: str = "teacher-forced") -> list[dict]:
-    """Per item ``{"accuracy", "nll", "n_tokens"}`` of the gold answer given the prompt."""
+    """Per item ``{"accuracy", "nll", "n_tokens", "truncated"}`` of the gold answer given the
+    prompt (length-sorted right-padded batches; rows returned in item order)."""
     model, tok = lm.model, lm.tokenizer
     encoded = encode_items(items, tok, max_length)
     for e in encoded:
@@ -141,7 +184,8 @@ def teacher_forced(lm, items: list[Item], *, batch_size: int = 8, max_length: in
         nll = (tok_nll * sel).sum(1) / n
         acc = correct.sum(1) / n
         for r, idx in enumerate(b.index.tolist()):
-            out[idx] = {"accuracy": float(acc[r]), "nll": float(nll[r]), "n_tokens": int(n[r])}
+            out[idx] = {"accuracy": float(acc[r]), "nll": float(nll[r]), "n_tokens": int(n[r]),
+                        "truncated": encoded[idx].truncated}
     return out
 
 
@@ -180,31 +224,26 @@ def cut_at_stops(text: str, stops) -> str:
 def generate_texts(lm, prompts: list[str], *, max_new_tokens: int = 64, stops=(),
                    batch_size: int = 8, max_length: int = 2048, progress: bool = True,
                    desc: str = "generate") -> list[str]:
-    """Greedy continuations of ``prompts`` (batched, left-padded, longest first), cut at the
-    first stop string. Prompts longer than ``max_length - max_new_tokens`` lose tokens on the
-    left."""
+    """Greedy continuations of ``prompts`` (batched by :func:`~skilllens.batching.plan_batches`:
+    longest first, left-padded; returned in prompt order), cut at the first stop string. Prompts
+    longer than ``max_length - max_new_tokens`` keep BOS and their end
+    (:func:`~skilllens.batching.encode_prompts`)."""
     from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
     model, tok = lm.model, lm.tokenizer
     if max_new_tokens < 1:
         raise SkillLensError("max_new_tokens must be at least 1")
-    budget = max(1, max_length - max_new_tokens)
-    enc = [ids[-budget:] for ids in tok(list(prompts), add_special_tokens=True)["input_ids"]]
+    enc, _ = encode_prompts(tok, prompts, max(1, max_length - max_new_tokens))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     eos = tok.eos_token_id
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                            eos_token_id=eos, bos_token_id=tok.bos_token_id)
-    order = sorted(range(len(enc)), key=lambda i: (-len(enc[i]), i))
     texts = [""] * len(enc)
-    chunks = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    chunks = plan_batches([len(e) for e in enc], batch_size)
     crit_cls = type("StopOnStrings", (_StopOnStrings, StoppingCriteria), {})
     for chunk in _progress(chunks, len(chunks), desc, progress):
-        T = max(len(enc[i]) for i in chunk)
-        ids = torch.full((len(chunk), T), pad, dtype=torch.long)
-        att = torch.zeros((len(chunk), T), dtype=torch.long)
-        for r, i in enumerate(chunk):                       # left padding
-            ids[r, T - len(enc[i]):] = torch.tensor(enc[i])
-            att[r, T - len(enc[i]):] = 1
+        ids, att = left_padded(enc, chunk, pad)
+        T = ids.shape[1]
         crit = crit_cls(tok, T, stops)
         gen = model.generate(input_ids=ids.to(lm.device), attention_mask=att.to(lm.device),
                              generation_config=cfg, stopping_criteria=StoppingCriteriaList([crit]))
@@ -267,13 +306,16 @@ def _score_generation(lm, skill: Skill, items: list[Item], metric: str, *, batch
     mbpp = any("test_list" in it.meta for it in items)
     stops = {"gsm8k": GSM8K_STOPS, "code": MBPP_STOPS if mbpp else CODE_STOPS,
              "qa": QA_STOPS}.get(kind, ("\n\n",))
-    texts = generate_texts(lm, [prefix + it.prompt for it in items],
-                           max_new_tokens=max_new_tokens or MAX_NEW_TOKENS[kind], stops=stops,
+    prompts = [prefix + it.prompt for it in items]
+    new_tokens = max_new_tokens or MAX_NEW_TOKENS[kind]
+    length = max(max_length, 2048) if prefix else max_length
+    texts = generate_texts(lm, prompts, max_new_tokens=new_tokens, stops=stops,
                            batch_size=batch_size, progress=progress, desc=f"generate {skill.name}",
-                           max_length=max(max_length, 2048) if prefix else max_length)
+                           max_length=length)
+    cut = encode_prompts(lm.tokenizer, prompts, max(1, length - new_tokens))[1]
     rows = []
-    for it, text in zip(items, texts):
-        row = {"prediction": text[:1000]}
+    for it, text, c in zip(items, texts, cut):
+        row = {"prediction": text[:1000], "truncated": c}
         if metric == "pass@1":
             res = check_item(it, text, timeout=sandbox_timeout)
             row.update(score=float(res.passed), reason=res.reason)
@@ -298,7 +340,11 @@ def evaluate(lm, skill, metric: str = "token_accuracy", *, batch_size: int = 8,
     """Score ``lm`` (spec or ``LoadedModel``) on ``skill`` (``Skill``, items, or a spec string:
     then its *eval* part). Generation metrics use ``max_new_tokens`` (default per item kind:
     GSM8K 256, code 384, QA 24), and for GSM8K ``n_shots`` examples (``shots``, default: the
-    probe part of ``gsm8k`` in ``data_dir``; drawn with ``seed``)."""
+    probe part of ``gsm8k`` in ``data_dir``; drawn with ``seed``).
+
+    Abstained items (``abstainer``) count in every mean: score 0 for accuracy-type metrics and
+    ``log(V)`` nats (uniform distribution) for ``nll``; ``n_truncated`` counts items cut to
+    ``max_length``; compare two scores with :func:`relative` (``< 1``: worse)."""
     if metric not in METRICS:
         raise SkillLensError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
     if batch_size < 1:
@@ -322,22 +368,40 @@ def evaluate(lm, skill, metric: str = "token_accuracy", *, batch_size: int = 8,
                                      max_new_tokens=max_new_tokens, progress=progress,
                                      shots=shots, n_shots=n_shots, data_dir=data_dir, seed=seed,
                                      sandbox_timeout=sandbox_timeout)
+    penalty = abstain_nll(lm) if metric in TEACHER_FORCED else float("nan")
     it_rows = iter(rows)
     per_item = []
     for it, a in zip(items, abstained):
-        if a:
-            row = {"score": 0.0, "accuracy": 0.0, "nll": float("nan")} \
-                if metric in TEACHER_FORCED else {"score": 0.0}
-        else:
-            row = next(it_rows)
+        row = abstained_row(metric, penalty) if a else next(it_rows)
         per_item.append({"id": it.id, "abstained": bool(a), **row})
-    n = len(items)
+    return summarize(skill.name, metric, per_item, penalty)
+
+
+def abstained_row(metric: str, penalty: float) -> dict:
+    """Per-item row of an abstained item: score/accuracy 0, NLL ``penalty`` (module docstring)."""
+    if metric in TEACHER_FORCED:
+        return {"score": penalty if metric == "nll" else 0.0, "accuracy": 0.0, "nll": penalty,
+                "n_tokens": 0, "truncated": False}
+    return {"score": 0.0, "truncated": False}
+
+
+def summarize(name: str, metric: str, per_item: list[dict], penalty: float) -> SkillScore:
+    """The :class:`SkillScore` of per-item rows (``abstained``, ``score``, teacher-forced also
+    ``accuracy``/``nll``); every mean is over all rows (evaluate and the audit share it)."""
+    n = len(per_item)
+    if n == 0:
+        raise DataError(f"skill {name!r} has no items to score")
+    answered = [r for r in per_item if not r["abstained"]]
+    n_trunc = sum(bool(r.get("truncated")) for r in per_item)
+    nll = nll_answered = float("nan")
     if metric in TEACHER_FORCED:
         accuracy = sum(r["accuracy"] for r in per_item) / n
-        nlls = [r["nll"] for r in per_item if not r["abstained"]]
-        nll = sum(nlls) / len(nlls) if nlls else float("nan")
+        nll = sum(r["nll"] for r in per_item) / n
+        if answered:
+            nll_answered = sum(r["nll"] for r in answered) / len(answered)
         score = accuracy if metric == "token_accuracy" else nll
     else:
         score = accuracy = sum(r["score"] for r in per_item) / n
-        nll = float("nan")
-    return SkillScore(skill.name, metric, score, accuracy, nll, n, sum(abstained), per_item)
+    return SkillScore(name, metric, score, accuracy, nll, n, n - len(answered), per_item,
+                      n_truncated=n_trunc, higher_is_better=higher_is_better(metric),
+                      abstain_nll=penalty, nll_answered=nll_answered)

@@ -1,8 +1,9 @@
 """Fine-tuning helper: turn ``theta_pre`` into ``theta_ft`` for a :class:`GraftTask`.
 
-Few-shot (the task's train items, full batch or mini-batches), SGD or AdamW, trainable parameters
-chosen by name patterns (``fnmatch``), and an optional element-wise ``param_masks`` that lets only
-a known sparse set of entries change (used by the ground-truth test). The pre-trained model is
+Few-shot (the task's train items, full batch or mini-batches), SGD (the default) or AdamW,
+trainable parameters chosen by name patterns (``fnmatch``), and an optional element-wise
+``param_masks`` that lets only a known sparse set of entries change (used by the ground-truth
+test). The pre-trained model is
 never modified: a deep copy is trained.
 
 >>> from skilllens import load_model
@@ -51,15 +52,16 @@ def select_parameters(model: torch.nn.Module, include=DEFAULT_INCLUDE,
 class FineTuneConfig:
     """``steps`` optimiser steps on the train items (``batch_size=None``: full batch).
 
-    For grafting, prefer ``optimizer="sgd"`` (the paper's choice; on SmolLM2-135M lr 0.03-0.1,
-    30 steps, trains the built-in tasks): SGD updates are gradient-shaped and heavy-tailed, so
-    the top-k of ``|theta_ft - theta_pre|`` is informative. AdamW (the default here) moves every
-    trained entry by about ``lr`` per step whatever its gradient, which makes ``|ft - pre|``
-    nearly uniform and the grafting base patch close to a random one."""
+    The default is SGD with lr 0.1, the same as ``skilllens localize`` (the paper's choice; on
+    SmolLM2-135M lr 0.03-0.1, 30 steps, trains the built-in tasks): SGD updates are
+    gradient-shaped and heavy-tailed, so the top-k of ``|theta_ft - theta_pre|`` is informative
+    for grafting. ``optimizer="adamw"`` (use a small lr, e.g. 1e-4) moves every trained entry by
+    about ``lr`` per step whatever its gradient, which makes ``|ft - pre|`` nearly uniform and
+    the grafting base patch close to a random one."""
 
     steps: int = 30
-    optimizer: str = "adamw"
-    lr: float = 1e-4
+    optimizer: str = "sgd"
+    lr: float = 0.1
     weight_decay: float = 0.0
     batch_size: int | None = None
     include: tuple = DEFAULT_INCLUDE

@@ -264,7 +264,8 @@ class KeySpaceDetector:
 
     def generate(self, lm, prompts: list[str], max_new_tokens: int = 32,
                  refusal: str = REFUSAL) -> list[str]:
-        """Greedy answers; prompts inside the cube get ``refusal`` and are never generated."""
+        """Greedy answers (batched, returned in prompt order); prompts inside the cube get
+        ``refusal`` and are never generated."""
         from .models import load_model
 
         lm = load_model(lm)
@@ -272,14 +273,12 @@ class KeySpaceDetector:
         abstain = self.abstains(lm, items).tolist()
         out = [refusal if a else None for a in abstain]
         todo = [i for i, a in enumerate(abstain) if not a]
-        tok = lm.tokenizer
-        with torch.no_grad():
-            for i in todo:
-                ids = tok([prompts[i]], return_tensors="pt")["input_ids"].to(lm.device)
-                gen = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                        max_new_tokens=max_new_tokens, do_sample=False,
-                                        pad_token_id=tok.pad_token_id)
-                out[i] = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+        if todo:  # batched like every generation path: length-sorted, left-padded, no cut
+            from .evaluation import generate_texts
+            texts = generate_texts(lm, [prompts[i] for i in todo], max_new_tokens=max_new_tokens,
+                                   max_length=1 << 30, progress=False, desc="ksd generate")
+            for i, text in zip(todo, texts):
+                out[i] = text
         return out
 
     @contextlib.contextmanager

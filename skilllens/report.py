@@ -53,8 +53,10 @@ def _tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     for m, v in results["methods"].items():
         score_rows.append([m] + [_fmt(v["scores"][s]["score"]) for s in skills])
         rel_rows.append([m] + [_fmt(v["relative"][s]) for s in skills])
-    tables = [(f"Scores ({results['metric']}, eval items)", head, score_rows),
-              ("Relative performance (after / before; target: forget <= 0.2, retain >= 0.9)",
+    rel_def = results.get("relative_definition", "after / before")
+    trunc = [["truncated to max_length"] + [str(base[s].get("n_truncated", "n/a")) for s in skills]]
+    tables = [(f"Scores ({results['metric']}, eval items)", head, score_rows + trunc),
+              (f"Relative performance ({rel_def}; target: forget <= 0.2, retain >= 0.9)",
                head, rel_rows)]
     if "ksd" in results["methods"]:
         ab = results["methods"]["ksd"].get("abstained", {})
@@ -103,8 +105,9 @@ def render_markdown(results: dict, figures: list[str]) -> str:
     man = results.get("manifest", {})
     out = [f"# Skill unlearning audit: {results['model']}", "",
            f"Forget **{results['forget']}**, retain {', '.join(results['retain'])}; metric "
-           f"`{results['metric']}`. Relative performance = score after / score before; an "
-           f"abstaining model scores 0 on that item.", ""]
+           f"`{results['metric']}`. Relative performance: "
+           f"{results.get('relative_definition', 'score after / score before')}. Abstention: "
+           f"{results.get('abstention', 'an abstaining model scores 0 on that item')}.", ""]
     for title, head, rows in _tables(results):
         out += [f"## {title}", "", _md_table(head, rows), ""]
     out += ["## Figures", ""]

@@ -71,10 +71,37 @@ def test_probe_and_eval_items_never_overlap(data_dir):
 def test_with_abstention_zeroes_abstained_items():
     rows = [{"id": str(i), "abstained": False, "score": s, "accuracy": s, "nll": 1.0 + i}
             for i, s in enumerate([0.5, 0.7, 0.9])]
-    base = SkillScore("x", "token_accuracy", 0.7, 0.7, 2.0, 3, 0, rows)
+    base = SkillScore("x", "token_accuracy", 0.7, 0.7, 2.0, 3, 0, rows, abstain_nll=5.0)
     got = with_abstention(base, [True, False, False])
     assert got.score == pytest.approx((0.7 + 0.9) / 3)
-    assert got.nll == pytest.approx(2.5) and got.n_abstained == 1
+    # defect 11: the abstained item costs abstain_nll; it used to vanish from the NLL mean (2.5)
+    assert got.nll == pytest.approx((5.0 + 2.0 + 3.0) / 3) and got.n_abstained == 1
+    assert got.nll_answered == pytest.approx(2.5)
+    nll_base = SkillScore("x", "nll", 2.0, 0.7, 2.0, 3, 0, rows, higher_is_better=False,
+                          abstain_nll=5.0)
+    nll = with_abstention(nll_base, [True, False, False])
+    assert nll.score == pytest.approx(10.0 / 3) and not nll.higher_is_better
+
+
+def test_nll_audit_relative_is_below_one_when_worse(data_dir, tmp_path):
+    """An NLL audit: relative is before/after, so a higher (worse) NLL reads < 1 (it was
+    after/before, > 1, i.e. "better"); abstained items cost log(V); truncation is counted."""
+    cfg = AuditConfig(model="tiny-llama", forget="xquad-de", retain=["xquad-en"],
+                      methods=["ksd"], probe_items=4, eval_items=4, out=str(tmp_path),
+                      data_dir=str(data_dir), max_length=48, metric="nll", alpha=5.0,
+                      ksd_calibrate=False, progress=False)
+    res = run_audit(cfg)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert "before / score after" in saved["relative_definition"]
+    assert "log(V)" in saved["abstention"]
+    ksd = saved["methods"]["ksd"]
+    for s in ("xquad-de", "xquad-en"):
+        b, a = saved["baseline"][s], ksd["scores"][s]
+        assert b["n_truncated"] == 4 and b["higher_is_better"] is False  # 48 tokens < XQuAD
+        assert ksd["relative"][s] == pytest.approx(b["score"] / a["score"])
+        assert (ksd["relative"][s] < 1) == (a["score"] > b["score"])
+        assert a["n_abstained"] == 0 or a["score"] != b["score"]
+    assert any(ksd["scores"][s]["n_abstained"] for s in ksd["scores"]), res["detector"]
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -106,18 +106,24 @@ def test_abstained_items_score_zero_and_are_not_run(lm64):
     assert sum(seen_rows) == 4  # only the 4 answered items went through the model
     full = evaluate(lm64, items, progress=False)
     assert res.n_abstained == 2
+    penalty = math.log(lm64.model.get_output_embeddings().weight.shape[0])  # uniform: log V
+    assert res.abstain_nll == pytest.approx(penalty) and penalty == pytest.approx(math.log(259))
     for r, f in zip(res.per_item, full.per_item):
         if r["id"] in ("r/1", "r/4"):
-            assert r["abstained"] and r["score"] == 0.0 and math.isnan(r["nll"])
+            assert r["abstained"] and r["score"] == 0.0 and r["nll"] == pytest.approx(penalty)
         else:
             assert not r["abstained"] and r["accuracy"] == pytest.approx(f["accuracy"])
     assert res.accuracy == pytest.approx(sum(r["accuracy"] for r in res.per_item) / 6)
     answered = [f["nll"] for f in full.per_item if f["id"] not in ("r/1", "r/4")]
-    assert res.nll == pytest.approx(sum(answered) / 4)
-    d = res.to_dict()
-    assert d["per_item"][1]["nll"] is None and "per_item" not in res.to_dict(per_item=False)
+    # defect 11: abstained items count in the NLL mean (they used to vanish from it)
+    assert res.nll == pytest.approx((sum(answered) + 2 * penalty) / 6)
+    assert res.nll_answered == pytest.approx(sum(answered) / 4)
+    nll_res = evaluate(lm64, items, "nll", abstainer=_Abstainer({"r/1", "r/4"}), progress=False)
+    assert nll_res.score == pytest.approx(res.nll) and not nll_res.higher_is_better
+    assert "per_item" not in res.to_dict(per_item=False)
     everyone = evaluate(lm64, items, abstainer=_Abstainer({i.id for i in items}), progress=False)
-    assert everyone.score == 0.0 and math.isnan(everyone.nll)
+    assert everyone.score == 0.0 and everyone.nll == pytest.approx(penalty)
+    assert math.isnan(everyone.nll_answered)
 
 
 def test_bad_abstainer_output_is_an_error(lm64):
@@ -232,6 +238,46 @@ def test_relative():
     assert relative(0.3, 0.6) == pytest.approx(0.5)
     assert relative(0.3, 0.0) == 0.0
     assert math.isnan(relative(float("nan"), 0.5)) and math.isnan(relative(0.5, None))
+    # defect 11: for lower-is-better NLL, forgetting (NLL 1 -> 2) must read as < 1 (worse)
+    assert relative(2.0, 1.0, "nll") == pytest.approx(0.5)
+    assert relative(1.0, 2.0, "nll") == pytest.approx(2.0)
+    assert relative(0.0, 0.0, "nll") == 1.0 and relative(0.0, 1.0, "nll") == float("inf")
+    assert relative(0.2, 0.4, "exact_match") == pytest.approx(0.5)
+    with pytest.raises(SkillLensError, match="unknown metric"):
+        relative(1.0, 1.0, "bleu")
+
+
+def test_truncated_items_are_counted_and_fitting_prompts_kept(lm64):
+    """Defect 3: items longer than max_length are counted; a prompt that fits is not cut."""
+    items = [Item("long", "p" * 20, "a" * 30), Item("fit", "q" * 5, "b" * 5),
+             Item("doc", "z" * 40)]
+    res = evaluate(lm64, items, max_length=24, progress=False)
+    assert res.n_truncated == 2
+    assert [r["truncated"] for r in res.per_item] == [True, False, True]
+    assert res.per_item[0]["n_tokens"] == 4  # the 20-token prompt is kept whole, 4 answer tokens
+    assert res.to_dict(per_item=False)["n_truncated"] == 2
+    gen = evaluate(lm64, [Item("g", "w" * 50, "x", meta={"answers": ["x"]})], "substring",
+                   max_length=20, max_new_tokens=4, progress=False)
+    assert gen.n_truncated == 1 and gen.per_item[0]["truncated"]
+
+
+def test_generation_batches_are_length_sorted_and_returned_in_order(tiny_llama, monkeypatch):
+    prompts = ["a", "the quick brown fox jumps", "xyz", "hello there, general", "ab"]
+    widths = []
+    orig = tiny_llama.model.generate
+
+    def spy(*a, **kw):
+        widths.append((kw["input_ids"].shape, int((kw["attention_mask"] == 0).sum())))
+        return orig(*a, **kw)
+    monkeypatch.setattr(tiny_llama.model, "generate", spy)
+    batched = generate_texts(tiny_llama, prompts, max_new_tokens=4, batch_size=2, progress=False)
+    monkeypatch.undo()
+    single = [generate_texts(tiny_llama, [p], max_new_tokens=4, progress=False)[0]
+              for p in prompts]
+    assert batched == single
+    lens = sorted((len(p) for p in prompts), reverse=True)  # byte tokenizer: 1 token per char
+    assert [w[0][1] for w in widths] == [lens[0], lens[2], lens[4]]
+    assert sum(w[1] for w in widths) == (lens[0] - lens[1]) + (lens[2] - lens[3])
 
 
 def test_fewshot_prefix_strips_calculator_annotations():
@@ -254,3 +300,23 @@ def test_smollm2_token_accuracy_in_reported_range(smollm2, data_dir):
         res = evaluate(smollm2, sk, batch_size=6, progress=False)
         assert 0.3 <= res.score <= 0.95, (name, res.score)
         assert 0.05 < res.nll < 5
+
+
+def test_ksd_generate_is_batched_and_keeps_prompt_order(tiny_llama, monkeypatch):
+    """KSD's generation goes through the same length-sorted batches (one generate call for
+    up to 8 kept prompts, not one per prompt); refusals and answers stay in prompt order."""
+    from skilllens.key_space import KeySpaceDetector
+    prompts = ["a", "the quick brown fox", "xyz", "hello there, general", "ab"]
+    ksd = KeySpaceDetector()
+    monkeypatch.setattr(ksd, "abstains", lambda lm, items: torch.tensor(
+        [it.prompt == "xyz" for it in items]))
+    calls = []
+    orig = tiny_llama.model.generate
+    monkeypatch.setattr(tiny_llama.model, "generate",
+                        lambda *a, **kw: calls.append(1) or orig(*a, **kw))
+    out = ksd.generate(tiny_llama, prompts, max_new_tokens=4, refusal="NO")
+    monkeypatch.undo()
+    single = [generate_texts(tiny_llama, [p], max_new_tokens=4, progress=False)[0]
+              for p in prompts]
+    assert len(calls) == 1
+    assert out == [s if p != "xyz" else "NO" for p, s in zip(prompts, single)]

@@ -73,6 +73,20 @@ def test_save_load_finetuned(lm, task, tmp_path):
         load_finetuned(path, load_model("tiny-mistral"))
 
 
+def test_default_optimizer_is_sgd_like_the_cli():
+    """Defect 12: the default was AdamW (lr 1e-4), which the docs and CLI call meaningless for
+    a grafting base patch; the one default is now SGD with the CLI's lr."""
+    import argparse
+
+    from skilllens.cli.localize import add_parser
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_parser(sub)
+    cfg = FineTuneConfig()
+    assert cfg.optimizer == "sgd"
+    args = sub.choices["localize"].parse_args(["--task", "synthetic", "--out", "x"])
+    assert (cfg.optimizer, cfg.lr, cfg.steps) == (args.ft_optimizer, args.ft_lr, args.ft_steps)
+
+
 def test_bad_config():
     with pytest.raises(DataError):
         FineTuneConfig(optimizer="lbfgs")
@@ -131,7 +145,7 @@ def test_builtin_tasks(data_dir, lm):
 
 
 def test_evaluate_models_finetune_improves(lm, task):
-    ft = finetune(lm, task, FineTuneConfig(steps=25, lr=3e-3, progress=False))
+    ft = finetune(lm, task, FineTuneConfig(steps=25, lr=3e-3, optimizer="adamw", progress=False))
     s = evaluate_models({"pre": lm, "ft": ft.lm}, task)
     assert s["ft"].score > s["pre"].score and s["ft"].loss < s["pre"].loss
 
