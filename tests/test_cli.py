@@ -39,9 +39,9 @@ def test_collect_writes_named_tensors(tmp_path, data_dir):
     assert meta["fingerprint"]["architecture"] == "llama" and meta["args"]["tokens"] == "answer"
 
 
-def test_collect_local_file_and_errors(tmp_path, capsys, data_dir):
+def test_collect_local_file_and_errors(tmp_path, capsys, data_file):
     out = tmp_path / "de.safetensors"
-    spec = f"xquad-xx={data_dir / 'xquad' / 'xquad.de.json'}"
+    spec = f"xquad-xx={data_file('xquad/xquad.de.json')}"
     assert main(["collect", "--model", "tiny-llama", "--data", spec, "--max-items", "3",
                  "--layers", "-1", "--no-progress", "--out", str(out)]) == 0
     assert out.exists()
