@@ -32,10 +32,10 @@ otherwise (fits and calibrations never see evaluation items); ``evaluate`` asks 
 
 Lists (``retain=[...]``, :func:`resolve_skills`): ``Skill`` objects and ``Item`` lists are used as
 they are. A list of strings is a list of specs when every string is one (a known name,
-``NAME=PATH``, ``hub:...``, an existing file); it is a list of literal texts when none looks like
-a name (texts such as ``"The cat sat."`` or ``"2+2=4"``). A list mixing the two, or holding a bare
-word that is no known name (``"humaneval2"``), is an error listing the choices; wrap single-word
-texts with :func:`from_texts`.
+``NAME=PATH``, ``hub:...``, an existing file); it is a list of literal texts when none is one and
+at least one is plainly text (``["The cat sat.", "2+2=4", "ab"]``). A list mixing specs and other
+strings, or holding only bare words that are no known name (``["humaneval2"]``), is an error
+listing the choices; wrap such texts with :func:`from_texts`.
 
 >>> from skilllens.data import Skill, Item
 >>> Skill("demo", [Item("a", "1+1=", "2")]).items[0].text
@@ -381,7 +381,7 @@ def resolve_skills(data, data_dir_=None, part: str = "probe", name: str | None =
     specs = [is_spec(s) for s in strs]
     if all(specs):
         return _pool([load_skill(s, data_dir_, part) for s in strs], name)
-    if any(specs) or any(_name_like(s) for s in strs):
+    if any(specs) or all(_name_like(s) for s in strs):
         bad = [s for s, ok in zip(strs, specs) if not ok]
         raise DataError(f"cannot tell skill names from texts in this list: {bad[:5]} "
                         f"{'are' if len(bad) > 1 else 'is'} no known skill; use {CHOICES} for "
