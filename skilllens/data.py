@@ -33,9 +33,9 @@ otherwise (fits and calibrations never see evaluation items); ``evaluate`` asks 
 Lists (``retain=[...]``, :func:`resolve_skills`): ``Skill`` objects and ``Item`` lists are used as
 they are. A list of strings is a list of specs when every string is one (a known name,
 ``NAME=PATH``, ``hub:...``, an existing file); it is a list of literal texts when none is one and
-at least one is plainly text (``["The cat sat.", "2+2=4", "ab"]``). A list mixing specs and other
-strings, or holding only bare words that are no known name (``["humaneval2"]``), is an error
-listing the choices; wrap such texts with :func:`from_texts`.
+none resembles one (``["The cat sat.", "2+2=4", "a"]``). A list mixing specs and other strings,
+or holding a near-miss name (``"humaneval2"``, ``"gsm8"``, ``"mbpp=x"``), is an error listing the
+choices; wrap such texts with :func:`from_texts`.
 
 >>> from skilllens.data import Skill, Item
 >>> Skill("demo", [Item("a", "1+1=", "2")]).items[0].text
@@ -109,8 +109,6 @@ class Skill:
         return h.hexdigest()[:16]
 
 
-# ---- files: compression, data folders, resolution order -----------------------------------
-
 def plain_name(path: str | os.PathLike) -> str:
     """The file name without a ``.gz``/``.xz`` compression suffix."""
     name = Path(path).name
@@ -118,12 +116,10 @@ def plain_name(path: str | os.PathLike) -> str:
 
 
 def data_roots(data_dir_: str | os.PathLike | None = None) -> list[tuple[str, Path]]:
-    """``(origin, folder)`` pairs in resolution order: ``data_dir_``, ``$SKILLLENS_DATA``, the
-    packaged data. A folder that is named but missing is an error (a typo must not silently
-    fall back to other data)."""
+    """``(origin, folder)`` in resolution order: ``data_dir_``, ``$SKILLLENS_DATA``, the packaged
+    data. A folder named but missing is an error (a typo must not fall back to other data)."""
     roots = []
-    env = os.environ.get("SKILLLENS_DATA")
-    for origin, c in (("data-dir", data_dir_), ("SKILLLENS_DATA", env)):
+    for origin, c in (("data-dir", data_dir_), ("SKILLLENS_DATA", os.getenv("SKILLLENS_DATA"))):
         if c is None or str(c) == "":
             continue
         folder = Path(c).expanduser()
@@ -154,18 +150,12 @@ def hub_allowed() -> bool:
 
 def describe_source(origin: str, path: Path) -> str:
     """``origin:path`` (packaged paths relative to the packaged folder)."""
-    if origin == "packaged":
-        return f"packaged:{path.relative_to(PACKAGED).as_posix()}"
-    return f"{origin}:{path}"
+    return f"{origin}:{path.relative_to(PACKAGED).as_posix() if origin == 'packaged' else path}"
 
 
 def data_dir(path: str | os.PathLike | None = None) -> Path:
     """The first data folder in the resolution order (the packaged data if none is given)."""
-    roots = data_roots(path)
-    if not roots:
-        raise DataError("no data folder: pass --data-dir DIR (Python: data_dir=DIR) or set "
-                        "SKILLLENS_DATA; the packaged data is missing from this installation")
-    return roots[0][1]
+    return (data_roots(path) or [("packaged", PACKAGED)])[0][1]
 
 
 #: user-registered families: name -> loader(path, name) -> list[Item]
@@ -296,8 +286,7 @@ def split_skill(skill: Skill, probe_fraction: float = 0.5) -> tuple[Skill, Skill
     evals = [it for it in evals if it.id not in seen_ids and it.prompt not in seen_prompts]
     if not probe or not evals:
         raise DataError(f"skill {skill.name!r} has too few distinct items ({len(skill)}) to split "
-                        f"into probe and eval parts; give at least a few dozen items, or read "
-                        f"all of them with load_skill(spec, part='all')")
+                        f"into probe and eval parts; give a few dozen items or use part='all'")
     return (replace(skill, items=probe, name=skill.name), replace(skill, items=evals))
 
 
@@ -326,14 +315,16 @@ def is_spec(s: str) -> bool:
     return "\n" not in s and len(s) < 4096 and Path(s).is_file()
 
 
-def _name_like(s: str) -> bool:
-    """A bare word, ``word=path`` or a data-file path: meant as a name, not as a text."""
+def _near_name(s: str) -> bool:
+    """A bare word close to a known name (``humaneval2``, ``gsm8``), or ``NAME=PATH``-shaped:
+    meant as a name, not as a text."""
+    import difflib
+    from .data_formats import FAMILIES
     s = s.strip()
-    if _NAME_LIKE.match(s):
+    if "=" in s and " " not in s and _NAME_LIKE.match(s.split("=", 1)[0]):
         return True
-    if "=" in s and _NAME_LIKE.match(s.split("=", 1)[0]) and " " not in s:
-        return True
-    return " " not in s and plain_name(s).endswith((".txt", ".jsonl", ".json", ".csv", ".parquet"))
+    names = [*BUILTIN_SKILLS, *FAMILIES, *LOADERS]
+    return bool(_NAME_LIKE.match(s)) and bool(difflib.get_close_matches(s.lower(), names, 1, 0.75))
 
 
 def from_texts(texts, name: str = "texts") -> Skill:
@@ -375,13 +366,12 @@ def resolve_skills(data, data_dir_=None, part: str = "probe", name: str | None =
         return _pool([resolve_skills(d, data_dir_, part) for d in data], name)
     strs = [d for d in data if isinstance(d, str)]
     if len(strs) != len(data):
-        kinds = sorted({type(d).__name__ for d in data})
         raise DataError(f"a data list must hold only skill names, Skills, Items or texts; got "
-                        f"{kinds}")
+                        f"{sorted({type(d).__name__ for d in data})}")
     specs = [is_spec(s) for s in strs]
     if all(specs):
         return _pool([load_skill(s, data_dir_, part) for s in strs], name)
-    if any(specs) or all(_name_like(s) for s in strs):
+    if any(specs) or any(_near_name(s) for s in strs):
         bad = [s for s, ok in zip(strs, specs) if not ok]
         raise DataError(f"cannot tell skill names from texts in this list: {bad[:5]} "
                         f"{'are' if len(bad) > 1 else 'is'} no known skill; use {CHOICES} for "

@@ -331,12 +331,12 @@ def test_lists_of_names_texts_and_mixtures(tmp_path):
     t = tmp_path / "notes.txt"
     t.write_text("".join(f"note number {i}\n" for i in range(40)))
     assert len(as_skill([str(t), "humaneval"])) == len(as_skill(str(t))) + len(both[0])
-    texts = as_skill(["The cat sat.", "2+2=4", "ab"])  # literal texts stay texts
-    assert [it.text for it in texts] == ["The cat sat.", "2+2=4", "ab"]
+    texts = as_skill(["The cat sat.", "2+2=4", "a"])  # literal texts stay texts
+    assert [it.text for it in texts] == ["The cat sat.", "2+2=4", "a"]
     from skilllens.data import from_texts
     assert [it.text for it in as_skill(from_texts(["Paris", "Rome"]))] == ["Paris", "Rome"]
     for bad in (["humaneval", "The cat sat."], ["humaneval2"], ["gsm8k", "gsm9k"],
-                ["humanevl", "xquad_en"]):
+                ["humanevl", "The cat sat."], ["gsm8"], ["mathqa=x.jsonl"]):
         with pytest.raises(DataError) as e:
             as_skill(bad)
         assert "gsm8k" in str(e.value) and "NAME=PATH" in str(e.value), bad
