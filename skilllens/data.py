@@ -1,16 +1,12 @@
 """Skill data: prompt/answer items with stable ids, from built-in names, ``NAME=PATH``, hub ids.
 
-Built-in names: ``gsm8k``, ``humaneval``, ``xquad-en`` ... ``xquad-hi`` (also ``xquad-xx`` for
-any ``xquad.xx.json``), and ``mbpp`` / ``mmlu`` (``mbpp/mbpp.jsonl``, ``mmlu/``; not packaged).
-Their files are looked up in this order (the one place the order is defined; ``skilllens info
---data`` prints the result for each name):
-
+Built-in names: ``gsm8k``, ``humaneval``, ``xquad-en`` ... ``xquad-hi`` (``xquad-xx`` for any
+``xquad.xx.json``), ``mbpp``, ``mmlu`` (not packaged). Their files are looked up in this order (the
+one place it is defined; ``skilllens info --data`` prints the result for each name):
 1. ``data_dir=`` / ``--data-dir DIR`` (a folder holding ``gsm8k/``, ``humaneval/``, ``xquad/``...),
-2. ``$SKILLLENS_DATA``,
-3. the data packaged with skilllens (``skilllens/datasets``: the upstream files, xz-compressed,
-   with their LICENSEs and a sha256 manifest),
-4. the Hugging Face hub (full upstream sets, through ``datasets``), only when the user opts in
-   with ``SKILLLENS_ALLOW_HUB=1`` and ``HF_HUB_OFFLINE`` is unset; never otherwise.
+2. ``$SKILLLENS_DATA``, 3. the data packaged with skilllens (``skilllens/datasets``: upstream
+files, xz-compressed, with LICENSEs and a sha256 manifest), 4. the Hugging Face hub (full sets,
+via ``datasets``) only with ``SKILLLENS_ALLOW_HUB=1`` and ``HF_HUB_OFFLINE`` unset, never otherwise.
 
 A folder that holds the file wins; all files of one skill come from the same place. Plain
 upstream files and ``.gz``/``.xz``-compressed copies are read alike. ``Skill.source`` records where
@@ -21,8 +17,7 @@ the items came from (``packaged:gsm8k/train.jsonl.xz``, ``SKILLLENS_DATA:/data/g
 (``xquad-ru=/data/xquad.ru.json``, ``mbpp=mbpp.jsonl``, ``mmlu=data/test``, ``mlqa-de=x.json``).
 A ``.txt`` (one item per non-empty line) or ``.jsonl``/``.json`` file (fields ``prompt``/``answer``,
 ``question``/``answer`` or ``text``) is loaded as is. ``hub:ORG/NAME[:config][@split]`` (or
-``NAME=hub:...``) loads a Hugging Face data set through the ``datasets`` library; only then is
-the network used.
+``NAME=hub:...``) loads a Hugging Face data set through the ``datasets`` library (network).
 
 Probe and eval parts never overlap: upstream train/test files where they exist (GSM8K, MBPP's
 official task ranges, MMLU dev+val/test, hub splits), else a hash of each item's group (XQuAD
@@ -107,6 +102,13 @@ class Skill:
             h.update(it.text.encode())
             h.update(b"\1")
         return h.hexdigest()[:16]
+
+
+def _is_file(s: str) -> bool:
+    try:
+        return "\n" not in s and Path(s).is_file()
+    except (OSError, ValueError):  # a long text is no file name
+        return False
 
 
 def plain_name(path: str | os.PathLike) -> str:
@@ -242,7 +244,7 @@ def load_skill(spec: str, data_dir_: str | os.PathLike | None = None,
             family = _family(name)
             skill = Skill(name, _load_file(family, Path(path).expanduser(), name), str(path),
                           family)
-    elif plain_name(spec).endswith((".txt", ".jsonl")) or Path(spec).is_file():
+    elif plain_name(spec).endswith((".txt", ".jsonl")) or _is_file(spec):
         family = _family(plain_name(spec))
         name = Path(spec).name.split(".")[0]
         skill = Skill(name, _load_file(family, Path(spec), name), spec, family)
@@ -312,7 +314,7 @@ def is_spec(s: str) -> bool:
             return bool(path.strip()) and bool(_NAME_LIKE.match(name)) and bool(_family(name))
         except DataError:
             return False
-    return "\n" not in s and len(s) < 4096 and Path(s).is_file()
+    return _is_file(s)
 
 
 def _near_name(s: str) -> bool:

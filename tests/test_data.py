@@ -331,8 +331,9 @@ def test_lists_of_names_texts_and_mixtures(tmp_path):
     t = tmp_path / "notes.txt"
     t.write_text("".join(f"note number {i}\n" for i in range(40)))
     assert len(as_skill([str(t), "humaneval"])) == len(as_skill(str(t))) + len(both[0])
-    texts = as_skill(["The cat sat.", "2+2=4", "a"])  # literal texts stay texts
-    assert [it.text for it in texts] == ["The cat sat.", "2+2=4", "a"]
+    long = ["w" * 300 + " end", "a/" + "b" * 300]  # no file name can be this long
+    texts = as_skill(["The cat sat.", "2+2=4", "a", *long])  # literal texts stay texts
+    assert [it.text for it in texts] == ["The cat sat.", "2+2=4", "a", *long]
     from skilllens.data import from_texts
     assert [it.text for it in as_skill(from_texts(["Paris", "Rome"]))] == ["Paris", "Rome"]
     for bad in (["humaneval", "The cat sat."], ["humaneval2"], ["gsm8k", "gsm9k"],
