@@ -19,7 +19,7 @@ import torch
 
 from .artifacts import load_artifact, read_metadata, save_artifact
 from .batching import TOKEN_MODES, encode_items, iter_batches, n_batches
-from .data import as_skill
+from .data import resolve_skills
 from .errors import ArtifactError, DataError, SiteError
 from .hooks import Hook, run_with_hooks
 from .models import load_model
@@ -126,7 +126,7 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
     for s in sites:
         adapter.arch.site(s)
     layers = adapter.check_layers(layers)
-    skill = as_skill(data, data_dir).head(max_items)
+    skill = resolve_skills(data, data_dir).head(max_items)  # specs: their probe part
     if tokens == "answer" and not any(it.answer for it in skill.items):
         raise DataError(f"tokens='answer' needs prompt/answer items; {skill.name!r} has no answers")
     device = lm.device

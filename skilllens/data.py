@@ -1,19 +1,36 @@
 """Skill data: prompt/answer items with stable ids, from built-in names, ``NAME=PATH``, hub ids.
 
-Built-in names (resolved in a data folder: ``data_dir=``, ``$SKILLLENS_DATA``, else ``./data`` or
-``../shared/data``): ``gsm8k``, ``humaneval``, ``xquad-en`` ... ``xquad-hi`` (also ``xquad-xx`` for
-any ``xquad.xx.json``), and ``mbpp`` / ``mmlu`` when ``mbpp/mbpp.jsonl`` / ``mmlu/`` exist there.
+Built-in names: ``gsm8k``, ``humaneval``, ``xquad-en`` ... ``xquad-hi`` (``xquad-xx`` for any
+``xquad.xx.json``), ``mbpp``, ``mmlu`` (not packaged). Their files are looked up in this order (the
+one place it is defined; ``skilllens info --data`` prints the result for each name):
+1. ``data_dir=`` / ``--data-dir DIR`` (a folder holding ``gsm8k/``, ``humaneval/``, ``xquad/``...),
+2. ``$SKILLLENS_DATA``, 3. the data packaged with skilllens (``skilllens/datasets``: upstream
+files, xz-compressed, with LICENSEs and a sha256 manifest), 4. the Hugging Face hub (full sets,
+via ``datasets``) only with ``SKILLLENS_ALLOW_HUB=1`` and ``HF_HUB_OFFLINE`` unset, never otherwise.
+
+A folder that holds the file wins; all files of one skill come from the same place. Plain
+upstream files and ``.gz``/``.xz``-compressed copies are read alike. ``Skill.source`` records where
+the items came from (``packaged:gsm8k/train.jsonl.xz``, ``SKILLLENS_DATA:/data/gsm8k/train.jsonl``,
+``hub:openai/gsm8k:main``, or a user path) and ``Skill.digest()`` their hash.
+
 ``NAME=PATH`` loads a local file (or an MMLU folder) in the upstream format of ``NAME``'s family
 (``xquad-ru=/data/xquad.ru.json``, ``mbpp=mbpp.jsonl``, ``mmlu=data/test``, ``mlqa-de=x.json``).
 A ``.txt`` (one item per non-empty line) or ``.jsonl``/``.json`` file (fields ``prompt``/``answer``,
 ``question``/``answer`` or ``text``) is loaded as is. ``hub:ORG/NAME[:config][@split]`` (or
-``NAME=hub:...``) loads a Hugging Face data set through the ``datasets`` library; only then is
-the network used.
+``NAME=hub:...``) loads a Hugging Face data set through the ``datasets`` library (network).
 
 Probe and eval parts never overlap: upstream train/test files where they exist (GSM8K, MBPP's
 official task ranges, MMLU dev+val/test, hub splits), else a hash of each item's group (XQuAD
 paragraph, aligned across languages; HumanEval task); eval items whose id or prompt also occurs
-in the probe part are dropped.
+in the probe part are dropped. A spec string means its *probe* part unless ``part=`` says
+otherwise (fits and calibrations never see evaluation items); ``evaluate`` asks for ``"eval"``.
+
+Lists (``retain=[...]``, :func:`resolve_skills`): ``Skill`` objects and ``Item`` lists are used as
+they are. A list of strings is a list of specs when every string is one (a known name,
+``NAME=PATH``, ``hub:...``, an existing file); it is a list of literal texts when none is one and
+none resembles one (``["The cat sat.", "2+2=4", "a"]``). A list mixing specs and other strings,
+or holding a near-miss name (``"humaneval2"``, ``"gsm8"``, ``"mbpp=x"``), is an error listing the
+choices; wrap such texts with :func:`from_texts`.
 
 >>> from skilllens.data import Skill, Item
 >>> Skill("demo", [Item("a", "1+1=", "2")]).items[0].text
@@ -23,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -31,6 +49,14 @@ from .errors import DataError
 XQUAD_LANGS = ("en", "de", "es", "ar", "zh", "vi", "hi")
 BUILTIN_SKILLS = ("gsm8k", "humaneval") + tuple(f"xquad-{l}" for l in XQUAD_LANGS)
 HUB_PREFIX = "hub:"
+PACKAGED = Path(__file__).resolve().parent / "datasets"
+COMPRESSED = (".xz", ".gz")
+#: built-in family -> hub reference of the full upstream set (step 4 of the order)
+HUB_REFS = {"gsm8k": "openai/gsm8k:main", "humaneval": "openai/openai_humaneval",
+            "xquad": "google/xquad:xquad.{lang}@validation",
+            "mbpp": "google-research-datasets/mbpp:full", "mmlu": "cais/mmlu:all"}
+CHOICES = (f"a built-in name ({', '.join(BUILTIN_SKILLS)}, mbpp, mmlu), NAME=PATH, "
+           f"hub:ORG/NAME[:config][@split], or a .txt/.jsonl file")
 
 
 @dataclass(frozen=True)
@@ -50,7 +76,8 @@ class Item:
 @dataclass
 class Skill:
     """A named list of items; ``group`` of an item keeps related items on one side of a split,
-    ``part`` (``"probe"``/``"eval"``) pins an item to an upstream split."""
+    ``part`` (``"probe"``/``"eval"``) pins an item to an upstream split. ``source`` says where
+    the items came from (see the module docstring)."""
 
     name: str
     items: list[Item]
@@ -77,14 +104,60 @@ class Skill:
         return h.hexdigest()[:16]
 
 
+def _is_file(s: str) -> bool:
+    try:
+        return "\n" not in s and Path(s).is_file()
+    except (OSError, ValueError):  # a long text is no file name
+        return False
+
+
+def plain_name(path: str | os.PathLike) -> str:
+    """The file name without a ``.gz``/``.xz`` compression suffix."""
+    name = Path(path).name
+    return name[:-3] if name.endswith(COMPRESSED) else name
+
+
+def data_roots(data_dir_: str | os.PathLike | None = None) -> list[tuple[str, Path]]:
+    """``(origin, folder)`` in resolution order: ``data_dir_``, ``$SKILLLENS_DATA``, the packaged
+    data. A folder named but missing is an error (a typo must not fall back to other data)."""
+    roots = []
+    for origin, c in (("data-dir", data_dir_), ("SKILLLENS_DATA", os.getenv("SKILLLENS_DATA"))):
+        if c is None or str(c) == "":
+            continue
+        folder = Path(c).expanduser()
+        if not folder.is_dir():
+            how = "--data-dir / data_dir=" if origin == "data-dir" else "$SKILLLENS_DATA"
+            raise DataError(f"data folder {folder} ({how}) does not exist; fix the path or drop "
+                            f"it to use the data packaged with skilllens")
+        roots.append((origin, folder))
+    if PACKAGED.is_dir():
+        roots.append(("packaged", PACKAGED))
+    return roots
+
+
+def find_data_file(rel: str, data_dir_=None, roots=None) -> tuple[str, Path] | None:
+    """``(origin, path)`` of the first folder holding ``rel`` (plain or ``.xz``/``.gz``)."""
+    for origin, root in roots if roots is not None else data_roots(data_dir_):
+        for cand in (rel, rel + ".xz", rel + ".gz"):
+            if (root / cand).exists():
+                return origin, root / cand
+    return None
+
+
+def hub_allowed() -> bool:
+    """Step 4 of the order: ``SKILLLENS_ALLOW_HUB=1`` set and ``HF_HUB_OFFLINE`` unset."""
+    opt_in = os.environ.get("SKILLLENS_ALLOW_HUB", "").lower() in ("1", "true", "yes")
+    return opt_in and os.environ.get("HF_HUB_OFFLINE", "") in ("", "0")
+
+
+def describe_source(origin: str, path: Path) -> str:
+    """``origin:path`` (packaged paths relative to the packaged folder)."""
+    return f"{origin}:{path.relative_to(PACKAGED).as_posix() if origin == 'packaged' else path}"
+
+
 def data_dir(path: str | os.PathLike | None = None) -> Path:
-    """Resolve the data folder (argument, ``$SKILLLENS_DATA``, ``./data``, ``../shared/data``)."""
-    candidates = [path, os.environ.get("SKILLLENS_DATA"), "data", "../shared/data"]
-    for c in candidates:
-        if c and Path(c).expanduser().is_dir():
-            return Path(c).expanduser()
-    raise DataError("no data folder found: pass --data-dir DIR (Python: data_dir=DIR) or set "
-                    "SKILLLENS_DATA to the folder holding gsm8k/, humaneval/, xquad/")
+    """The first data folder in the resolution order (the packaged data if none is given)."""
+    return (data_roots(path) or [("packaged", PACKAGED)])[0][1]
 
 
 #: user-registered families: name -> loader(path, name) -> list[Item]
@@ -92,7 +165,8 @@ LOADERS = {}
 
 
 def __getattr__(attr):  # ``skilllens.data.FAMILIES`` etc. live in data_formats (lazy: no cycle)
-    if attr in ("FAMILIES", "load_hub", "mbpp_prompt", "mmlu_prompt"):
+    if attr in ("FAMILIES", "load_hub", "mbpp_prompt", "mmlu_prompt", "open_text", "read_text",
+                "data_sources"):
         from . import data_formats
         return getattr(data_formats, attr)
     raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
@@ -103,13 +177,13 @@ def _family(name: str) -> str:
     base = name.split("-")[0]
     if base in FAMILIES or base in LOADERS:
         return base
-    if name.endswith((".jsonl", ".jsonl.gz", ".json", ".parquet")):
+    plain = plain_name(name)
+    if plain.endswith((".jsonl", ".json", ".parquet")):
         return "jsonl"
-    if name.endswith(".txt"):
+    if plain.endswith(".txt"):
         return "txt"
-    raise DataError(f"unknown skill {name!r}; use a built-in name ({', '.join(BUILTIN_SKILLS)}), "
-                    f"NAME=PATH (NAME one of {', '.join(sorted(set(FAMILIES) | set(LOADERS)))}), "
-                    f"hub:ORG/NAME[:config][@split], or a .txt/.jsonl file")
+    raise DataError(f"unknown skill {name!r}; use {CHOICES} "
+                    f"(NAME=PATH: NAME one of {', '.join(sorted(set(FAMILIES) | set(LOADERS)))})")
 
 
 def _load_file(family: str, path: Path, name: str) -> list[Item]:
@@ -121,12 +195,44 @@ def _load_file(family: str, path: Path, name: str) -> list[Item]:
     return loader(path, name)
 
 
-def load_skill(spec: str, data_dir_: str | os.PathLike | None = None, part: str = "all") -> Skill:
-    """Load a skill by spec; ``part`` is ``"all"``, ``"probe"`` or ``"eval"`` (disjoint)."""
+def _builtin(spec: str, family: str, data_dir_) -> Skill:
+    """A built-in name through the resolution order (module docstring)."""
+    from .data_formats import FAMILIES, load_hub
+    _, probe_file, eval_file = FAMILIES[family]
+    lang = spec.split("-", 1)[1] if family == "xquad" and "-" in spec else "en"
+    rel = probe_file.format(lang=lang)
+    roots = data_roots(data_dir_)
+    found = find_data_file(rel, roots=roots)
+    if found is None:
+        if hub_allowed() and family in HUB_REFS:
+            ref = HUB_REFS[family].format(lang=lang)
+            return replace(load_hub(ref, spec), name=spec)
+        where = ", ".join(f"{o} {r}" for o, r in roots) or "no data folder"
+        raise DataError(f"built-in skill {spec!r} needs {rel}, found in none of: {where}; put the "
+                        f"upstream file in --data-dir DIR (or $SKILLLENS_DATA), pass {spec}=PATH, "
+                        f"or allow the hub with SKILLLENS_ALLOW_HUB=1 (HF_HUB_OFFLINE unset)")
+    origin, path = found
+    items, sources = _load_file(family, path, spec), [describe_source(origin, path)]
+    if eval_file:
+        root = dict(roots)[origin]
+        ev = find_data_file(eval_file, roots=[(origin, root)])
+        if ev is None:
+            raise DataError(f"built-in skill {spec!r}: {path} exists but {root / eval_file} does "
+                            f"not; put both upstream files in that folder")
+        items += _load_file(family, ev[1], spec)
+        sources.append(describe_source(origin, ev[1]).split(":", 1)[1])
+    return Skill(spec, items, ",".join(sources), family)
+
+
+def load_skill(spec: str, data_dir_: str | os.PathLike | None = None,
+               part: str = "probe") -> Skill:
+    """Load a skill by spec; ``part`` is ``"probe"`` (default: what fits may see), ``"eval"``
+    or ``"all"`` (both; probe and eval are disjoint)."""
     if part not in ("all", "probe", "eval"):
         raise DataError(f"unknown part {part!r}; use all, probe or eval")
     if not isinstance(spec, str) or not spec.strip():
-        raise DataError("empty skill spec; give a built-in name, NAME=PATH or a file")
+        raise DataError(f"empty skill spec; give {CHOICES}")
+    spec = spec.strip()
     from .data_formats import FAMILIES, load_hub
     if spec.startswith(HUB_PREFIX):
         skill = load_hub(spec[len(HUB_PREFIX):])
@@ -138,25 +244,15 @@ def load_skill(spec: str, data_dir_: str | os.PathLike | None = None, part: str 
             family = _family(name)
             skill = Skill(name, _load_file(family, Path(path).expanduser(), name), str(path),
                           family)
-    elif spec.endswith((".txt", ".jsonl", ".jsonl.gz")) or Path(spec).is_file():
-        family = _family(spec if not Path(spec).is_file() else Path(spec).name)
+    elif plain_name(spec).endswith((".txt", ".jsonl")) or _is_file(spec):
+        family = _family(plain_name(spec))
         name = Path(spec).name.split(".")[0]
         skill = Skill(name, _load_file(family, Path(spec), name), spec, family)
     else:
         family = _family(spec)
         if family not in FAMILIES or FAMILIES[family][1] is None:
             raise DataError(f"{spec!r} is not a built-in skill; give a path: {spec}=PATH")
-        root = data_dir(data_dir_)
-        _, probe_file, eval_file = FAMILIES[family]
-        lang = spec.split("-", 1)[1] if family == "xquad" and "-" in spec else "en"
-        rel = probe_file.format(lang=lang)
-        if not (root / rel).exists():
-            raise DataError(f"built-in skill {spec!r} needs {root / rel}, which does not exist; "
-                            f"put the upstream file there or pass {spec}=PATH")
-        items = _load_file(family, root / rel, spec)
-        if eval_file:
-            items += _load_file(family, root / eval_file, spec)
-        skill = Skill(spec, items, str(root / rel), family)
+        skill = _builtin(spec, family, data_dir_)
     skill = _nonempty(skill)
     return skill if part == "all" else split_skill(skill)[0 if part == "probe" else 1]
 
@@ -192,22 +288,111 @@ def split_skill(skill: Skill, probe_fraction: float = 0.5) -> tuple[Skill, Skill
     evals = [it for it in evals if it.id not in seen_ids and it.prompt not in seen_prompts]
     if not probe or not evals:
         raise DataError(f"skill {skill.name!r} has too few distinct items ({len(skill)}) to split "
-                        f"into probe and eval parts; give at least a few dozen items")
+                        f"into probe and eval parts; give a few dozen items or use part='all'")
     return (replace(skill, items=probe, name=skill.name), replace(skill, items=evals))
 
 
-def as_skill(data, data_dir_=None, part: str = "all") -> Skill:
-    """Accept a Skill, a spec string, a list of Items or a list of strings."""
+_NAME_LIKE = re.compile(r"^[A-Za-z][\w\-]*$")
+
+
+def _known_name(s: str) -> bool:
+    from .data_formats import FAMILIES
+    fam = s.split("-")[0]
+    return s in BUILTIN_SKILLS or (fam in FAMILIES and FAMILIES[fam][1] is not None and
+                                   (fam == "xquad") == bool(re.fullmatch(r"xquad-\w{2,}", s)))
+
+
+def is_spec(s: str) -> bool:
+    """True for a known built-in name, ``NAME=PATH`` (``NAME`` a known family), ``hub:...``
+    or an existing file: the strings a list of skill names may hold."""
+    s = s.strip()
+    if s.startswith(HUB_PREFIX) or _known_name(s):
+        return True
+    if "=" in s:
+        name, path = s.split("=", 1)
+        try:
+            return bool(path.strip()) and bool(_NAME_LIKE.match(name)) and bool(_family(name))
+        except DataError:
+            return False
+    return _is_file(s)
+
+
+def _near_name(s: str) -> bool:
+    """A bare word close to a known name (``humaneval2``, ``gsm8``), or ``NAME=PATH``-shaped:
+    meant as a name, not as a text."""
+    import difflib
+    from .data_formats import FAMILIES
+    s = s.strip()
+    if "=" in s and " " not in s and _NAME_LIKE.match(s.split("=", 1)[0]):
+        return True
+    names = [*BUILTIN_SKILLS, *FAMILIES, *LOADERS]
+    return bool(_NAME_LIKE.match(s)) and bool(difflib.get_close_matches(s.lower(), names, 1, 0.75))
+
+
+def from_texts(texts, name: str = "texts") -> Skill:
+    """A skill of literal texts (one item each), never read as skill names."""
+    texts = [str(t) for t in texts]
+    if not texts:
+        raise DataError("the data set is empty; pass at least one text or item")
+    return Skill(name, [Item(f"{name}/{i}", t) for i, t in enumerate(texts)])
+
+
+def _pool(parts: list[Skill], name: str | None = None) -> Skill:
+    if len(parts) == 1 and name is None:
+        return parts[0]
+    return Skill(name or "+".join(p.name for p in parts), [it for p in parts for it in p.items],
+                 ";".join(p.source for p in parts), parts[0].family
+                 if len({p.family for p in parts}) == 1 else "text")
+
+
+def resolve_skills(data, data_dir_=None, part: str = "probe", name: str | None = None) -> Skill:
+    """The one resolution of skill input (used by every estimator, ``collect`` and the CLI):
+    a ``Skill`` (as is), a spec string (``"humaneval,xquad-en"`` pools several), a list of
+    specs, ``Skill``s, ``Item``s or literal texts (rule in the module docstring). Specs give
+    their ``part`` (default ``"probe"``); several skills are pooled into one."""
     if isinstance(data, Skill):
         return _nonempty(data)
     if isinstance(data, str):
-        return load_skill(data, data_dir_, part)
+        specs = [s.strip() for s in data.split(",") if s.strip()] \
+            if "," in data and not is_spec(data) else [data]
+        if len(specs) > 1 and not all(is_spec(s) for s in specs):
+            bad = [s for s in specs if not is_spec(s)]
+            raise DataError(f"{bad} in {data!r} are not skills; use {CHOICES}")
+        return _pool([load_skill(s, data_dir_, part) for s in specs], name)
     data = list(data)
     if not data:
-        raise DataError("the data set is empty; pass at least one text or item")
-    if isinstance(data[0], Item):
-        return Skill("items", data)
-    return Skill("texts", [Item(f"text/{i}", str(t)) for i, t in enumerate(data)])
+        raise DataError("the data set is empty; pass at least one skill, text or item")
+    if all(isinstance(d, Item) for d in data):
+        return Skill(name or "items", data)
+    if any(isinstance(d, Skill) for d in data):
+        return _pool([resolve_skills(d, data_dir_, part) for d in data], name)
+    strs = [d for d in data if isinstance(d, str)]
+    if len(strs) != len(data):
+        raise DataError(f"a data list must hold only skill names, Skills, Items or texts; got "
+                        f"{sorted({type(d).__name__ for d in data})}")
+    specs = [is_spec(s) for s in strs]
+    if all(specs):
+        return _pool([load_skill(s, data_dir_, part) for s in strs], name)
+    if any(specs) or any(_near_name(s) for s in strs):
+        bad = [s for s, ok in zip(strs, specs) if not ok]
+        raise DataError(f"cannot tell skill names from texts in this list: {bad[:5]} "
+                        f"{'are' if len(bad) > 1 else 'is'} no known skill; use {CHOICES} for "
+                        f"every entry, or pass literal texts with skilllens.data.from_texts([...])")
+    return from_texts(strs, name or "texts")
+
+
+def as_skill(data, data_dir_=None, part: str = "probe") -> Skill:
+    """Accept a Skill, a spec string, a list of specs, Items or texts (see
+    :func:`resolve_skills`); a spec gives its ``part`` (default ``"probe"``)."""
+    return resolve_skills(data, data_dir_, part)
+
+
+def combine_skills(skills, data_dir=None, name: str | None = None) -> Skill:
+    """Pool retain skills into one ``Skill`` (:func:`resolve_skills`, probe parts)."""
+    if skills is None or (not isinstance(skills, (str, Skill)) and not list(skills)) or \
+            (isinstance(skills, str) and not skills.strip(", ")):
+        raise DataError("no retain skill given; name at least one skill to keep")
+    return resolve_skills(skills, data_dir, "probe", name)
 
 
 def sample_skill(skill: Skill, n: int | None, seed: int = 0) -> Skill:

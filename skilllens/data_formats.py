@@ -9,12 +9,34 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
+import io
 import json
+import lzma
 from dataclasses import replace
 from pathlib import Path
 
-from .data import HUB_PREFIX, Item, Skill
+from .data import (BUILTIN_SKILLS, HUB_PREFIX, HUB_REFS, Item, Skill, data_roots,
+                   describe_source, find_data_file, hub_allowed, plain_name)
 from .errors import DataError
+
+
+def open_text(path: str | Path):
+    """Open a plain, ``.gz`` or ``.xz`` file for reading UTF-8 text."""
+    path = Path(path)
+    try:
+        if path.suffix == ".gz":
+            return gzip.open(path, "rt", encoding="utf-8")
+        if path.suffix == ".xz":
+            return io.TextIOWrapper(lzma.open(path, "rb"), encoding="utf-8")
+        return open(path, encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"data file {path} does not exist") from None
+
+
+def read_text(path: str | Path) -> str:
+    """The whole text of a plain, ``.gz`` or ``.xz`` file."""
+    with open_text(path) as f:
+        return f.read()
 
 
 def _need(obj: dict, keys, where: str):
@@ -26,9 +48,8 @@ def _need(obj: dict, keys, where: str):
 
 
 def _read_jsonl(path: Path):
-    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
+        with open_text(path) as f:
             for i, line in enumerate(f):
                 if line.strip():
                     try:
@@ -42,10 +63,11 @@ def _read_jsonl(path: Path):
 
 def _read_rows(path: Path):
     """(index, row) pairs from .jsonl[.gz], .json (a list of rows) or .parquet."""
-    if path.suffix == ".parquet" or path.suffix == ".json":
+    suffix = Path(plain_name(path)).suffix
+    if suffix in (".parquet", ".json"):
         if not path.exists():
             raise DataError(f"data file {path} does not exist")
-        if path.suffix == ".parquet":
+        if suffix == ".parquet":
             try:
                 import pandas as pd
             except ImportError:
@@ -53,7 +75,7 @@ def _read_rows(path: Path):
                                 "pip install pandas pyarrow") from None
             return list(enumerate(pd.read_parquet(path).to_dict("records")))
         try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
+            doc = json.loads(read_text(path))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON ({e.msg})") from None
         if not isinstance(doc, list):
@@ -161,9 +183,7 @@ _gsm8k, _humaneval, _mbpp, _jsonl = (_rows_loader(f) for f in ("gsm8k", "humanev
 
 def _squad(path: Path, name: str) -> list[Item]:
     try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"data file {path} does not exist") from None
+        doc = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e.msg}); expected SQuAD v1.1 format") from None
     if not isinstance(doc, dict) or "data" not in doc:
@@ -187,16 +207,13 @@ def _mmlu(path: Path, name: str) -> list[Item]:
         if not files:
             raise DataError(f"{path}: no MMLU .csv or .parquet files found in this folder")
         return [it for f in files for it in _mmlu(f, name)]
-    if path.suffix != ".csv":
+    if Path(plain_name(path)).suffix != ".csv":
         return _rows_loader("mmlu")(path, name)
-    stem = path.stem
+    stem = Path(plain_name(path)).stem
     split = next((s for s in ("test", "dev", "val") if stem.endswith("_" + s)), "test")
     subject = stem[: -len(split) - 1] if stem.endswith("_" + split) else stem
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
-    except FileNotFoundError:
-        raise DataError(f"data file {path} does not exist") from None
+    with open_text(path) as f:
+        rows = list(csv.reader(f))
     items = []
     for i, r in enumerate(rows):
         if len(r) != 6:
@@ -208,10 +225,7 @@ def _mmlu(path: Path, name: str) -> list[Item]:
 
 
 def _txt(path: Path, name: str) -> list[Item]:
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"data file {path} does not exist") from None
+    lines = read_text(path).splitlines()
     return [Item(f"{name}/{i}", line.strip()) for i, line in enumerate(lines) if line.strip()]
 
 
@@ -283,3 +297,17 @@ def load_hub(ref: str, name: str | None = None) -> Skill:
     return Skill(name, items, HUB_PREFIX + ref, family if tables else "jsonl")
 
 
+def data_sources(data_dir_=None) -> dict:
+    """Where each built-in skill (and the concepts file) resolves to: ``{name: source}``."""
+    roots = data_roots(data_dir_)
+    out = {}
+    for name in (*BUILTIN_SKILLS, "mbpp", "mmlu"):
+        fam = name.split("-")[0]
+        rel = FAMILIES[fam][1].format(lang=name.split("-", 1)[-1])
+        found = find_data_file(rel, roots=roots)
+        out[name] = describe_source(*found) if found else \
+            ("hub:" + HUB_REFS[fam].format(lang=name.split("-", 1)[-1]) if hub_allowed()
+             else f"not found ({rel}; pass {name}=PATH or --data-dir)")
+    found = find_data_file("conceptvectors/llama2-7b_concepts_dev.json", roots=roots)
+    out["concepts"] = describe_source(*found) if found else "not found"
+    return out

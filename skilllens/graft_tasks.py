@@ -24,12 +24,13 @@ import hashlib
 import json
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .batching import encode_items
-from .data import Item, data_dir
+from .data import Item, find_data_file, read_text
 from .errors import DataError
 
 KINDS = ("classification", "generation")
@@ -276,12 +277,17 @@ def _stratified_take(items: list[Item], n: int) -> tuple[list[Item], list[Item]]
     return taken, [it for it in items if id(it) not in ids]
 
 
-def _read_squad(path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))["data"]
-    except FileNotFoundError:
-        raise DataError(f"{path} does not exist; pass data_dir= the folder holding "
-                        f"xquad/") from None
+def _data_file(rel: str, data_dir_) -> Path:
+    """``rel`` found like every built-in data file (``data_dir=``, ``$SKILLLENS_DATA``, the
+    packaged data; see :mod:`skilllens.data`)."""
+    found = find_data_file(rel, data_dir_)
+    if found is None:
+        raise DataError(f"{rel} is in no data folder; pass data_dir= a folder holding it")
+    return found[1]
+
+
+def _read_squad(rel, data_dir_):
+    return json.loads(read_text(_data_file(rel, data_dir_)))["data"]
 
 
 LANG_WORDS = {"en": " English", "de": " German", "es": " Spanish", "vi": " Vietnamese",
@@ -296,12 +302,11 @@ def xquad_lang_task(data_dir_=None, langs=("en", "de", "es"), n_train=16, n_dev=
     train/dev and test; ``per_paragraph`` > 1 cuts that many consecutive snippets of up to
     ``max_chars`` from each paragraph (more held-out items: about 89 test items with 1, 267
     with 3; snippets of one paragraph always share a split)."""
-    root = data_dir(data_dir_)
     keyed = []
     for c, lang in enumerate(langs):
         if lang not in LANG_WORDS:
             raise DataError(f"unknown language {lang!r}; use some of {sorted(LANG_WORDS)}")
-        for a, article in enumerate(_read_squad(root / "xquad" / f"xquad.{lang}.json")):
+        for a, article in enumerate(_read_squad(f"xquad/xquad.{lang}.json", data_dir_)):
             for p, para in enumerate(article["paragraphs"]):
                 key = f"{a}/{p}"
                 # one language per paragraph, chosen by hash, so no translation leaks across splits
@@ -326,9 +331,8 @@ def xquad_lang_task(data_dir_=None, langs=("en", "de", "es"), n_train=16, n_dev=
 def xquad_numeric_task(data_dir_=None, lang="en", n_train=16, n_dev=8, n_test=64, seed=0,
                        max_chars=100) -> GraftTask:
     """Is the answer to an XQuAD question a number? (label words `` no`` / `` yes``)."""
-    root = data_dir(data_dir_)
     keyed = []
-    for a, article in enumerate(_read_squad(root / "xquad" / f"xquad.{lang}.json")):
+    for a, article in enumerate(_read_squad(f"xquad/xquad.{lang}.json", data_dir_)):
         for p, para in enumerate(article["paragraphs"]):
             for qa in para["qas"]:
                 ans = qa["answers"][0]["text"]
@@ -346,15 +350,9 @@ def xquad_numeric_task(data_dir_=None, lang="en", n_train=16, n_dev=8, n_test=64
 def gsm8k_calc_task(data_dir_=None, n_train=16, n_dev=8, n_test=64, seed=0,
                     max_question_chars=150, max_step_chars=50) -> GraftTask:
     """First GSM8K solution step with its ``<<a*b=c>>`` annotation, after the question."""
-    root = data_dir(data_dir_)
     items = []
     for split in ("train", "test"):
-        path = root / "gsm8k" / f"{split}.jsonl"
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            raise DataError(f"{path} does not exist; pass data_dir= the folder holding gsm8k/") \
-                from None
+        lines = read_text(_data_file(f"gsm8k/{split}.jsonl", data_dir_)).splitlines()
         for i, line in enumerate(lines):
             row = json.loads(line)
             q = " ".join(row["question"].split())

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .artifacts import check_fingerprint, load_artifact, save_artifact
-from .data import Item, as_skill
+from .data import Item, resolve_skills
 from .errors import SkillLensError
 
 K_MAX = 1e4
@@ -133,7 +133,7 @@ class KeySpaceDetector:
 
         lm = load_model(lm)
         layer = lm.adapter.check_layers([self.layer])[0]
-        items = as_skill(items).items  # a Skill, items or texts
+        items = resolve_skills(items).items  # a Skill, items, texts or specs (probe part)
         items = [Item(it.id, it.prompt) for it in items]  # the prompt only: answers never seen
         res = collect(lm, items, sites=[self.site], layers=[layer], tokens="last",
                       batch_size=self.batch_size, max_length=self.max_length, stats=("moments",),
@@ -146,12 +146,13 @@ class KeySpaceDetector:
         from .models import load_model
 
         lm = load_model(lm)
-        skill = as_skill(forget, data_dir)
+        skill = resolve_skills(forget, data_dir)  # specs: their probe part
         if len(skill) < 2:
             raise SkillLensError(f"KSD needs at least 2 probe queries to estimate a spread; "
                                  f"{skill.name!r} has {len(skill)}")
         vectors = self.query_vectors(lm, skill.items, progress=progress)
-        self.meta = {"forget": skill.name, "forget_hash": skill.digest(), "n_probe": len(skill)}
+        self.meta = {"forget": skill.name, "forget_hash": skill.digest(), "n_probe": len(skill),
+                     "forget_source": skill.source}
         self.fingerprint = lm.fingerprint
         return self.fit_vectors(vectors)
 
@@ -184,12 +185,9 @@ class KeySpaceDetector:
         from .models import load_model
 
         lm = load_model(lm)
-        skills = retain if isinstance(retain, (list, tuple)) and retain and \
-            not isinstance(retain[0], (str, Item)) else [retain]
-        vecs = [self.query_vectors(lm, as_skill(r, data_dir).items, progress=progress)
-                for r in skills]
-        return self.calibrate_vectors(torch.cat(vecs), max_fpr=max_fpr, margin=margin,
-                                      alpha_max=alpha_max)
+        skill = resolve_skills(retain, data_dir)  # specs and lists of specs: probe parts
+        vecs = self.query_vectors(lm, skill.items, progress=progress)
+        return self.calibrate_vectors(vecs, max_fpr=max_fpr, margin=margin, alpha_max=alpha_max)
 
     def calibrate_vectors(self, retain_vectors: torch.Tensor, *, max_fpr: float = 0.05,
                           margin: float = 0.1, alpha_max: float | None = None

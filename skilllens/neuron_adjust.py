@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from .artifacts import load_artifact, save_artifact
-from .data import Skill, as_skill
+from .data import Skill, combine_skills, resolve_skills  # noqa: F401 (combine_skills re-exported)
 from .errors import SkillLensError
 from .hooks import Hook, hooks_applied
 
@@ -69,29 +69,6 @@ def top_percent(scores: torch.Tensor, percent: float, scope: str = "global") -> 
         return {r: torch.sort(cols[rows == r]).values for r in range(n_rows) if (rows == r).any()}
     k = max(1, round(percent / 100 * d))
     return {r: torch.sort(torch.topk(s[r], k).indices).values for r in range(n_rows)}
-
-
-def combine_skills(skills, data_dir=None, name: str | None = None) -> Skill:
-    """Pool skills into one ``Skill``: a spec (``"humaneval,xquad-en"`` splits on commas), a
-    ``Skill``, a list of ``Skill``s, or a list of items / texts (one skill)."""
-    if isinstance(skills, str):
-        skills = [s.strip() for s in skills.split(",") if s.strip()]
-        parts = [as_skill(s, data_dir) for s in skills]
-    elif isinstance(skills, Skill):
-        return as_skill(skills)
-    else:
-        skills = list(skills)
-        if not skills:
-            raise SkillLensError("no retain skill given; name at least one skill to keep")
-        if not isinstance(skills[0], Skill):
-            return as_skill(skills, data_dir)  # a list of items / texts
-        parts = [as_skill(s) for s in skills]
-    if not parts:
-        raise SkillLensError("no retain skill given; name at least one skill to keep")
-    if len(parts) == 1:
-        return parts[0]
-    items = [it for p in parts for it in p.items]
-    return Skill(name or "+".join(p.name for p in parts), items, ",".join(p.source for p in parts))
 
 
 def check_disjoint(forget: Skill, retain: Skill) -> None:
@@ -207,7 +184,7 @@ class NeuronAdjuster:
         from .models import load_model
 
         lm = load_model(lm)
-        f_skill = as_skill(forget, data_dir)
+        f_skill = resolve_skills(forget, data_dir)  # specs: their probe part
         r_skill = combine_skills(retain, data_dir)
         check_disjoint(f_skill, r_skill)
         kw = dict(sites=[self.site], layers=self.layers, tokens=self.tokens,
@@ -216,7 +193,8 @@ class NeuronAdjuster:
         fs = forget_stats or collect(lm, f_skill, **kw)
         rs = retain_stats or collect(lm, r_skill, **kw)
         self.meta = {"forget": f_skill.name, "retain": r_skill.name,
-                     "forget_hash": f_skill.digest(), "retain_hash": r_skill.digest()}
+                     "forget_hash": f_skill.digest(), "retain_hash": r_skill.digest(),
+                     "forget_source": f_skill.source, "retain_source": r_skill.source}
         return self.fit_stats(fs, rs, lm)
 
     def fit_stats(self, forget_stats, retain_stats, lm=None) -> "NeuronAdjuster":

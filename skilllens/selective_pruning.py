@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from .artifacts import check_fingerprint, load_artifact, save_artifact
-from .data import as_skill
+from .data import combine_skills, resolve_skills
 from .errors import SkillLensError
 from .hooks import Hook, hooks_applied
-from .neuron_adjust import SCOPES, check_disjoint, check_percent, combine_skills, top_percent
+from .neuron_adjust import SCOPES, check_disjoint, check_percent, top_percent
 
 
 def pruning_scores(abs_forget: torch.Tensor, abs_retain: torch.Tensor,
@@ -62,7 +62,7 @@ class SelectivePruner:
         from .models import load_model
 
         lm = load_model(lm)
-        f_skill, r_skill = as_skill(forget, data_dir), combine_skills(retain, data_dir)
+        f_skill, r_skill = resolve_skills(forget, data_dir), combine_skills(retain, data_dir)
         check_disjoint(f_skill, r_skill)
         kw = dict(sites=[self.site], layers=self.layers, tokens=self.tokens,
                   batch_size=self.batch_size, max_length=self.max_length,
@@ -70,7 +70,8 @@ class SelectivePruner:
         fs = forget_stats or collect(lm, f_skill, **kw)
         rs = retain_stats or collect(lm, r_skill, **kw)
         self.meta = {"forget": f_skill.name, "retain": r_skill.name,
-                     "forget_hash": f_skill.digest(), "retain_hash": r_skill.digest()}
+                     "forget_hash": f_skill.digest(), "retain_hash": r_skill.digest(),
+                     "forget_source": f_skill.source, "retain_source": r_skill.source}
         return self.fit_stats(fs, rs, lm)
 
     def fit_stats(self, forget_stats, retain_stats, lm=None) -> "SelectivePruner":

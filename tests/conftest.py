@@ -4,17 +4,31 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = (REPO.parent / "shared" / "data").resolve()
-os.environ.setdefault("SKILLLENS_DATA", str(DATA))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tests read the data packaged with skilllens unless the user gives a folder ($SKILLLENS_DATA
+# still wins); the hub is never tried.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.pop("SKILLLENS_ALLOW_HUB", None)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    if not DATA.is_dir():
-        pytest.skip("shared data folder ../shared/data not found")
-    return DATA
+    """The folder the tests read built-in data from: $SKILLLENS_DATA if set, else the packaged
+    data (files may be .xz-compressed; use ``data_file`` for a path to one file)."""
+    from skilllens.data import data_dir as first_folder
+    return first_folder()
+
+
+@pytest.fixture(scope="session")
+def data_file(data_dir):
+    """``data_file("xquad/xquad.de.json")``: that upstream file (plain or compressed)."""
+    from skilllens.data import find_data_file
+
+    def find(rel: str) -> Path:
+        found = find_data_file(rel, data_dir)
+        assert found is not None, rel
+        return found[1]
+    return find
 
 
 @pytest.fixture(scope="session")

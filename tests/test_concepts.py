@@ -63,7 +63,7 @@ def test_user_concepts_json_yaml_and_missing_fields(tmp_path):
     with pytest.raises(DataError, match="no questions"):
         Concept("X", "text", [], ["q"])
     with pytest.raises(DataError, match="Atlantis.*not in"):
-        load_concepts(None, names=["Atlantis"], data_dir="../shared/data")
+        load_concepts(None, names=["Atlantis"])
 
 
 # ---------------------------------------------------------------- vocab projection

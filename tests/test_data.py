@@ -7,6 +7,7 @@ import sys
 import types
 
 import pytest
+import torch
 
 from skilllens.data import (BUILTIN_SKILLS, XQUAD_LANGS, Item, Skill, as_skill, load_skill,
                             sample_skill, split_skill)
@@ -26,7 +27,7 @@ def _disjoint(probe, evals):
 def test_builtin_probe_and_eval_never_overlap(data_dir, name):
     probe, evals = _cached(name, data_dir, "probe"), _cached(name, data_dir, "eval")
     _disjoint(probe, evals)
-    full = _cached(name, data_dir)
+    full = _cached(name, data_dir, "all")
     assert len(probe) + len(evals) <= len(full)
     ids = [it.id for it in full]
     assert len(ids) == len(set(ids)), "ids must be unique"
@@ -70,8 +71,8 @@ def test_pinned_parts_are_kept_and_deterministic():
     assert split_skill(Skill("s", items))[1].items == evals.items
 
 
-def test_name_equals_path(data_dir):
-    sk = load_skill(f"xquad-xx={data_dir}/xquad/xquad.de.json", part="eval")
+def test_name_equals_path(data_dir, data_file):
+    sk = load_skill(f"xquad-xx={data_file('xquad/xquad.de.json')}", part="eval")
     ref = _cached("xquad-de", data_dir, "eval")
     assert sk.name == "xquad-xx" and sk.family == "xquad"
     assert [it.id.split("/")[-1] for it in sk] == [it.id.split("/")[-1] for it in ref]
@@ -80,7 +81,7 @@ def test_name_equals_path(data_dir):
 
 
 def test_humaneval_fields(data_dir):
-    sk = _cached("humaneval", data_dir)
+    sk = _cached("humaneval", data_dir, "all")
     it = next(i for i in sk if i.id == "HumanEval/0")
     assert it.meta["entry_point"] == "has_close_elements" and "def check" in it.meta["test"]
     assert it.prompt.lstrip().startswith("from typing import List")
@@ -96,7 +97,7 @@ MBPP_ROWS = [
 def test_mbpp_upstream_jsonl_and_official_split(tmp_path):
     p = tmp_path / "mbpp.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in MBPP_ROWS) + "\n")
-    sk = load_skill(f"mbpp={p}")
+    sk = load_skill(f"mbpp={p}", part="all")
     assert [it.id for it in sk] == ["mbpp/2", "mbpp/11", "mbpp/12", "mbpp/600", "mbpp/700"]
     it = sk.items[1]
     assert "Write a function to add 11." in it.prompt and "assert f(1) == 12" in it.prompt
@@ -126,7 +127,7 @@ def test_mmlu_csv_file_and_folder(tmp_path):
     (tmp_path / "test").mkdir()
     _mmlu_csv(tmp_path / "dev" / "high_school_math_dev.csv", rows[:1])
     _mmlu_csv(tmp_path / "test" / "high_school_math_test.csv", rows)
-    one = load_skill(f"mmlu={tmp_path / 'test' / 'high_school_math_test.csv'}")
+    one = load_skill(f"mmlu={tmp_path / 'test' / 'high_school_math_test.csv'}", part="all")
     assert len(one) == 2 and one.items[0].answer == " B"
     assert one.items[0].prompt.startswith("The following is a multiple choice question about "
                                           "high school math.")
@@ -148,7 +149,7 @@ def test_mmlu_hub_layout_jsonl(tmp_path):
     p = tmp_path / "test.jsonl"
     p.write_text(json.dumps({"question": "Q?", "subject": "law", "choices": ["a", "b", "c", "d"],
                              "answer": 3}) + "\n")
-    sk = load_skill(f"mmlu={p}")
+    sk = load_skill(f"mmlu={p}", part="all")
     assert sk.items[0].answer == " D" and sk.items[0].meta["subject"] == "law"
 
 
@@ -159,20 +160,20 @@ def test_mmlu_hub_layout_parquet(tmp_path):
     pd.DataFrame({"question": ["Q1?", "Q2?"], "subject": ["law", "law"],
                   "choices": [["a", "b", "c", "d"], ["e", "f", "g", "h"]],
                   "answer": [0, 2]}).to_parquet(p)
-    sk = load_skill(f"mmlu={p}")
+    sk = load_skill(f"mmlu={p}", part="all")
     assert [it.answer for it in sk] == [" A", " C"] and "C. g" in sk.items[1].prompt
 
 
 def test_plain_text_and_jsonl(tmp_path):
     t = tmp_path / "notes.txt"
     t.write_text("first line\n\n second line \n")
-    sk = load_skill(str(t))
+    sk = load_skill(str(t), part="all")
     assert [it.prompt for it in sk] == ["first line", "second line"]
     j = tmp_path / "qa.jsonl.gz"
     with gzip.open(j, "wt") as f:
         f.write(json.dumps({"question": "Why?", "answer": 42}) + "\n")
         f.write(json.dumps({"id": "custom", "prompt": "p", "completion": "c"}) + "\n")
-    sk = load_skill(str(j))
+    sk = load_skill(str(j), part="all")
     assert sk.items[0].text == "Question: Why?\nAnswer: 42"
     assert (sk.items[1].id, sk.items[1].answer) == ("custom", "c")
 
@@ -244,13 +245,13 @@ def test_hub_ids_through_datasets_without_network(monkeypatch):
                            for i in range(off, off + n)]
     calls = []
     _fake_datasets(monkeypatch, {"train": rows(5, 0), "test": rows(3, 100)}, calls)
-    sk = load_skill("hub:openai/gsm8k:main")
+    sk = load_skill("hub:openai/gsm8k:main", part="all")
     assert calls[-1] == ("openai/gsm8k", "main", None) and sk.name == "gsm8k"
     assert sk.family == "gsm8k" and sk.source == "hub:openai/gsm8k:main"
     probe, evals = load_skill("hub:openai/gsm8k:main", part="probe"), \
         load_skill("hub:openai/gsm8k:main", part="eval")
     assert [it.meta["final"] for it in evals] == ["100", "101", "102"] and len(probe) == 5
-    one = load_skill("math=hub:openai/gsm8k:main@test")
+    one = load_skill("math=hub:openai/gsm8k:main@test", part="all")
     assert calls[-1] == ("openai/gsm8k", "main", "test") and one.name == "math" and len(one) == 3
     with pytest.raises(DataError, match="cannot load hub data set"):
         load_skill("hub:missing/set")
@@ -260,9 +261,83 @@ def test_hub_squad_and_mbpp_layouts(monkeypatch):
     squad = [{"id": f"q{i}", "context": f"ctx {i // 2}", "question": f"who {i}?",
               "answers": {"text": [f"ans {i}"], "answer_start": [0]}} for i in range(8)]
     _fake_datasets(monkeypatch, {"validation": squad}, [])
-    sk = load_skill("xquad-de=hub:google/xquad:xquad.de@validation")
+    sk = load_skill("xquad-de=hub:google/xquad:xquad.de@validation", part="all")
     assert sk.family == "xquad" and sk.items[0].meta["answers"] == ["ans 0"]
     assert sk.items[0].meta["group"] == sk.items[1].meta["group"] != sk.items[2].meta["group"]
     _fake_datasets(monkeypatch, {"test": MBPP_ROWS}, [])
-    sk = load_skill("hub:google-research-datasets/mbpp@test")
+    sk = load_skill("hub:google-research-datasets/mbpp@test", part="all")
     assert sk.family == "mbpp" and sk.items[0].meta["test_list"] == ["assert f(1) == 3"]
+
+
+# ---- issue 10, defects 1 and 2: names mean the probe part; lists of names are names ---------
+
+def _ids(skill):
+    return {it.id for it in skill}
+
+
+def test_a_builtin_name_holds_no_eval_item():
+    from skilllens.data import as_skill
+    for name in ("gsm8k", "humaneval", "xquad-en"):
+        probe, evals = _cached(name, None, "probe"), _cached(name, None, "eval")
+        for sk in (as_skill(name), load_skill(name)):
+            assert _ids(sk) == _ids(probe) and not _ids(sk) & _ids(evals), name
+    assert len(load_skill("gsm8k", part="all")) == len(_cached("gsm8k", None, "probe")) + \
+        len(_cached("gsm8k", None, "eval"))  # the eval part only when asked for
+
+
+def test_fits_from_names_use_probe_parts_and_lists_of_names(tiny_llama, monkeypatch):
+    """NA, SP, KSD fit/calibrate and collect given names see probe items only; a list of names
+    resolves like the names (not as two one-line texts)."""
+    from skilllens import collect
+    from skilllens.key_space import KeySpaceDetector
+    from skilllens.neuron_adjust import NeuronAdjuster
+    from skilllens.selective_pruning import SelectivePruner
+
+    texts = ["a b c", "d e f g"]
+    kw = dict(layers=None, tokens="all", progress=False, stats=("moments", "abs"))
+    stats = {s: collect(tiny_llama, texts, sites=[s], **kw) for s in ("gate", "key")}
+    forget, evals = _cached("gsm8k", None, "probe"), _cached("gsm8k", None, "eval")
+    retain = [_cached(s, None, "probe") for s in ("humaneval", "xquad-en")]
+    pooled = Skill("r", [it for r in retain for it in r.items])
+    for est, site in ((NeuronAdjuster(percent=5), "gate"), (SelectivePruner(percent=5), "key")):
+        est.fit(tiny_llama, "gsm8k", ["humaneval", "xquad-en"], forget_stats=stats[site],
+                retain_stats=stats[site], progress=False)
+        assert est.meta["forget_hash"] == forget.digest(), type(est).__name__
+        assert est.meta["retain_hash"] == pooled.digest(), type(est).__name__
+
+    seen = []
+
+    def fake_vectors(self, lm, items, progress=False):
+        seen.append([it.id for it in items])
+        g = torch.Generator().manual_seed(len(seen))
+        return torch.randn(len(seen[-1]), 8, generator=g, dtype=torch.float64)
+    monkeypatch.setattr(KeySpaceDetector, "query_vectors", fake_vectors)
+    ksd = KeySpaceDetector(alpha=2.0).fit(tiny_llama, "gsm8k", progress=False)
+    assert set(seen[0]) == _ids(forget) and not set(seen[0]) & _ids(evals)
+    ksd.calibrate(tiny_llama, ["humaneval", "xquad-en"])
+    assert {i for ids in seen[1:] for i in ids} == _ids(pooled)
+
+    res = collect(tiny_llama, "gsm8k", sites=["gate"], layers=[0], max_items=2, progress=False)
+    assert res.meta["data_hash"] == forget.head(2).digest()
+
+
+def test_lists_of_names_texts_and_mixtures(tmp_path):
+    from skilllens.data import as_skill
+    both = [_cached(s, None, "probe") for s in ("humaneval", "xquad-en")]
+    for spec in (["humaneval", "xquad-en"], "humaneval,xquad-en", ("humaneval", " xquad-en")):
+        sk = as_skill(spec)
+        assert [it.id for it in sk] == [it.id for s in both for it in s] and \
+            sk.name == "humaneval+xquad-en", spec
+    t = tmp_path / "notes.txt"
+    t.write_text("".join(f"note number {i}\n" for i in range(40)))
+    assert len(as_skill([str(t), "humaneval"])) == len(as_skill(str(t))) + len(both[0])
+    long = ["w" * 300 + " end", "a/" + "b" * 300]  # no file name can be this long
+    texts = as_skill(["The cat sat.", "2+2=4", "a", *long])  # literal texts stay texts
+    assert [it.text for it in texts] == ["The cat sat.", "2+2=4", "a", *long]
+    from skilllens.data import from_texts
+    assert [it.text for it in as_skill(from_texts(["Paris", "Rome"]))] == ["Paris", "Rome"]
+    for bad in (["humaneval", "The cat sat."], ["humaneval2"], ["gsm8k", "gsm9k"],
+                ["humanevl", "The cat sat."], ["gsm8"], ["mathqa=x.jsonl"]):
+        with pytest.raises(DataError) as e:
+            as_skill(bad)
+        assert "gsm8k" in str(e.value) and "NAME=PATH" in str(e.value), bad

@@ -173,7 +173,7 @@ def _patch_generation(monkeypatch, fn):
 
 
 def test_pass_at_1_runs_tests_in_the_sandbox(tiny_llama, data_dir, monkeypatch):
-    sk = load_skill("humaneval", data_dir)
+    sk = load_skill("humaneval", data_dir, "all")
     by_prompt = {it.prompt: it for it in sk}
     items = [it for it in sk if it.id in ("HumanEval/0", "HumanEval/2", "HumanEval/4",
                                           "HumanEval/7")]

@@ -16,7 +16,9 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None,
-                   help="folder with gsm8k/, humaneval/, xquad/ (default: $SKILLLENS_DATA)")
+                   help="folder with gsm8k/, humaneval/, xquad/, conceptvectors/ (upstream "
+                        "files); files it lacks come from $SKILLLENS_DATA, then the data packaged "
+                        "with skilllens (see: skilllens info --data)")
 
 
 def formatter(prog):

@@ -1,24 +1,53 @@
-"""``skilllens info``: architecture, layers, d_model, d_ff and sites of a model."""
+"""``skilllens info``: architecture, layers, d_model, d_ff and sites of a model; with ``--data``,
+where each built-in skill's data is read from."""
 from __future__ import annotations
 
 import json
 
-from .common import add_model_args, formatter, load
+from .common import add_data_args, add_model_args, formatter, load
 
-EXAMPLE = """example:
+EXAMPLE = """examples:
   skilllens info --model smollm2-135m
-  skilllens info --model tiny-gpt2 --json"""
+  skilllens info --model tiny-gpt2 --json
+  skilllens info --data                      # where gsm8k, humaneval, xquad-* ... are read from
+  skilllens info --data --data-dir ../shared/data"""
+
+ORDER = ("--data-dir DIR, then $SKILLLENS_DATA, then the data packaged with skilllens, then "
+         "(only with SKILLLENS_ALLOW_HUB=1 and HF_HUB_OFFLINE unset) the Hugging Face hub")
 
 
 def add_parser(sub):
-    p = sub.add_parser("info", help="describe a model's FFN sites", epilog=EXAMPLE,
-                       formatter_class=formatter, description=__doc__)
+    p = sub.add_parser("info", help="describe a model's FFN sites (or, with --data, the data)",
+                       epilog=EXAMPLE, formatter_class=formatter, description=__doc__)
     add_model_args(p)
+    add_data_args(p)
+    p.add_argument("--data", action="store_true",
+                   help="print where each built-in skill's data comes from (loads no model)")
     p.add_argument("--json", action="store_true", help="print JSON")
     return p
 
 
+def data_info(data_dir=None) -> dict:
+    """The resolution order and the resolved source of each built-in skill."""
+    from ..data import data_roots, hub_allowed
+    from ..data_formats import data_sources
+    return {"order": ORDER, "folders": [f"{o}: {r}" for o, r in data_roots(data_dir)],
+            "hub_allowed": hub_allowed(), "sources": data_sources(data_dir)}
+
+
 def run(args) -> int:
+    if args.data:
+        info = data_info(args.data_dir)
+        if args.json:
+            print(json.dumps(info, indent=2))
+        else:
+            print(f"order     {info['order']}")
+            for folder in info["folders"]:
+                print(f"folder    {folder}")
+            print(f"hub       {'allowed' if info['hub_allowed'] else 'not allowed'}")
+            for name, src in info["sources"].items():
+                print(f"{name:9s} {src}")
+        return 0
     lm = load(args)
     desc = {"model": lm.name, **lm.adapter.describe(), "fingerprint": lm.fingerprint["id"],
             "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""),

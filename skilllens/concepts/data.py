@@ -92,8 +92,9 @@ def from_user_entry(entry: dict, where: str = "concept") -> Concept:
 def _read(path: Path):
     if not path.exists():
         raise DataError(f"concept file {path} does not exist")
-    raw = path.read_text(encoding="utf-8")
-    if path.suffix in (".yaml", ".yml"):
+    from ..data import plain_name, read_text
+    raw = read_text(path)  # plain, .gz or .xz
+    if Path(plain_name(path)).suffix in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError:
@@ -113,15 +114,16 @@ def _read(path: Path):
 def load_concepts(path: str | os.PathLike | None = None, data_dir: str | os.PathLike | None = None,
                   names: list[str] | None = None, limit: int | None = None) -> list[Concept]:
     """Load concepts from a ConceptVectors JSON, a user JSON/YAML file, or (``path=None``) the
-    shared dev split in the data folder. ``names`` keeps only those concepts (in that order)."""
+    ConceptVectors dev split, found like every built-in data file (``--data-dir``,
+    ``$SKILLLENS_DATA``, the packaged data; see :mod:`skilllens.data`). ``names`` keeps only
+    those concepts (in that order)."""
     if path is None:
-        from ..data import data_dir as resolve
-        try:
-            root = resolve(data_dir)
-        except DataError:
-            raise DataError("no concepts given and no data folder found: pass --concepts FILE or "
-                            "--data-dir DIR (holding conceptvectors/), or set SKILLLENS_DATA") from None
-        path = root / DEV_FILE
+        from ..data import find_data_file
+        found = find_data_file(DEV_FILE, data_dir)
+        if found is None:
+            raise DataError(f"no concepts given and {DEV_FILE} is in no data folder: pass "
+                            f"--concepts FILE or --data-dir DIR (holding conceptvectors/)")
+        path = found[1]
     path = Path(path).expanduser()
     doc = _read(path)
     if isinstance(doc, dict) and "concepts" in doc:
