@@ -5,7 +5,7 @@ import json
 import lzma
 import sys
 import types
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
@@ -109,3 +109,16 @@ def test_hub_only_when_allowed_and_online(tmp_path, monkeypatch):
     assert [it.meta["final"] for it in sk] == ["5", "6"]
     from skilllens.data_formats import data_sources
     assert data_sources()["xquad-de"] == "hub:google/xquad:xquad.de@validation"
+
+
+def test_package_data_ships_every_packaged_file():
+    """pyproject's package-data globs cover each file in skilllens/datasets (so a wheel and a
+    non-editable install carry the data)."""
+    tomllib = pytest.importorskip("tomllib")
+    cfg = tomllib.loads((PACKAGED.parents[1] / "pyproject.toml").read_text())
+    globs = cfg["tool"]["setuptools"]["package-data"]["skilllens"]
+    files = [p.relative_to(PACKAGED.parent).as_posix() for p in PACKAGED.rglob("*") if p.is_file()]
+    def shipped(f: str) -> bool:  # setuptools globs: "*" stays within one folder
+        return any(len(PurePosixPath(g).parts) == len(PurePosixPath(f).parts) and
+                   PurePosixPath(f).match(g) for g in globs)
+    assert files and [f for f in files if not shipped(f)] == []
