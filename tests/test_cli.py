@@ -99,3 +99,12 @@ def test_audit_and_concepts_run_with_no_data_folder(no_data_folder, capsys):
                  "1", "--method", "zero", "--no-progress", "--out", str(cv)]) == 0
     assert [r["concept"] for r in json.loads((cv / "results.json").read_text())["concepts"]] == \
         ["Poland"]
+
+
+def test_python_dash_m_runs_the_cli():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "skilllens.cli", "--version"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()
