@@ -87,7 +87,9 @@ class NeuronStats:
         if self._use_kernel(x):
             p = _kernel_partials(x.detach(), mask, spec)
         else:
-            p = batch_partials(x.detach(), mask, spec, self.stats)
+            m = self.moments
+            shift = m.mean if bool(m.count.any()) else None  # running mean: little cancellation
+            p = batch_partials(x.detach(), mask, spec, self.stats, shift)
         for c in self.components:
             c.update_partials(p)
         return self

@@ -46,6 +46,8 @@ def histogram_counts(x: torch.Tensor, spec: HistogramSpec, all_finite: bool = Fa
     (0 = underflow, ``bins + 1`` = overflow). Computed in reused buffers with ``scatter_add_``;
     ``all_finite=True`` (the caller knows there is no NaN/inf) skips the finiteness mask.
     """
+    if x.dtype != torch.float32:
+        x = x.float()  # bins follow the float32 formula on every path (the kernel's too)
     n, d = x.shape
     nb = spec.bins + 2
     dump = d * nb  # NaN/inf land here and are dropped
@@ -89,7 +91,7 @@ class _Workspace:
 _WS = _Workspace()
 
 
-def _empty_partials(d, dev, hist):
+def _empty_partials(d, dev, hist, dtype=torch.float64):
     out = {k: torch.zeros(d, dtype=torch.float64, device=dev) for k in PARTIAL_KEYS}
     out["min"] = torch.full((d,), float("inf"), dtype=torch.float64, device=dev)
     out["max"] = torch.full((d,), float("-inf"), dtype=torch.float64, device=dev)
@@ -99,79 +101,105 @@ def _empty_partials(d, dev, hist):
 
 
 def _select_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """``[n, d]`` float32 rows of ``x`` where ``mask`` (into a reused buffer when possible)."""
+    """``[n, d]`` rows of ``x`` where ``mask``: float64 stays float64, every other dtype becomes
+    float32 (into a reused buffer when a copy is needed)."""
     if x.dim() == 1:
         x = x[None]
     d = x.shape[-1]
     if mask is not None and mask.shape != x.shape[:-1]:
         raise SkillLensError(f"mask shape {tuple(mask.shape)} does not match activations "
                              f"{tuple(x.shape)} (expected {tuple(x.shape[:-1])})")
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     flat = x.reshape(-1, d)
     if mask is None or bool(mask.all()):
-        n = flat.shape[0]
-        if flat.dtype == torch.float32:
+        if flat.dtype == dt and flat.is_contiguous():
             return flat
-        return _WS.get("rows", (n, d), torch.float32, x.device).copy_(flat)
+        return _WS.get("rows", flat.shape, dt, x.device).copy_(flat)
     idx = mask.reshape(-1).nonzero().squeeze(1)
     out = _WS.get("rows", (idx.numel(), d), flat.dtype, x.device)
     torch.index_select(flat, 0, idx, out=out)
-    return out if out.dtype == torch.float32 else out.float()
+    return out if out.dtype == dt else out.to(dt)
+
+
+#: recompute a neuron in float64 when its shifted sums would lose more than this share of M2 to
+#: cancellation (the block mean lies more than ~3 standard deviations from the shift)
+_CANCEL = 0.1
 
 
 def batch_partials(x: torch.Tensor, mask: torch.Tensor | None = None,
-                   hist: HistogramSpec | None = None, stats=None) -> dict[str, torch.Tensor]:
-    """Sufficient statistics of one block ``x: [..., d]`` per neuron (torch reference path).
+                   hist: HistogramSpec | None = None, stats=None,
+                   shift: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Sufficient statistics of one block ``x: [..., d]`` per neuron (torch path).
 
-    Sums are BLAS products with a ones vector; moments are two-pass around a shift (the first
-    row, then the batch mean), so large offsets (1e4 + N(0, 1)) do not cancel. ``stats``
-    (subset of ``ALL_STATS``, default all) skips work for statistics nobody reads.
+    One reduction over tokens sums a stacked ``[k, n, d]`` workspace holding ``x - shift``, ``(x - shift)^2``, ``|x|`` and ``x > 0`` (four elementwise passes
+    into reused buffers, no allocation), plus ``amin``/``amax``. ``shift: [d]`` (default: the
+    first row; ``NeuronStats`` passes its running mean) keeps large offsets from cancelling;
+    neurons whose block mean is still far from the shift are recomputed exactly in float64.
+    float64 input is computed in float64, everything else in float32 with float64 results.
+    NaN/inf (or float32 overflow) send the block to :func:`float64_partials`. ``stats`` (subset
+    of ``ALL_STATS``, default all) skips work nobody reads.
     """
     x = _select_rows(x.detach(), mask)
     n, d = x.shape
-    dev = x.device
+    dev, dt = x.device, x.dtype
     if n == 0:
         return _empty_partials(d, dev, hist)
-    want = set(ALL_STATS if stats is None else stats)
-    ones = torch.ones(1, n, dtype=torch.float32, device=dev)
-    shift = x[0].clone()
-    work = _WS.get("work", (n, d), torch.float32, dev)
-    torch.sub(x, shift, out=work)
-    s1 = (ones @ work)[0]
-    work.sub_(s1 / n)
-    resid = (ones @ work)[0].double()  # corrected two-pass: fixes the float32 rounding of s1
-    work.mul_(work)
-    m2 = (ones @ work)[0].double() - resid * resid / n
-    mean = shift.double() + s1.double() / n + resid / n
-    if not (bool(torch.isfinite(m2).all()) and bool(torch.isfinite(mean).all())):
-        return _partials_nonfinite(x, hist)
-    out = {"count": torch.full((d,), float(n), dtype=torch.float64, device=dev), "mean": mean,
-           "m2": m2, "n_nonfinite": torch.zeros(d, dtype=torch.float64, device=dev)}
+    want = ALL_STATS if stats is None else stats
+    sh = x[0] if shift is None or n == 1 else shift.to(dev, dt)
+    rows = ["x", "xx"] + [s for s in ("abs", "positive") if s in want]
+    work = _WS.get("stack", (len(rows), n, d), dt, dev)
+    torch.sub(x, sh, out=work[0])
+    torch.mul(work[0], work[0], out=work[1])
+    if "abs" in want:
+        torch.abs(x, out=work[rows.index("abs")])
+    if "positive" in want:
+        torch.gt(x, 0, out=work[rows.index("positive")])
+    sums = work.sum(1).double()  # cascade summation: ~log(n) eps, unlike a BLAS gemv
+    if not bool(torch.isfinite(sums).all()):
+        return float64_partials(x, hist=hist)
+    s1, s2 = sums[0], sums[1]
+    mean = sh.double() + s1 / n
+    m2 = s2 - s1 * s1 / n
+    bad = m2 < _CANCEL * s2
+    if bool(bad.any()):  # shift far from the block mean: exact two-pass float64 for those
+        cols = bad.nonzero().squeeze(1)
+        xd = x.index_select(1, cols).double()
+        mean[cols] = xd.mean(0)
+        m2[cols] = (xd - mean[cols]).square_().sum(0)
+    out = {"count": torch.full((d,), float(n), dtype=torch.float64, device=dev),
+           "mean": mean, "m2": m2.clamp_(min=0),
+           "n_nonfinite": torch.zeros(d, dtype=torch.float64, device=dev)}
+    if "abs" in want:
+        out["sum_abs"] = sums[rows.index("abs")]
+    if "positive" in want:
+        out["n_pos"] = sums[rows.index("positive")]
     if "extrema" in want:
         out["min"], out["max"] = x.amin(0).double(), x.amax(0).double()
-    if "abs" in want:
-        out["sum_abs"] = (ones @ torch.abs(x, out=work))[0].double()
-    if "positive" in want:
-        out["n_pos"] = (ones @ torch.gt(x, 0, out=work))[0].double()
     if hist is not None:
         out["hist"] = histogram_counts(x, hist, all_finite=True)
     return out
 
 
-def _partials_nonfinite(x: torch.Tensor, hist: HistogramSpec | None) -> dict[str, torch.Tensor]:
-    """Slow path when NaN/inf occur: exclude them per element, in float64."""
-    xd = x.double()
-    finite = torch.isfinite(xd)
-    count = finite.sum(0, dtype=torch.float64)
-    x0 = torch.where(finite, xd, 0.0)
+def float64_partials(x: torch.Tensor, mask: torch.Tensor | None = None,
+                     hist: HistogramSpec | None = None) -> dict[str, torch.Tensor]:
+    """Partials of the finite values of ``x: [N, k]`` (rows where ``mask: [N]``), in float64.
+
+    The one fallback of both paths (torch and the Triton kernel) for blocks with NaN/inf or
+    float32 overflow: each non-finite value is counted in ``n_nonfinite`` and excluded
+    elementwise from everything else."""
+    xd = x.double() if mask is None else x[mask.bool()].double()
+    fin = torch.isfinite(xd)
+    count = fin.sum(0, dtype=torch.float64)
+    x0 = torch.where(fin, xd, 0.0)
     mean = x0.sum(0) / count.clamp(min=1)
     out = {"count": count, "mean": mean,
-           "m2": (torch.where(finite, xd - mean, 0.0) ** 2).sum(0),
-           "min": torch.where(finite, xd, float("inf")).amin(0),
-           "max": torch.where(finite, xd, float("-inf")).amax(0),
+           "m2": (torch.where(fin, xd - mean, 0.0) ** 2).sum(0),
+           "min": torch.where(fin, xd, float("inf")).amin(0),
+           "max": torch.where(fin, xd, float("-inf")).amax(0),
            "sum_abs": x0.abs().sum(0), "n_pos": (x0 > 0).sum(0, dtype=torch.float64),
-           "n_nonfinite": (~finite).sum(0, dtype=torch.float64)}
+           "n_nonfinite": (~fin).sum(0, dtype=torch.float64)}
     if hist is not None:
-        out["hist"] = histogram_counts(x, hist)
+        out["hist"] = histogram_counts(xd, hist)
     return out
 
 
