@@ -40,22 +40,23 @@ def _flatten(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def histogram_counts(x: torch.Tensor, spec: HistogramSpec, all_finite: bool = False) -> torch.Tensor:
-    """``[d, bins + 2]`` int64 counts of the finite values of ``x: [N, d]`` (float32).
+    """``[d, bins + 2]`` int64 counts of the finite values of ``x: [N, d]``.
 
     Bin of value v: ``floor((v - lo) * bins / (hi - lo))`` clamped to ``[-1, bins]``, plus one
-    (0 = underflow, ``bins + 1`` = overflow). Computed in reused buffers with ``scatter_add_``;
-    ``all_finite=True`` (the caller knows there is no NaN/inf) skips the finiteness mask.
+    (0 = underflow, ``bins + 1`` = overflow), in float32 (the kernel's formula) or, for float64
+    ``x``, in float64. Computed in reused buffers with ``scatter_add_``; ``all_finite=True`` (the
+    caller knows there is no NaN/inf) skips the finiteness mask.
     """
-    if x.dtype != torch.float32:
-        x = x.float()  # bins follow the float32 formula on every path (the kernel's too)
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x = x.to(dt)
     n, d = x.shape
     nb = spec.bins + 2
     dump = d * nb  # NaN/inf land here and are dropped
-    lo = spec.lo.to(x.device, torch.float32)
-    scale = spec.bins / (spec.hi.to(x.device, torch.float32) - lo)
-    work = _WS.get("hist_work", (n, d), torch.float32, x.device)
+    lo = spec.lo.to(x.device, dt)
+    scale = spec.bins / (spec.hi.to(x.device, dt) - lo)
+    work = _WS.get("hist_work", (n, d), dt, x.device)
     torch.sub(x, lo, out=work).mul_(scale).floor_().clamp_(-1, spec.bins)
-    work.add_(torch.arange(d, device=x.device, dtype=torch.float32) * nb + 1)
+    work.add_(torch.arange(d, device=x.device, dtype=dt) * nb + 1)
     if not all_finite:
         work.masked_fill_(~torch.isfinite(x), dump)
     idx = _WS.get("hist_idx", (n * d,), torch.int64, x.device)
