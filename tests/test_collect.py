@@ -226,3 +226,23 @@ def test_resume_with_store_keeps_the_vectors_before_the_checkpoint(tiny_llama, t
     assert torch.equal(items, fresh.vector_items) and torch.equal(vecs["key", 1], fresh.vectors["key", 1])
     again = skilllens.collect(tiny_llama, texts, checkpoint=ck, checkpoint_every=2, **kw)
     assert torch.equal(again.vectors["gate", 0], fresh.vectors["gate", 0])  # finished run
+
+
+def test_device_auto_everywhere(monkeypatch, capsys):
+    from skilllens.cli import build_parser, main
+    from skilllens.models import resolve_device
+
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device(None) is None
+    assert resolve_device("cpu") == torch.device("cpu")
+    lm = skilllens.load_model("tiny-llama")
+    assert lm.device == torch.device("cpu")
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        dev = [a for a in p._actions if a.dest == "device"]
+        assert all(a.default == "auto" for a in dev), name
+    assert main(["info", "--model", "tiny-llama", "--json"]) == 0
+    assert "device: cpu" in capsys.readouterr().err
