@@ -90,9 +90,32 @@ class NeuronStats:
             m = self.moments
             shift = m.mean if bool(m.count.any()) else None  # running mean: little cancellation
             p = batch_partials(x.detach(), mask, spec, self.stats, shift)
-        for c in self.components:
-            c.update_partials(p)
+        if "n" in p and p["mean"].device == self.moments.mean.device:
+            self._add_uniform(p, p["n"])
+        else:
+            for c in self.components:
+                c.update_partials(p)
         return self
+
+    def _add_uniform(self, p: dict, n: int) -> None:
+        """Combine partials where every neuron counted ``n`` finite values (the common case)
+        with fewer small ops than the components' general ``update_partials``: Chan's formula
+        with a scalar ``n``, no non-finite counts to add."""
+        mo = self.moments
+        total = mo.count + n
+        frac = n / total
+        delta = p["mean"] - mo.mean
+        mo.mean = torch.addcmul(mo.mean, delta, frac)
+        mo.m2 = torch.addcmul(mo.m2 + p["m2"], delta.mul_(delta), mo.count * frac)
+        mo.count = total
+        if self.extrema is not None:
+            self.extrema.min = torch.minimum(self.extrema.min, p["min"])
+            self.extrema.max = torch.maximum(self.extrema.max, p["max"])
+        for comp, key in ((self.abs, "sum_abs"), (self.positive, "n_pos")):
+            if comp is not None:
+                comp.total, comp.count = comp.total + p[key], comp.count + n
+        if self.histogram is not None:
+            self.histogram.update_partials(p)
 
     def merge(self, other: "NeuronStats") -> "NeuronStats":
         """Exact merge (same statistics and, for histograms, the same range)."""

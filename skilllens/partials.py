@@ -168,7 +168,7 @@ def batch_partials(x: torch.Tensor, mask: torch.Tensor | None = None,
         mean[cols] = xd.mean(0)
         m2[cols] = (xd - mean[cols]).square_().sum(0)
     out = {"count": torch.full((d,), float(n), dtype=torch.float64, device=dev),
-           "mean": mean, "m2": m2.clamp_(min=0),
+           "mean": mean, "m2": m2.clamp_(min=0), "n": n,  # n: every neuron counted n values
            "n_nonfinite": torch.zeros(d, dtype=torch.float64, device=dev)}
     if "abs" in want:
         out["sum_abs"] = sums[rows.index("abs")]
