@@ -90,8 +90,9 @@ class NeuronStats:
             m = self.moments
             shift = m.mean if bool(m.count.any()) else None  # running mean: little cancellation
             p = batch_partials(x.detach(), mask, spec, self.stats, shift)
-        if "n" in p and p["mean"].device == self.moments.mean.device:
-            self._add_uniform(p, p["n"])
+        n = getattr(p, "uniform_n", None)
+        if n is not None and p["mean"].device == self.moments.mean.device:
+            self._add_uniform(p, n)
         else:
             for c in self.components:
                 c.update_partials(p)

@@ -27,6 +27,13 @@ class HistogramSpec:
     bins: int = 256
 
 
+class Partials(dict):
+    """Partials dict; ``uniform_n`` is set when every neuron counted the same ``n`` finite
+    values (no NaN/inf), which lets ``NeuronStats`` combine them with fewer ops."""
+
+    uniform_n: int | None = None
+
+
 def _flatten(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if x.dim() == 1:
         x = x[None]
@@ -167,9 +174,10 @@ def batch_partials(x: torch.Tensor, mask: torch.Tensor | None = None,
         xd = x.index_select(1, cols).double()
         mean[cols] = xd.mean(0)
         m2[cols] = (xd - mean[cols]).square_().sum(0)
-    out = {"count": torch.full((d,), float(n), dtype=torch.float64, device=dev),
-           "mean": mean, "m2": m2.clamp_(min=0), "n": n,  # n: every neuron counted n values
-           "n_nonfinite": torch.zeros(d, dtype=torch.float64, device=dev)}
+    out = Partials(count=torch.full((d,), float(n), dtype=torch.float64, device=dev),
+                   mean=mean, m2=m2.clamp_(min=0),
+                   n_nonfinite=torch.zeros(d, dtype=torch.float64, device=dev))
+    out.uniform_n = n
     if "abs" in want:
         out["sum_abs"] = sums[rows.index("abs")]
     if "positive" in want:
@@ -188,7 +196,8 @@ def float64_partials(x: torch.Tensor, mask: torch.Tensor | None = None,
     The one fallback of both paths (torch and the Triton kernel) for blocks with NaN/inf or
     float32 overflow: each non-finite value is counted in ``n_nonfinite`` and excluded
     elementwise from everything else."""
-    xd = x.double() if mask is None else x[mask.bool()].double()
+    xs = x if mask is None else x[mask.bool()]
+    xd = xs.double()
     fin = torch.isfinite(xd)
     count = fin.sum(0, dtype=torch.float64)
     x0 = torch.where(fin, xd, 0.0)
@@ -200,7 +209,7 @@ def float64_partials(x: torch.Tensor, mask: torch.Tensor | None = None,
            "sum_abs": x0.abs().sum(0), "n_pos": (x0 > 0).sum(0, dtype=torch.float64),
            "n_nonfinite": (~fin).sum(0, dtype=torch.float64)}
     if hist is not None:
-        out["hist"] = histogram_counts(xd, hist)
+        out["hist"] = histogram_counts(xs, hist)  # binned in the input's precision
     return out
 
 
