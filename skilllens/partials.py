@@ -129,6 +129,51 @@ def _select_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return out if out.dtype == dt else out.to(dt)
 
 
+def _update_block(x, count, mean, m2, mn, mx, sum_abs, n_pos):
+    """One block ``x: [n, d]`` (float32) folded into float64 running state ``[d]`` (count, mean,
+    M2, min, max, sum |x|, n > 0), all in one graph for ``torch.compile``: sums in float64
+    around the running mean (the first row before any data), Chan's formula with a scalar
+    ``n``. Returns ``(ok, new state ...)``; ``ok`` is False when ``x`` holds NaN/inf or the
+    block's float64 sums lost more than 1e-9 of M2 to cancellation (callers then use
+    :func:`batch_partials`)."""
+    n = x.shape[0]
+    xd = x.double()
+    sh = torch.where(count > 0, mean, xd[0])
+    y = xd - sh
+    s1, s2 = y.sum(0), (y * y).sum(0)
+    bm2 = s2 - s1 * s1 / n
+    ok = torch.isfinite(s2).all() & (bm2 >= 1e-9 * s2).all()
+    total = count + n
+    delta = sh + s1 / n - mean
+    frac = n / total
+    return (ok, total, mean + delta * frac, m2 + bm2 + delta * delta * count * frac,
+            torch.minimum(mn, x.amin(0).double()), torch.maximum(mx, x.amax(0).double()),
+            sum_abs + xd.abs().sum(0), n_pos + (x > 0).sum(0, dtype=torch.float64))
+
+
+_FUSED: dict = {}
+
+
+def fused_update():
+    """:func:`_update_block` compiled once per process (inductor's C++ backend; its cache on
+    disk makes later processes fast), or None when ``SKILLLENS_FUSED_STATS=0`` or compiling
+    fails (no C++ compiler ...: a warning, then the eager path)."""
+    if "fn" not in _FUSED:
+        import os
+        import warnings
+        _FUSED["fn"] = None
+        if os.environ.get("SKILLLENS_FUSED_STATS", "1") != "0":
+            try:
+                fn = torch.compile(_update_block, dynamic=True)
+                z = torch.zeros(8, dtype=torch.float64)
+                fn(torch.randn(64, 8), z, z, z, z - 1, z + 1, z, z)  # compile now, fail here
+                _FUSED["fn"] = fn
+            except Exception as e:  # noqa: BLE001
+                warnings.warn(f"compiled statistics unavailable ({type(e).__name__}: {e}); "
+                              f"using the eager torch path", stacklevel=3)
+    return _FUSED["fn"]
+
+
 #: recompute a neuron in float64 when its shifted sums would lose more than this share of M2 to
 #: cancellation (the block mean lies more than ~3 standard deviations from the shift)
 _CANCEL = 0.1

@@ -236,3 +236,32 @@ def test_large_offset_first_row_outlier_is_recomputed_exactly():
     xd = x.double()
     torch.testing.assert_close(p["m2"], ((xd - xd.mean(0)) ** 2).sum(0), rtol=1e-9, atol=0)
     torch.testing.assert_close(p["mean"], xd.mean(0), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_compiled_cpu_update_matches_float64_and_eager(offset):
+    """The compiled one-pass CPU update (the default for large blocks) against float64
+    references and the eager path: masks, several blocks, histogram, a NaN block (falls back)."""
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(3, 70, 33, generator=g) * 2.5 + torch.randn(33, generator=g) + offset
+    mask = torch.rand(3, 70, generator=g) > 0.3
+    comp = NeuronStats(33, ALL, hist_range=(offset - 12, offset + 12), backend="compiled")
+    eager = NeuronStats(33, ALL, hist_range=(offset - 12, offset + 12), backend="torch")
+    for b in range(3):
+        comp.update(x[b], mask[b])
+        eager.update(x[b], mask[b])
+    rows = x[mask]
+    if offset == 0.0:
+        check(comp, rows)
+    r = ref_stats(rows)
+    torch.testing.assert_close(comp.mean, r["mean"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(comp.var, r["var"], rtol=1e-9, atol=0)
+    assert torch.equal(comp.histogram.counts, eager.histogram.counts)
+    for k in ("count", "min", "max", "frac_pos"):
+        assert torch.equal(getattr(comp, k), getattr(eager, k)), k
+    torch.testing.assert_close(comp.mean_abs, eager.mean_abs, rtol=1e-6, atol=0)
+    bad = torch.randn(5, 33, generator=g) + offset
+    bad[2, 4] = float("nan")
+    comp.update(bad)
+    assert comp.n_nonfinite[4] == 1 and comp.count[4] == rows.shape[0] + 4
+    torch.testing.assert_close(comp.mean[5], torch.cat([rows[:, 5], bad[:, 5]]).double().mean())
