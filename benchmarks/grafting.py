@@ -12,8 +12,10 @@
 
 Each variant runs in its own subprocess so that peak memory (CUDA: max allocated; CPU: max RSS
 of the process) is its own; the two alternate (``--rounds``) so that load changes hit both.
-Same model, data, eligible set, sparsity and updates for both; only the eligible tensors
-require gradients in either. Both report a checksum of the final scores and of the rounded
+Same model, data, eligible set, sparsity and updates for both. skilllens computes gradients
+for the working copy only; the reference computes them for every parameter, as the released
+code does (``--reference-grads all``, default) or only for the eligible ones
+(``--reference-grads eligible``, the strictest comparison). Both report a checksum of the final scores and of the rounded
 mask (``S > b`` flips of the base patch), which must agree.
 
     python benchmarks/grafting.py --model smollm2-135m --steps 3 [--rounds 2] [--no-append]
@@ -71,8 +73,8 @@ def run_variant(a) -> dict:
     dev, b, lr = lm.device, 10.0, 1e7
     model = lm.model
     scores = {n: torch.zeros(pre_cpu[n].shape, device=dev) for n in names}
-    for p in model.parameters():
-        p.requires_grad_(False)
+    for p in model.parameters():  # reference "all": as the released code, every parameter
+        p.requires_grad_(a.variant == "reference" and a.reference_grads == "all")
     if a.variant == "skilllens":
         from skilllens.grafting import GraftWorkspace
 
@@ -147,6 +149,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--variant", default="both", choices=["both", "skilllens", "reference"])
     p.add_argument("--rounds", type=int, default=2, help="alternating subprocess runs each")
+    p.add_argument("--reference-grads", default="all", choices=["all", "eligible"],
+                   help="parameters the reference loop computes gradients for: all (as the "
+                        "released code: embeddings/LM head too) or only the eligible ones")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--no-append", action="store_true", help="do not append to RESULTS.md")
     a = p.parse_args(argv)
@@ -188,7 +193,7 @@ def main(argv=None) -> int:
             f"{summary['device']} ({os.cpu_count()} cores, {platform.machine()})\n\n"
             f"Command: `{cmd.strip()}` ({summary['n_eligible']:,} eligible parameters, sparsity "
             f"{a.sparsity:g}, {a.n_items} items, {a.threads} thread(s), {a.steps} timed steps x "
-            f"{a.rounds} alternating rounds; load average {load0[0]:.2f} before, "
+            f"{a.rounds} alternating rounds; reference gradients: {a.reference_grads}; load average {load0[0]:.2f} before, "
             f"{load1[0]:.2f} after).\n\n" + "\n".join(lines) +
             f"\n\nSpeed-up of skilllens over the reference-style loop: **{ratio:.2f}x** (median "
             f"steps), {best_ratio:.2f}x (best steps), {cpu_ratio:.2f}x (median CPU time per step, "
