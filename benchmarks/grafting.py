@@ -193,7 +193,8 @@ def main(argv=None) -> int:
             f"{summary['device']} ({os.cpu_count()} cores, {platform.machine()})\n\n"
             f"Command: `{cmd.strip()}` ({summary['n_eligible']:,} eligible parameters, sparsity "
             f"{a.sparsity:g}, {a.n_items} items, {a.threads} thread(s), {a.steps} timed steps x "
-            f"{a.rounds} alternating rounds; reference gradients: {a.reference_grads}; load average {load0[0]:.2f} before, "
+            f"{a.rounds} alternating rounds; reference gradients: {a.reference_grads}; "
+            f"load average {load0[0]:.2f} before, "
             f"{load1[0]:.2f} after).\n\n" + "\n".join(lines) +
             f"\n\nSpeed-up of skilllens over the reference-style loop: **{ratio:.2f}x** (median "
             f"steps), {best_ratio:.2f}x (best steps), {cpu_ratio:.2f}x (median CPU time per step, "
