@@ -184,9 +184,11 @@ def batch_partials(x: torch.Tensor, mask: torch.Tensor | None = None,
                    shift: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Sufficient statistics of one block ``x: [..., d]`` per neuron (torch path).
 
-    One reduction over tokens sums a stacked ``[k, n, d]`` workspace holding ``x - shift``, ``(x - shift)^2``, ``|x|`` and ``x > 0`` (four elementwise passes
-    into reused buffers, no allocation), plus ``amin``/``amax``. ``shift: [d]`` (default: the
-    first row; ``NeuronStats`` passes its running mean) keeps large offsets from cancelling;
+    Eager path (the compiled :func:`fused_update` is the CPU default for large blocks). One
+    reduction over tokens sums a stacked ``[k, n, d]`` workspace holding ``x - shift``,
+    ``(x - shift)^2``, ``|x|`` and ``x > 0`` (four elementwise passes into reused buffers, no
+    allocation), plus ``amin``/``amax``. ``shift: [d]`` (default: the block mean;
+    ``NeuronStats`` passes its running mean) keeps large offsets from cancelling;
     neurons whose block mean is still far from the shift are recomputed exactly in float64.
     float64 input is computed in float64, everything else in float32 with float64 results.
     NaN/inf (or float32 overflow) send the block to :func:`float64_partials`. ``stats`` (subset
@@ -198,7 +200,10 @@ def batch_partials(x: torch.Tensor, mask: torch.Tensor | None = None,
     if n == 0:
         return _empty_partials(d, dev, hist)
     want = ALL_STATS if stats is None else stats
-    sh = x[0] if shift is None or n == 1 else shift.to(dev, dt)
+    if n == 1:
+        sh = x[0]
+    else:  # no running mean yet: the block mean (one reduction) keeps cancellation away
+        sh = x.mean(0) if shift is None else shift.to(dev, dt)
     rows = ["x", "xx"] + [s for s in ("abs", "positive") if s in want]
     work = _WS.get("stack", (len(rows), n, d), dt, dev)
     torch.sub(x, sh, out=work[0])

@@ -227,15 +227,15 @@ def test_histogram_first_update_without_rows_then_data():
     assert int(h.counts.sum()) == 200
 
 
-def test_large_offset_first_row_outlier_is_recomputed_exactly():
-    # the first row (the default shift) lies 1e3 standard deviations from the block mean
+def test_first_row_outlier_does_not_cancel():
+    # the first row lies 1e4 standard deviations from the rest (main: 8e-6 relative error)
     g = torch.Generator().manual_seed(13)
     x = 5.0 + 1e-3 * torch.randn(4000, 6, generator=g)
     x[0] = -5.0
     p = batch_partials(x)
     xd = x.double()
-    torch.testing.assert_close(p["m2"], ((xd - xd.mean(0)) ** 2).sum(0), rtol=1e-9, atol=0)
-    torch.testing.assert_close(p["mean"], xd.mean(0), rtol=1e-12, atol=0)
+    torch.testing.assert_close(p["m2"], ((xd - xd.mean(0)) ** 2).sum(0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(p["mean"], xd.mean(0), rtol=1e-8, atol=0)
 
 
 @pytest.mark.parametrize("offset", [0.0, 1e4])
