@@ -138,13 +138,16 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
     fp = lm.fingerprint
     args = {"sites": sites, "layers": layers, "tokens": tokens, "batch_size": batch_size,
             "max_length": max_length, "stats": list(stats), "bins": bins, "max_items": max_items,
-            "rank": rank, "world_size": world_size}
+            "rank": rank, "world_size": world_size, "store": sorted(store_keys)}
     meta = {"model": lm.name, "fingerprint": fp, "data": skill.name, "data_source": skill.source,
             "data_hash": skill.digest(), "n_items": len(skill), "args": args}
     result = StatsCollection({}, meta)
     collected = {k: NeuronStats(adapter.d_ff, stats, bins, hist_range, backend=stats_backend)
                  for k in keys}
     done, n_tokens = 0, 0
+    buffers: dict[tuple[str, int], list[torch.Tensor]] = {k: [] for k in store_keys}
+    item_rows: list[torch.Tensor] = []
+    vec = {"shards": 0, "flushed": 0}  # vector shards written / chunks already in them
     ckpt_hash = _args_hash({"fp": fp["id"], "data": meta["data_hash"], **args})
     if checkpoint is not None and Path(checkpoint).exists():
         ck_meta = read_metadata(checkpoint)
@@ -153,15 +156,20 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
             for k, st in StatsCollection.from_state(tensors, {}).stats.items():
                 collected[k] = st
             done, n_tokens = ck_meta["batches_done"], ck_meta["n_tokens"]
+            vec["shards"] = ck_meta.get("vector_shards", 0)
+            _load_vector_shards(checkpoint, vec["shards"], buffers, item_rows)
+            vec["flushed"] = len(item_rows)
         else:
             warnings.warn(f"checkpoint {checkpoint} was written with other arguments; starting "
                           f"over and replacing it", stacklevel=2)
     for st in collected.values():
         for c in st.components:
             c.to(device)
-    buffers: dict[tuple[str, int], list[torch.Tensor]] = {k: [] for k in store_keys}
-    item_rows: list[torch.Tensor] = []
     current: dict = {}
+
+    def checkpoint_now():
+        _save_vector_shard(checkpoint, vec, buffers, item_rows, fp)
+        _save_checkpoint(checkpoint, collected, ckpt_hash, done, n_tokens, fp, vec["shards"])
 
     def make_hook(key):
         def fn(act):
@@ -175,6 +183,8 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
 
     hooks = [Hook(s, l, make_hook((s, l))) for (s, l) in keys]
     total = n_batches(len(encoded), batch_size)
+    if world_size > 1 and hist_range is None and "histogram" in stats:
+        _agree_histogram_ranges(lm, collected, encoded, batch_size, tokens, backend)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, initial=done, unit="batch", disable=not progress,
@@ -196,7 +206,7 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
             bar.update(1)
             bar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
             if checkpoint is not None and done % checkpoint_every == 0 and done < total:
-                _save_checkpoint(checkpoint, collected, ckpt_hash, done, n_tokens, fp)
+                checkpoint_now()
     bar.close()
     result.stats = collected
     result.meta["n_tokens"] = n_tokens
@@ -209,7 +219,7 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
     for (s, l), st in collected.items():
         st.warn_if_out_of_range(f"{s}.{l}")
     if checkpoint is not None:
-        _save_checkpoint(checkpoint, collected, ckpt_hash, done, n_tokens, fp)
+        checkpoint_now()
     if store_keys:
         order = torch.cat(item_rows) if item_rows else torch.zeros(0, dtype=torch.long)
         perm = torch.argsort(order, stable=True)
@@ -223,10 +233,64 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
     return result
 
 
-def _save_checkpoint(path, collected, ckpt_hash, done, n_tokens, fp):
+def _save_checkpoint(path, collected, ckpt_hash, done, n_tokens, fp, vector_shards=0):
     tensors = StatsCollection(collected).state_dict()
     save_artifact(path, tensors, {"args_hash": ckpt_hash, "batches_done": done,
-                                  "n_tokens": n_tokens}, kind="checkpoint", fingerprint=fp)
+                                  "n_tokens": n_tokens, "vector_shards": vector_shards},
+                  kind="checkpoint", fingerprint=fp)
+
+
+def _vector_shard_path(checkpoint, i: int) -> Path:
+    return Path(f"{checkpoint}.vectors-{i:05d}.safetensors")
+
+
+def _save_vector_shard(checkpoint, vec: dict, buffers: dict, item_rows: list, fp) -> None:
+    """Write the stored vectors of the batches since the last checkpoint as shard
+    ``vec["shards"]`` (before the checkpoint that counts it: a crash in between leaves an
+    uncounted shard that the next run overwrites)."""
+    if not buffers or vec["flushed"] == len(item_rows):
+        return
+    new = slice(vec["flushed"], len(item_rows))
+    tensors = {f"{s}.{l}": torch.cat([c.cpu() for c in chunks[new]])
+               for (s, l), chunks in buffers.items()}
+    tensors["item"] = torch.cat(item_rows[new])
+    save_artifact(_vector_shard_path(checkpoint, vec["shards"]), tensors, {},
+                  kind="checkpoint-vectors", fingerprint=fp)
+    vec["shards"] += 1
+    vec["flushed"] = len(item_rows)
+
+
+def _load_vector_shards(checkpoint, n: int, buffers: dict, item_rows: list) -> None:
+    """Read the ``n`` shards a checkpoint counts back into ``buffers``/``item_rows``."""
+    for i in range(n if buffers else 0):
+        tensors, _ = load_artifact(_vector_shard_path(checkpoint, i), kind="checkpoint-vectors")
+        for (s, l), chunks in buffers.items():
+            chunks.append(tensors[f"{s}.{l}"])
+        item_rows.append(tensors["item"])
+
+
+def _agree_histogram_ranges(lm, collected, encoded, batch_size, tokens, backend) -> None:
+    """Data-parallel runs: every rank sets automatic histogram ranges from its first batch,
+    then all ranks take the union (min of ``lo``, max of ``hi``) so that ``all_merge`` can add
+    the counts exactly. Ranks without data take part with empty ranges."""
+    from .distributed import agree_histogram_ranges
+
+    todo = {k: st.histogram for k, st in collected.items()
+            if st.histogram is not None and st.histogram.lo is None}
+    first = next(iter(iter_batches(encoded, batch_size, lm.tokenizer.pad_token_id, lm.device)),
+                 None)
+    if todo and first is not None:
+        mask = first.token_mask(tokens)
+
+        def warm(h):
+            return lambda act: h.ensure_range(act, mask.to(act.device))
+
+        with torch.no_grad():
+            run_with_hooks(lm, first.inputs, [Hook(s, l, warm(h)) for (s, l), h in todo.items()],
+                           backend=backend, stop_after_last=(backend == "torch"),
+                           use_cache=False)
+    agree_histogram_ranges([collected[k].histogram for k in sorted(collected)
+                            if collected[k].histogram is not None])
 
 
 def save_vectors(result: StatsCollection, store_dir, shard_rows: int = 65536) -> list[Path]:

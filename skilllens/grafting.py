@@ -9,7 +9,8 @@ Find a sparse binary mask ``g`` over the eligible parameters so that the graft
 3. minimise the task loss of the soft graft (+ optional ``l1 * mean(g)``) w.r.t. ``S`` only;
 4. round (0.5), keep the mask with the best train + dev score, report its actual sparsity.
 
-Everything stays on the model's device; only tensors where the two models differ are optimised.
+Everything stays on the model's device; only tensors where the two models differ are optimised,
+through one working copy that holds the soft graft (:class:`GraftWorkspace`).
 
 >>> from skilllens import load_model
 >>> from skilllens.finetune import finetune, FineTuneConfig
@@ -103,26 +104,6 @@ def global_topk_masks(values: dict[str, torch.Tensor], k: int,
     return masks
 
 
-class _SoftGraft(torch.autograd.Function):
-    """``pre + g * diff`` with ``g = base ? 1 - sig(S - b) : sig(S - b)``; saves only ``S``,
-    ``diff`` and ``base`` for the backward (which recomputes the sigmoid) instead of autograd's
-    chain of full-size intermediates."""
-
-    @staticmethod
-    def forward(ctx, score, pre, diff, base, bias):
-        ctx.save_for_backward(score, diff, base)
-        ctx.bias = bias
-        return torch.addcmul(pre, soft_mask(score, base, bias), diff)
-
-    @staticmethod
-    def backward(ctx, grad):
-        score, diff, base = ctx.saved_tensors
-        sig = torch.sigmoid(score - ctx.bias)
-        dsig = sig.mul_(1 - sig)
-        dsig = torch.where(base, -dsig, dsig)
-        return dsig.mul_(diff).mul_(grad), None, None, None, None
-
-
 def soft_mask(score: torch.Tensor, base: torch.Tensor, bias: float) -> torch.Tensor:
     """The soft mask ``g = base * (1 - sig(S - b)) + (1 - base) * sig(S - b)``."""
     sig = torch.sigmoid(score - bias)
@@ -131,8 +112,65 @@ def soft_mask(score: torch.Tensor, base: torch.Tensor, bias: float) -> torch.Ten
 
 def soft_graft(score: torch.Tensor, pre: torch.Tensor, diff: torch.Tensor, base: torch.Tensor,
                bias: float) -> torch.Tensor:
-    """Differentiable (w.r.t. ``score``) soft graft ``pre + soft_mask(score) * diff``."""
-    return _SoftGraft.apply(score, pre, diff, base, float(bias))
+    """Differentiable (w.r.t. ``score``) soft graft ``pre + soft_mask(score) * diff`` (the
+    definition; :class:`GraftWorkspace` computes the same values and gradients in place)."""
+    return torch.addcmul(pre, soft_mask(score, base, bias), diff)
+
+
+class GraftWorkspace:
+    """The soft graft, written in place into one working copy of the changed tensors.
+
+    ``apply_soft()``: ``work = pre + sig(S - b) * diff`` (one ``addcmul`` per tensor), then the
+    base-patch entries (sparse flat indices) ``pre + (1 - sig) * diff``; ``score_grads(dL/dwork)``
+    gives ``dL/dS`` in the sigmoid buffers; ``apply_hard(hard)``: ``pre + hard * diff``. Same
+    arithmetic as :func:`soft_graft`; only ``work`` gets gradients, no per-step copies.
+    """
+
+    def __init__(self, pre: dict, diff: dict, base: dict, bias: float):
+        self.pre, self.diff, self.bias = pre, diff, float(bias)
+        self.base_idx = {n: m.reshape(-1).nonzero().squeeze(1) for n, m in base.items()}
+        self.scores = {n: torch.zeros_like(d) for n, d in diff.items()}
+        self.work = {n: torch.empty_like(d).requires_grad_() for n, d in diff.items()}
+        self.sig = {n: torch.empty_like(d) for n, d in diff.items()}
+
+    @torch.no_grad()
+    def apply_soft(self) -> dict:
+        for n, w in self.work.items():
+            sig = torch.sub(self.scores[n], self.bias, out=self.sig[n]).sigmoid_()
+            torch.addcmul(self.pre[n], sig, self.diff[n], out=w)
+            i = self.base_idx[n]
+            w.view(-1)[i] = torch.addcmul(self.pre[n].reshape(-1)[i], 1 - sig.view(-1)[i],
+                                          self.diff[n].reshape(-1)[i])
+        return self.work
+
+    @torch.no_grad()
+    def apply_hard(self, hard: dict) -> dict:
+        for n, w in self.work.items():
+            w.copy_(self.pre[n])
+            i = hard[n].reshape(-1).nonzero().squeeze(1)
+            w.view(-1)[i] = self.pre[n].reshape(-1)[i] + self.diff[n].reshape(-1)[i]
+        return self.work
+
+    @torch.no_grad()
+    def score_grads(self, grads, l1: float = 0.0) -> list[torch.Tensor]:
+        """``dL/dS`` per tensor (in the sigmoid buffers; call after ``apply_soft``); ``l1``
+        adds the gradient of ``l1 * sum(g)``."""
+        out = []
+        for (n, sig), g in zip(self.sig.items(), grads):
+            sig.mul_(1 - sig)
+            sf = sig.view(-1)
+            sf[self.base_idx[n]] = -sf[self.base_idx[n]]
+            if l1:
+                sig.mul_(torch.addcmul(torch.full_like(g, l1), self.diff[n], g))
+            else:
+                sig.mul_(self.diff[n]).mul_(g)
+            out.append(sig)
+        return out
+
+    def soft_mask_sum(self) -> torch.Tensor:
+        """``sum(g)`` over all tensors (after ``apply_soft``)."""
+        return sum(s.sum(dtype=torch.float64) + (1 - 2 * s.view(-1)[self.base_idx[n]].double())
+                   .sum() for n, s in self.sig.items())
 
 
 @dataclass
@@ -152,17 +190,15 @@ class GraftLocalizer:
     """Find the sparse region of parameters that carries a fine-tuned skill.
 
     ``sparsity`` in (0, 1): share of eligible parameters in the base patch. ``steps`` optimiser
-    steps on the scores (0: the base patch only). ``optimizer="sgd"`` is the reference's plain
-    update ``S -= lr * grad`` (``lr`` 1e7, since sig'(-10) ~ 5e-5); ``"adam"`` uses Adam with
-    ``lr`` (try 0.5; note that Adam moves every score with a non-zero gradient by about ``lr``
-    per step, so all of them reach the bias together); ``"normalized"`` (a skilllens option, not
-    in the reference) is the plain update rescaled per step by the largest score gradient,
-    ``S -= lr * grad / max|grad|``: the entry with the largest gradient moves by ``lr`` (try 1-3
-    with ``bias`` 10), so the scores move whatever the scale of ``theta_ft - theta_pre`` and of
-    the loss, and entries flip in the order of their gradients. ``l1`` adds
-    ``l1 * (sum g) / n_eligible`` to the loss (Localize-and-Stitch). ``history`` records per
-    step the rounded mask's size, the entries added to / removed from the base patch
-    (``n_added``/``n_removed``) and the largest score gradient (``max_grad``).
+    steps on the scores (0: the base patch only). ``optimizer="sgd"``: the reference's update
+    ``S -= lr * grad`` (``lr`` 1e7, since sig'(-10) ~ 5e-5); ``"adam"``: Adam with ``lr`` (try
+    0.5; it moves every score with a non-zero gradient by about ``lr`` per step);
+    ``"normalized"`` (not in the reference): ``S -= lr * grad / max|grad|``, so the entry with
+    the largest gradient moves by ``lr`` (try 1-3 with ``bias`` 10) whatever the scale of the
+    loss, and entries flip in the order of their gradients. ``l1`` adds
+    ``l1 * (sum g) / n_eligible`` to the loss (Localize-and-Stitch). ``history``: per step the
+    rounded mask's size, entries added to / removed from the base patch (``n_added``/
+    ``n_removed``) and the largest score gradient (``max_grad``).
     """
 
     def __init__(self, sparsity: float = 1e-4, include=DEFAULT_INCLUDE, exclude=DEFAULT_EXCLUDE,
@@ -188,9 +224,6 @@ class GraftLocalizer:
         self.meta_: dict = {}
 
     # ------------------------------------------------------------ fitting
-    def _graft_params(self, pre_p, diff, gammas):
-        return {n: pre_p[n] + g * diff[n] for n, g in gammas.items()}
-
     def fit(self, pre, ft, task: GraftTask) -> "GraftLocalizer":
         """Localize ``task``'s skill: ``pre``/``ft`` are specs, LoadedModels or FineTuned."""
         from tqdm.auto import tqdm
@@ -214,7 +247,8 @@ class GraftLocalizer:
                              "parameter; fine-tune first or widen include/exclude")
         base = global_topk_masks({n: d.abs() for n, d in diff.items()}, k)
         n_base = sum(int(m.sum()) for m in base.values())
-        scores = {n: torch.zeros_like(d, requires_grad=True) for n, d in diff.items()}
+        ws = GraftWorkspace({n: pre_p[n] for n in diff}, diff, base, self.bias)
+        scores = ws.scores
         opt = torch.optim.Adam(scores.values(), lr=self.lr) if self.optimizer == "adam" else None
         tok = pre.tokenizer
         enc = lambda items: encode_task_items(items, tok, task.kind, task.label_words,  # noqa
@@ -231,12 +265,10 @@ class GraftLocalizer:
                 with torch.no_grad():
                     hard = {n: (base[n] ^ (scores[n] > self.bias)) for n in diff}
                     if prev is None or not all(torch.equal(hard[n], prev[0][n]) for n in diff):
-                        hp = self._graft_params(pre_p, diff,
-                                                {n: hard[n].to(diff[n].dtype) for n in diff})
+                        hp = ws.apply_hard(hard)
                         tr = score_task(model, train, self.batch_size, hp)
                         dv = score_task(model, dev_data, self.batch_size, hp) if dev_data \
                             else None
-                        del hp
                     else:  # the rounded mask did not change: same scores as the last step
                         tr, dv = prev[1], prev[2]
                     prev = (hard, tr, dv)
@@ -253,14 +285,13 @@ class GraftLocalizer:
                 if step == self.steps:
                     history.append(rec)
                     break
-                soft = {n: soft_graft(s, pre_p[n], diff[n], base[n], self.bias)
-                        for n, s in scores.items()}
-                loss = task_loss(model, train, soft)
+                work = ws.apply_soft()
+                loss = task_loss(model, train, work)
                 if self.l1:
-                    loss = loss + self.l1 * sum(soft_mask(s, base[n], self.bias).sum()
-                                                for n, s in scores.items()) / n_eligible
-                grads = torch.autograd.grad(loss, list(scores.values()))
-                gmax = float(max(g.abs().max() for g in grads))
+                    loss = loss + self.l1 * ws.soft_mask_sum() / n_eligible
+                grads = ws.score_grads(torch.autograd.grad(loss, list(work.values())),
+                                       self.l1 / n_eligible)
+                gmax = max(max(float(g.max()), -float(g.min())) for g in grads)
                 rec["soft_loss"] = float(loss.detach())
                 rec["max_grad"] = gmax
                 history.append(rec)
@@ -269,7 +300,7 @@ class GraftLocalizer:
                         lr = self.lr if self.optimizer == "sgd" else \
                             (self.lr / gmax if gmax > 0 else 0.0)
                         for s, g in zip(scores.values(), grads):
-                            s.sub_(lr * g)
+                            s.sub_(g.mul_(lr))
                     else:
                         for s, g in zip(scores.values(), grads):
                             s.grad = g

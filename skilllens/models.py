@@ -147,14 +147,25 @@ def _from_dir(path: str | Path, dtype, device_map):
     return model, AutoTokenizer.from_pretrained(str(path))
 
 
-def load_model(spec=DEFAULT_MODEL, device: str | torch.device | None = None,
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device | None:
+    """``"auto"``: CUDA when available, else the CPU; ``None`` stays ``None`` (do not move)."""
+    if device is None:
+        return None
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(spec=DEFAULT_MODEL, device: str | torch.device | None = "auto",
                dtype: str | torch.dtype = "float32", device_map=None) -> LoadedModel:
     """Load a model and return ``LoadedModel`` (unpacks as ``model, tokenizer, adapter``).
 
     ``spec``: ``"smollm2-135m"`` (embedded, default), a tiny test model (``"tiny-llama"``,
     ``"tiny-gpt2"``, ... see ``TINY_MODELS``), a local folder, a ``.gguf`` file, a hub id
     (``HF_HUB_OFFLINE=1`` is respected), a ``(model, tokenizer)`` pair or a ``LoadedModel``.
-    ``device_map`` (e.g. ``"auto"`` or a dict) spreads a large model over several devices.
+    ``device``: ``"auto"`` (default: CUDA when available, else CPU), ``"cpu"``, ``"cuda:1"``
+    ..., or ``None`` to leave the model where it is. ``device_map`` (e.g. ``"auto"`` or a dict)
+    spreads a large model over several devices.
     """
     if isinstance(spec, LoadedModel):
         return spec
@@ -199,6 +210,7 @@ def load_model(spec=DEFAULT_MODEL, device: str | torch.device | None = None,
             ) from None
     if device_map is None:
         model = model.to(dtype=dtype)
+        device = resolve_device(device)
         if device is not None:
             model = model.to(device)
     model.eval()

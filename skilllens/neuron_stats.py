@@ -15,8 +15,12 @@ import warnings
 import torch
 
 from .errors import SkillLensError
+from .partials import _select_rows, fused_update, histogram_counts
 from .stats import (ALL_STATS, DEFAULT_STATS, AbsMean, Extrema, Histogram, Moments, NonFinite,
                     PositiveFraction, batch_partials)
+
+#: with ``backend="auto"``, CPU blocks with at least this many values take the compiled path
+FUSE_MIN = 1 << 15
 
 #: tensors written per site/layer by ``StatsCollection.save`` (``{site}.{layer}.{stat}``)
 EXPORTED = ("count", "mean", "var", "std", "m2", "min", "max", "mean_abs", "sum_abs",
@@ -35,8 +39,9 @@ class NeuronStats:
     ``stats``: any of ``moments`` (count/mean/var/std), ``extrema`` (min/max), ``abs`` (mean |x|),
     ``positive`` (fraction > 0), ``histogram`` (``bins`` fixed bins, range from ``hist_range`` or
     the first batch). NaN/inf are always counted (``n_nonfinite``) and excluded elsewhere.
-    ``backend``: ``"auto"`` (fused Triton kernel on CUDA when installed, else torch), ``"torch"``
-    or ``"triton"``.
+    ``backend``: ``"auto"`` (fused Triton kernel on CUDA when installed; on the CPU the compiled
+    one-pass update for blocks of at least ``FUSE_MIN`` values, else torch), ``"torch"`` (eager
+    ops), ``"compiled"`` (the compiled CPU update for every block) or ``"triton"``.
     """
 
     def __init__(self, d: int, stats=DEFAULT_STATS, bins: int = 256, hist_range=None,
@@ -44,8 +49,9 @@ class NeuronStats:
         unknown = set(stats) - set(ALL_STATS)
         if unknown:
             raise SkillLensError(f"unknown statistics {sorted(unknown)}; choose from {ALL_STATS}")
-        if backend not in ("auto", "torch", "triton"):
-            raise SkillLensError(f"unknown statistics backend {backend!r}; use auto, torch or triton")
+        if backend not in ("auto", "torch", "compiled", "triton"):
+            raise SkillLensError(f"unknown statistics backend {backend!r}; use auto, torch, "
+                                 f"compiled or triton")
         self.d, self.backend, self.stats = int(d), backend, tuple(stats)
         self.moments = Moments(d, device)
         self.nonfinite = NonFinite(d, device)
@@ -84,13 +90,64 @@ class NeuronStats:
         if hist is not None:
             hist.ensure_range(x, mask)
         spec = hist.spec if hist is not None else None
+        if self._update_compiled(x, mask, spec):
+            return self
         if self._use_kernel(x):
             p = _kernel_partials(x.detach(), mask, spec)
         else:
-            p = batch_partials(x.detach(), mask, spec, self.stats)
-        for c in self.components:
-            c.update_partials(p)
+            m = self.moments
+            shift = m.mean if bool(m.count.any()) else None  # running mean: little cancellation
+            p = batch_partials(x.detach(), mask, spec, self.stats, shift)
+        n = getattr(p, "uniform_n", None)
+        if n is not None and p["mean"].device == self.moments.mean.device:
+            self._add_uniform(p, n)
+        else:
+            for c in self.components:
+                c.update_partials(p)
         return self
+
+    def _update_compiled(self, x: torch.Tensor, mask, spec) -> bool:
+        """One compiled pass (:func:`skilllens.partials.fused_update`) for the default
+        statistics of a float32 CPU block; False (nothing changed) when it does not apply."""
+        if self.backend not in ("auto", "compiled") or x.is_cuda or x.dtype == torch.float64 \
+                or None in (self.extrema, self.abs, self.positive):
+            return False
+        if self.backend == "auto" and x.numel() < FUSE_MIN:
+            return False
+        fn = fused_update()
+        rows = _select_rows(x.detach(), mask) if fn is not None else None
+        if rows is None or rows.shape[0] == 0 or rows.device != self.moments.mean.device:
+            return False
+        mo, ex = self.moments, self.extrema
+        ok, *new = fn(rows, mo.count, mo.mean, mo.m2, ex.min, ex.max, self.abs.total,
+                      self.positive.total)
+        if not bool(ok):  # NaN/inf or cancellation: the eager path handles it exactly
+            return False
+        mo.count, mo.mean, mo.m2, ex.min, ex.max, self.abs.total, self.positive.total = new
+        self.abs.count = self.positive.count = mo.count
+        if spec is not None:
+            self.histogram.counts += histogram_counts(rows, spec, all_finite=True)
+        return True
+
+    def _add_uniform(self, p: dict, n: int) -> None:
+        """Combine partials where every neuron counted ``n`` finite values (the common case)
+        with fewer small ops than the components' general ``update_partials``: Chan's formula
+        with a scalar ``n``, no non-finite counts to add."""
+        mo = self.moments
+        total = mo.count + n
+        frac = n / total
+        delta = p["mean"] - mo.mean
+        mo.mean = torch.addcmul(mo.mean, delta, frac)
+        mo.m2 = torch.addcmul(mo.m2 + p["m2"], delta.mul_(delta), mo.count * frac)
+        mo.count = total
+        if self.extrema is not None:
+            self.extrema.min = torch.minimum(self.extrema.min, p["min"])
+            self.extrema.max = torch.maximum(self.extrema.max, p["max"])
+        for comp, key in ((self.abs, "sum_abs"), (self.positive, "n_pos")):
+            if comp is not None:
+                comp.total, comp.count = comp.total + p[key], comp.count + n
+        if self.histogram is not None:
+            self.histogram.update_partials(p)
 
     def merge(self, other: "NeuronStats") -> "NeuronStats":
         """Exact merge (same statistics and, for histograms, the same range)."""

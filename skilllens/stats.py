@@ -7,6 +7,7 @@ splitting data into batches, processes or resumed runs gives the same result as 
 
 A batch is first reduced to *partials* (``batch_partials``: count, mean, m2, min, max, sum_abs,
 n_pos, n_nonfinite, hist per neuron); the fused Triton kernel produces the same partials on GPU.
+float64 input stays float64; other dtypes are reduced in float32 into float64 accumulators.
 NaN/inf values are counted in ``n_nonfinite`` and excluded from every other statistic.
 
 >>> import torch
@@ -20,7 +21,7 @@ import torch
 
 from .errors import SkillLensError
 from .partials import (ALL_STATS, DEFAULT_STATS, PARTIAL_KEYS, HistogramSpec,  # noqa: F401
-                       _flatten, batch_partials, chan_merge, histogram_counts)
+                       _flatten, batch_partials, chan_merge, float64_partials, histogram_counts)
 
 
 class _Statistic:
@@ -226,7 +227,13 @@ class Histogram(_Statistic):
         return super().update(x, mask)
 
     def update_partials(self, p):
-        self.counts += p["hist"].to(self.device, torch.int64)
+        h = p.get("hist")
+        if h is None:  # no range yet: only a block without any (finite) row may come here
+            if bool((p["count"] > 0).any()):
+                raise SkillLensError("histogram received data before its range was set; call "
+                                     "ensure_range(x, mask) or give lo/hi")
+            return
+        self.counts += h.to(self.device, torch.int64)
 
     def merge(self, other: "Histogram"):
         self._check_peer(other)

@@ -188,3 +188,61 @@ def test_killed_collection_resumes_without_double_counting(tmp_path):
         torch.testing.assert_close(resumed[k].mean, fresh[k].mean, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(resumed[k].var, fresh[k].var, rtol=1e-12, atol=1e-12)
         assert torch.equal(resumed[k].histogram.counts, fresh[k].histogram.counts)
+
+
+def test_resume_with_store_keeps_the_vectors_before_the_checkpoint(tiny_llama, tmp_path,
+                                                                   monkeypatch):
+    # issue 10 defect 7: vectors of batches before the checkpoint were lost on resume
+    texts = [f"text {i} " + "ab cd " * (i % 4) for i in range(11)]
+    mod = sys.modules["skilllens.collect"]  # the package attribute is the function
+    orig, calls = mod.run_with_hooks, {"n": 0}
+
+    def dies_at_batch_5(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("simulated crash")
+        return orig(*a, **k)
+
+    kw = dict(sites=["gate", "key"], layers=[0, 1], batch_size=2, progress=False, store=True,
+              stats=("moments", "extrema", "histogram"))
+    ck = tmp_path / "ck.safetensors"
+    monkeypatch.setattr(mod, "run_with_hooks", dies_at_batch_5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        skilllens.collect(tiny_llama, texts, checkpoint=ck, checkpoint_every=2, **kw)
+    monkeypatch.setattr(mod, "run_with_hooks", orig)
+    assert skilllens.artifacts.read_metadata(ck)["batches_done"] == 4
+    resumed = skilllens.collect(tiny_llama, texts, checkpoint=ck, checkpoint_every=2,
+                                store_dir=tmp_path / "vec", **kw)
+    fresh = skilllens.collect(tiny_llama, texts, **kw)
+    assert resumed.meta["n_tokens"] == fresh.meta["n_tokens"]
+    assert torch.equal(resumed.vector_items, fresh.vector_items)
+    for k in fresh.keys():
+        assert torch.equal(resumed.vectors[k], fresh.vectors[k]), k
+        assert torch.equal(resumed[k].count, fresh[k].count)
+        torch.testing.assert_close(resumed[k].mean, fresh[k].mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(resumed[k].var, fresh[k].var, rtol=1e-12, atol=1e-12)
+        assert torch.equal(resumed[k].histogram.counts, fresh[k].histogram.counts)
+    vecs, items = load_vectors(tmp_path / "vec")
+    assert torch.equal(items, fresh.vector_items) and torch.equal(vecs["key", 1], fresh.vectors["key", 1])
+    again = skilllens.collect(tiny_llama, texts, checkpoint=ck, checkpoint_every=2, **kw)
+    assert torch.equal(again.vectors["gate", 0], fresh.vectors["gate", 0])  # finished run
+
+
+def test_device_auto_everywhere(monkeypatch, capsys):
+    from skilllens.cli import build_parser, main
+    from skilllens.models import resolve_device
+
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device(None) is None
+    assert resolve_device("cpu") == torch.device("cpu")
+    lm = skilllens.load_model("tiny-llama")
+    assert lm.device == torch.device("cpu")
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        dev = [a for a in p._actions if a.dest == "device"]
+        assert all(a.default == "auto" for a in dev), name
+    assert main(["info", "--model", "tiny-llama", "--json"]) == 0
+    assert "device: cpu" in capsys.readouterr().err

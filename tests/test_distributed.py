@@ -66,3 +66,33 @@ def test_ranks_that_disagree_get_a_clear_error(tmp_path):
     mp.start_processes(_bad_worker, args=(2, _free_port(), out), nprocs=2, start_method="spawn")
     for r in range(2):
         assert "ranks disagree" in Path(out + f".{r}").read_text()
+
+
+def _hist_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        res = skilllens.collect("tiny-llama", TEXTS, sites=["gate", "key"], layers=[0, 1],
+                                batch_size=3, rank=rank, world_size=world, progress=False,
+                                stats=("moments", "histogram"), bins=32, store=True)
+        torch.save({k: v for k, v in res.vectors.items()}, out + f".vec{rank}")
+        merged = skilllens.distributed.all_merge(res)
+        if rank == 0:
+            merged.save(out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_merge_with_automatic_histogram_ranges(tmp_path):
+    # issue 10 defect 5: automatic ranges differed per rank and all_merge refused them
+    from skilllens.stats import HistogramSpec, histogram_counts
+
+    out = str(tmp_path / "merged.safetensors")
+    mp.start_processes(_hist_worker, args=(2, _free_port(), out), nprocs=2, start_method="spawn")
+    merged = skilllens.StatsCollection.load(out)
+    vecs = [torch.load(out + f".vec{r}") for r in range(2)]
+    for k in merged.keys():
+        h = merged[k].histogram
+        rows = torch.cat([v[k] for v in vecs])
+        assert int(h.counts.sum(1)[0]) == rows.shape[0] == int(merged[k].count[0])
+        assert torch.equal(h.counts, histogram_counts(rows, HistogramSpec(h.lo, h.hi, 32)))

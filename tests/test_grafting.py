@@ -142,12 +142,40 @@ def test_soft_graft_gradient():
     pre, diff = (torch.randn(60, generator=g, dtype=torch.float64) for _ in range(2))
     base = torch.rand(60, generator=g) < 0.3
     assert torch.autograd.gradcheck(lambda s: soft_graft(s, pre, diff, base, 10.0), (S,))
-    w = torch.randn(60, generator=g, dtype=torch.float64)
-    g1, = torch.autograd.grad((soft_graft(S, pre, diff, base, 10.0) * w).sum(), S)
-    g2, = torch.autograd.grad(((pre + soft_mask(S, base, 10.0) * diff) * w).sum(), S)
-    torch.testing.assert_close(g1, g2, rtol=1e-12, atol=0)
     gam = soft_mask(torch.zeros(60, dtype=torch.float64), base, 10.0)
     assert bool((gam[base] > 0.99).all()) and bool((gam[~base] < 0.01).all())
+
+
+@pytest.mark.parametrize("l1", [0.0, 0.3])
+def test_workspace_matches_autograd_of_the_soft_graft(l1):
+    """The in-place working copy holds the soft graft and turns dL/dtheta into dL/dS exactly as
+    autograd does through ``soft_graft`` (float64, random data, two tensors)."""
+    from skilllens.grafting import GraftWorkspace
+
+    g = torch.Generator().manual_seed(3)
+    shapes = {"a": (7, 5), "b": (11,)}
+    pre = {n: torch.randn(s, generator=g, dtype=torch.float64) for n, s in shapes.items()}
+    diff = {n: torch.randn(s, generator=g, dtype=torch.float64) for n, s in shapes.items()}
+    base = {n: torch.rand(s, generator=g) < 0.3 for n, s in shapes.items()}
+    w = {n: torch.randn(s, generator=g, dtype=torch.float64) for n, s in shapes.items()}
+    ws = GraftWorkspace(pre, diff, base, 10.0)
+    for n, sc in ws.scores.items():
+        sc.copy_(torch.randn(shapes[n], generator=g, dtype=torch.float64) * 3 + 9)
+    S = {n: sc.clone().requires_grad_() for n, sc in ws.scores.items()}
+    soft = {n: soft_graft(S[n], pre[n], diff[n], base[n], 10.0) for n in shapes}
+    loss = sum((soft[n] * w[n]).sum() + l1 * soft_mask(S[n], base[n], 10.0).sum() for n in shapes)
+    ref = torch.autograd.grad(loss, [S[n] for n in shapes])
+    work = ws.apply_soft()
+    for n in shapes:
+        torch.testing.assert_close(work[n].detach(), soft[n].detach(), rtol=0, atol=0)
+    mine_loss = sum((work[n] * w[n]).sum() for n in shapes) + l1 * ws.soft_mask_sum()
+    torch.testing.assert_close(mine_loss.detach(), loss.detach(), rtol=1e-12, atol=0)
+    grads = ws.score_grads(torch.autograd.grad(mine_loss, list(work.values())), l1)
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-300)
+    hard = {n: base[n] ^ (torch.rand(shapes[n], generator=g) < 0.2) for n in shapes}
+    for n, t in ws.apply_hard(hard).items():
+        assert torch.equal(t.detach(), pre[n] + hard[n].double() * diff[n])
 
 
 def test_graft_loss_gradient_matches_reference_chain_rule(lm, task, ft):

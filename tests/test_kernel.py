@@ -280,3 +280,19 @@ def test_neuron_stats_triton_matches_torch(device):
     for k in ("mean", "var", "std", "m2", "mean_abs", "sum_abs", "frac_pos"):
         assert torch.allclose(ea[k], eb[k], rtol=1e-5, atol=1e-6), k
     assert torch.allclose(a.quantiles([0.1, 0.5, 0.9]), b.quantiles([0.1, 0.5, 0.9]))
+
+
+def test_float64_input_stays_float64(device):
+    # issue 10 defect 6 on the kernel path: float64 goes to the shared float64 fallback
+    g = torch.Generator().manual_seed(21)
+    x = (1e8 + torch.randn(64, 5, generator=g, dtype=torch.float64) * 0.1).to(device)
+    mask = torch.rand(64, generator=g) > 0.3
+    spec = HistogramSpec(torch.full((5,), 1e8 - 0.25, dtype=torch.float64),
+                         torch.full((5,), 1e8 + 0.25, dtype=torch.float64), 8)
+    got = fused_partials(x, mask.to(device), spec)
+    ref = reference(x, mask)
+    torch.testing.assert_close(got["m2"].cpu(), ref["m2"], rtol=1e-9, atol=0)
+    torch.testing.assert_close(got["mean"].cpu(), ref["mean"], rtol=1e-15, atol=0)
+    hist = got["hist"].cpu()
+    assert torch.equal(hist, histogram_counts(x[mask.to(device)], spec).cpu())
+    assert int(hist[:, 1:-1].sum()) > 0.5 * int(mask.sum()) * 5  # binned at float64 resolution

@@ -179,3 +179,89 @@ def test_histogram_range_miss_is_counted_and_warned():
     assert h[:, 0].tolist() == (x < -1).sum(0).tolist() and h[:, -1].tolist() == (x >= 1).sum(0).tolist()
     with pytest.warns(UserWarning, match="widen hist_range"):
         st.warn_if_out_of_range("gate.0")
+
+
+def test_float64_input_is_computed_in_float64():
+    # issue 10 defect 6: 1e8 + {0.1, 0.2, 0.3} rounded to float32 gave variance 0
+    x = torch.tensor([[1e8 + 0.1], [1e8 + 0.2], [1e8 + 0.3]], dtype=torch.float64).repeat(1, 3)
+    x[:, 1] -= 2e8
+    x[:, 2] = torch.tensor([1e-9, -2e-9, 3e-9], dtype=torch.float64)
+    ref = ref_stats(x)
+    p = batch_partials(x)
+    torch.testing.assert_close(p["m2"] / 3, ref["var"], rtol=1e-6, atol=0)
+    torch.testing.assert_close(p["mean"], ref["mean"], rtol=1e-15, atol=0)
+    st = NeuronStats(3, ALL, hist_range=(-2e8, 2e8))
+    for part in torch.tensor_split(x, 2):  # second block uses the running mean as shift
+        st.update(part)
+    torch.testing.assert_close(st.var, ref["var"], rtol=1e-6, atol=0)
+    torch.testing.assert_close(st.mean_abs, ref["mean_abs"], rtol=1e-15, atol=0)
+    assert torch.equal(st.min, ref["min"]) and torch.equal(st.max, ref["max"])
+
+
+def test_float64_random_blocks_match_reference():
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(300, 9, generator=g, dtype=torch.float64) * 1e-3 + 1e6
+    st = NeuronStats(9, ("moments", "extrema", "abs", "positive"))
+    for part in torch.tensor_split(x, 4):
+        st.update(part)
+    r = ref_stats(x)
+    torch.testing.assert_close(st.var, r["var"], rtol=1e-7, atol=0)
+    torch.testing.assert_close(st.mean, r["mean"], rtol=1e-15, atol=0)
+
+
+def test_histogram_first_update_without_rows_then_data():
+    # issue 10 defect 5: an all-masked first block raised KeyError: 'hist'
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(40, 5, generator=g) * 2 + 1
+    st = NeuronStats(5, ALL, bins=16)
+    st.update(torch.randn(3, 5), torch.zeros(3, dtype=torch.bool))
+    st.update(torch.randn(0, 5))
+    assert st.histogram.lo is None
+    st.update(x)
+    check(st, x)
+    ref = histogram_counts(x, HistogramSpec(st.histogram.lo, st.histogram.hi, 16))
+    assert torch.equal(st.histogram.counts, ref) and int(st.histogram.counts.sum()) == 200
+    h = Histogram(5, bins=8)
+    h.update(x[:2], torch.zeros(2, dtype=torch.bool))
+    h.update(x)
+    assert int(h.counts.sum()) == 200
+
+
+def test_first_row_outlier_does_not_cancel():
+    # the first row lies 1e4 standard deviations from the rest (main: 8e-6 relative error)
+    g = torch.Generator().manual_seed(13)
+    x = 5.0 + 1e-3 * torch.randn(4000, 6, generator=g)
+    x[0] = -5.0
+    p = batch_partials(x)
+    xd = x.double()
+    torch.testing.assert_close(p["m2"], ((xd - xd.mean(0)) ** 2).sum(0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(p["mean"], xd.mean(0), rtol=1e-8, atol=0)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_compiled_cpu_update_matches_float64_and_eager(offset):
+    """The compiled one-pass CPU update (the default for large blocks) against float64
+    references and the eager path: masks, several blocks, histogram, a NaN block (falls back)."""
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(3, 70, 33, generator=g) * 2.5 + torch.randn(33, generator=g) + offset
+    mask = torch.rand(3, 70, generator=g) > 0.3
+    comp = NeuronStats(33, ALL, hist_range=(offset - 12, offset + 12), backend="compiled")
+    eager = NeuronStats(33, ALL, hist_range=(offset - 12, offset + 12), backend="torch")
+    for b in range(3):
+        comp.update(x[b], mask[b])
+        eager.update(x[b], mask[b])
+    rows = x[mask]
+    if offset == 0.0:
+        check(comp, rows)
+    r = ref_stats(rows)
+    torch.testing.assert_close(comp.mean, r["mean"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(comp.var, r["var"], rtol=1e-9, atol=0)
+    assert torch.equal(comp.histogram.counts, eager.histogram.counts)
+    for k in ("count", "min", "max", "frac_pos"):
+        assert torch.equal(getattr(comp, k), getattr(eager, k)), k
+    torch.testing.assert_close(comp.mean_abs, eager.mean_abs, rtol=1e-6, atol=0)
+    bad = torch.randn(5, 33, generator=g) + offset
+    bad[2, 4] = float("nan")
+    comp.update(bad)
+    assert comp.n_nonfinite[4] == 1 and comp.count[4] == rows.shape[0] + 4
+    torch.testing.assert_close(comp.mean[5], torch.cat([rows[:, 5], bad[:, 5]]).double().mean())

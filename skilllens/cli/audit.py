@@ -52,14 +52,21 @@ def add_parser(sub):
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--max-length", type=int, default=d.max_length)
-    p.add_argument("--device", default=None, help="cpu, cuda ... (default: cpu)")
+    p.add_argument("--device", default="auto",
+                   help="auto (default: CUDA when available, else CPU), cpu, cuda ...")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def run(args) -> int:
+    import sys
+
     from ..audit import AuditConfig, default_out, parse_list, run_audit
     from ..errors import SkillLensError
+    from ..models import resolve_device
+
+    device = str(resolve_device(args.device))
+    print(f"device: {device}", file=sys.stderr)
 
     try:
         na_percent = [float(x) for x in parse_list(args.na_percent)]
@@ -73,7 +80,7 @@ def run(args) -> int:
                       alpha=args.alpha, ksd_calibrate=args.ksd_calibrate,
                       ksd_max_fpr=args.ksd_max_fpr, na_percent=na_percent, na_rule=args.na_rule,
                       sp_percent=args.sp_percent, batch_size=args.batch_size,
-                      max_length=args.max_length, device=args.device,
+                      max_length=args.max_length, device=device,
                       progress=not args.no_progress)
     res = run_audit(cfg)
     print(f"wrote {cfg.out}/results.json, report.md, report.html "

@@ -10,7 +10,8 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--model", default=None if required else DEFAULT_MODEL, required=required,
                    help=f"model spec: {DEFAULT_MODEL} (embedded, default), tiny-llama, a hub id, "
                         f"a local folder or a .gguf file")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+    p.add_argument("--device", default="auto",
+                   help="auto (default: CUDA when available, else CPU), cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
 
@@ -26,5 +27,9 @@ def formatter(prog):
 
 
 def load(args):
+    import sys
+
     from ..models import load_model
-    return load_model(args.model, device=args.device, dtype=args.dtype)
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    print(f"device: {lm.device}", file=sys.stderr)
+    return lm

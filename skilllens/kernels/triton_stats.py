@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ..errors import SkillLensError
-from ..stats import PARTIAL_KEYS, HistogramSpec
+from ..partials import PARTIAL_KEYS, HistogramSpec, _empty_partials, float64_partials
 
 # rows of the partial buffer
 _CNT, _SHIFT, _MEAN, _M2, _MIN, _MAX, _ABS, _POS, _BAD = range(9)
@@ -152,15 +152,6 @@ def _grid_shape(n: int, d: int, block_n: int, block_d: int, device: torch.device
     return triton.cdiv(n_tiles, tiles), tiles
 
 
-def _empty(d: int, device, hist: HistogramSpec | None) -> dict[str, torch.Tensor]:
-    out = {k: torch.zeros(d, dtype=torch.float64, device=device) for k in PARTIAL_KEYS}
-    out["min"] = torch.full((d,), float("inf"), dtype=torch.float64, device=device)
-    out["max"] = torch.full((d,), float("-inf"), dtype=torch.float64, device=device)
-    if hist is not None:
-        out["hist"] = torch.zeros(d, hist.bins + 2, dtype=torch.int64, device=device)
-    return out
-
-
 def _combine(part: torch.Tensor) -> dict[str, torch.Tensor]:
     """Exact float64 combination of per-token-block partials ``[9, T, d]`` -> ``[d]`` each."""
     p = part.double()
@@ -184,11 +175,12 @@ def fused_partials(x: torch.Tensor, mask: torch.Tensor | None = None,
     """Partials of ``x: [..., d]`` (bf16/fp16/fp32) over rows where ``mask: [...]`` is True.
 
     Returns the dict of :func:`skilllens.stats.batch_partials` on ``x.device``. The keyword
-    arguments tune the launch (block sizes are powers of two; tests use tiny ones).
+    arguments tune the launch (block sizes are powers of two; tests use tiny ones). float64
+    input is not narrowed: it goes to the shared float64 path.
     """
-    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        x = x.to(torch.float32)
     x = x.detach()
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        x = x.to(torch.float32)
     if x.dim() == 1:
         x = x[None]
     d = x.shape[-1]
@@ -199,12 +191,14 @@ def fused_partials(x: torch.Tensor, mask: torch.Tensor | None = None,
         mask = mask.reshape(-1).to(device=x.device, dtype=torch.bool).to(torch.uint8)
     x2 = x.reshape(-1, d)
     n = x2.shape[0]
+    if x2.dtype == torch.float64:
+        return float64_partials(x2, mask, hist)
     interpret = _interpret()
     if x.device.type != "cuda" and not interpret:
         raise SkillLensError(f"the Triton statistics kernel needs a CUDA tensor (got "
                              f"{x.device}); set TRITON_INTERPRET=1 to run it on the CPU")
     if n == 0 or d == 0:
-        return _empty(d, x.device, hist)
+        return _empty_partials(d, x.device, hist)
 
     if block_d is None:
         block_d = 128 if x.device.type == "cuda" else min(128, triton.next_power_of_2(d))
@@ -232,22 +226,7 @@ def fused_partials(x: torch.Tensor, mask: torch.Tensor | None = None,
     bad = ((part[_CNT] > 0) & ~torch.isfinite(p).all(0)).any(0)
     if bool(bad.any()):
         cols = bad.nonzero().squeeze(1)
-        ref = _float64_partials(x2.index_select(1, cols), mask)
+        ref = float64_partials(x2.index_select(1, cols), mask)
         for k in PARTIAL_KEYS:
             out[k][cols] = ref[k]
     return out
-
-
-def _float64_partials(x: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Moments etc. of the finite values of ``x: [N, k]`` (rows where ``mask: [N]``), float64."""
-    xd = x.double() if mask is None else x[mask.bool()].double()
-    fin = torch.isfinite(xd)
-    count = fin.sum(0, dtype=torch.float64)
-    x0 = torch.where(fin, xd, 0.0)
-    mean = x0.sum(0) / count.clamp(min=1)
-    return {"count": count, "mean": mean,
-            "m2": (torch.where(fin, xd - mean, 0.0) ** 2).sum(0),
-            "min": torch.where(fin, xd, float("inf")).amin(0),
-            "max": torch.where(fin, xd, float("-inf")).amax(0),
-            "sum_abs": x0.abs().sum(0), "n_pos": (x0 > 0).sum(0, dtype=torch.float64),
-            "n_nonfinite": (~fin).sum(0, dtype=torch.float64)}
