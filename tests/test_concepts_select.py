@@ -106,15 +106,20 @@ def test_attribution_predicts_zero_ablation_drop(lm):
 
 # ---------------------------------------------------------------- selection
 def test_greedy_set_rule(monkeypatch, lm):
-    """Additive fake drops: the greedy set takes vectors in screened order while the gain rises
-    by >= min_gain and the unrelated drop stays under the cap, at most max_vectors."""
+    """Additive fake effects: the greedy set takes vectors in screened order while the gain
+    rises by >= min_gain and unrelated agreement stays >= the floor, at most max_vectors,
+    stopping after `patience` misses."""
+    # vector -> (concept agreement loss, unrelated agreement loss)
     effect = {(1, 0): (0.30, 0.00), (1, 1): (0.20, 0.01), (1, 2): (0.001, 0.0),
               (1, 3): (0.25, 0.20), (0, 4): (0.10, 0.0), (0, 5): (0.06, 0.0)}
 
     def fake(self, lm_, vectors, tf_c, tf_u):
-        return sum(effect[tuple(v)][0] for v in vectors), sum(effect[tuple(v)][1] for v in vectors)
+        lc = sum(effect[tuple(v)][0] for v in vectors)
+        lu = sum(effect[tuple(v)][1] for v in vectors)
+        return {"concept_drop": 0.0, "unrelated_drop": 0.0, "concept_agreement": 1 - lc,
+                "unrelated_agreement": 1 - lu, "gain": lc - lu}
 
-    monkeypatch.setattr(SetSelector, "_drops", fake)
+    monkeypatch.setattr(SetSelector, "_change", fake)
     monkeypatch.setattr(TeacherForced, "fit", lambda self: self)
     monkeypatch.setattr(TeacherForced, "attribution",
                         lambda self: torch.zeros(2, 64, dtype=torch.float64))
@@ -125,10 +130,13 @@ def test_greedy_set_rule(monkeypatch, lm):
 
     cands = [C(*k) for k in effect]
     qa = (["q?"], ["a"])
-    sel = SetSelector(n_attr=0, max_vectors=5, min_gain=0.01, max_unrelated_drop=0.05).select(lm, qa, qa, cands)
+    sel = SetSelector(n_attr=0, max_vectors=5, min_gain=0.01).select(lm, qa, qa, cands)
     assert [s.gain for s in sel.screened] == sorted((s.gain for s in sel.screened), reverse=True)
-    assert sel.vectors == [(1, 0), (1, 1), (0, 4), (0, 5)]  # (1,3) breaks the cap, (1,2) gains too little
+    assert sel.vectors == [(1, 0), (1, 1), (0, 4), (0, 5)]  # (1,3) breaks the floor, (1,2) gains too little
     assert [st["accepted"] for st in sel.steps] == [True, True, True, True, False, False]
+    patient = SetSelector(n_attr=0, max_vectors=5, min_gain=0.01, patience=1,
+                          min_unrelated_agreement=0.995).select(lm, qa, qa, cands)
+    assert patient.vectors == [(1, 0)] and len(patient.steps) == 2  # (1,1) misses: stop
     top2 = SetSelector(n_attr=0, max_vectors=2, min_gain=0.01).select(lm, qa, qa, cands)
     assert top2.vectors == [(1, 0), (1, 1)] and len(top2.steps) == 2
     assert isinstance(sel.screened[0], Screened) and json.dumps(sel.to_dict())
@@ -163,9 +171,9 @@ def test_selection_never_sees_held_out_answers(monkeypatch, data_dir):
     seen = {"tf": [], "score": []}
     orig_init, orig_score = TeacherForced.__init__, validate.BehaviourSuite.score
 
-    def tf_init(self, lm_, prompts, answers, batch_size=32):
+    def tf_init(self, lm_, prompts, answers, **kw):
         seen["tf"].append(list(prompts))
-        orig_init(self, lm_, prompts, answers, batch_size)
+        orig_init(self, lm_, prompts, answers, **kw)
 
     def score(self, lm_, sets=None, with_logprob=True):
         seen["score"].append(list(sets or self.held_out_sets))

@@ -65,6 +65,8 @@ def add_parser(sub):
     p.add_argument("--scope", default="ffn_out", choices=["ffn_out", "full"],
                    help="parameters trained by ga/npo")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's); 1 is much faster on a busy CPU")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", required=True, help="output folder")
     return p
@@ -75,6 +77,9 @@ def run(args) -> int:
     from ..concepts.experiment import ExperimentSettings, run_concepts, target_reached
     from ..concepts.report import write_report
 
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     settings = ExperimentSettings(
         method=args.method, sigma=args.sigma, seed=args.seed, held_out=args.held_out,
         k_search=args.k, n_candidates=args.candidates, n_attr=args.attr_candidates,

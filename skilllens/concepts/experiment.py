@@ -8,10 +8,9 @@ Per concept (``held_out`` = 0.5 by default; the split is seeded and recorded in 
 2. :class:`.select.SetSelector` builds a pool (vocabulary-projection candidates + attribution
    candidates), screens it by teacher-forced log-prob drops and greedily builds a set of at most
    ``max_vectors`` vectors, all on the selection questions.
-3. Size check by generation, also on the selection questions: the prefixes of the greedy set of
-   sizes ``{n, ceil(n/2), 1}`` are ablated and the selection concept answers regenerated; in order
-   of increasing concept BLEU, the selection unrelated answers are regenerated and the first
-   prefix with unrelated BLEU >= ``min_unrelated_bleu`` is chosen (else the best unrelated one).
+3. Size check by generation, also on the selection questions: with the greedy set ablated the
+   selection answers are regenerated; while unrelated BLEU < ``min_unrelated_bleu`` the last-added
+   vector is dropped (at most ``max_backtrack`` times). These are the ``selection`` numbers.
 4. Headline: ``method`` on the chosen set, BLEU / ROUGE-L of the *held-out* concept and unrelated
    answers (``concept_qa``, ``unrelated_qa``); the selection numbers sit beside them
    (``selection``). Control: a layer-matched random set of the same size, same method, held-out
@@ -23,7 +22,6 @@ that :func:`skilllens.concepts.report.write_report` writes as ``results.json``, 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -57,7 +55,8 @@ class ExperimentSettings:
     max_vectors: int = 8
     lam: float = 1.0
     min_gain: float = 0.005
-    max_unrelated_drop: float = 0.05
+    min_unrelated_agreement: float = 0.9
+    max_backtrack: int = 2
     min_unrelated_bleu: float = 0.9
     control: bool = True
     max_new_tokens: int = 100
@@ -155,28 +154,23 @@ def evaluate_edit(lm, concept: Concept, suite: BehaviourSuite, method: str, vect
 
 
 def choose_size(lm, suite: BehaviourSuite, vectors, s: ExperimentSettings) -> tuple[list, list]:
-    """Pick a prefix of the greedy set by regenerating the *selection* answers (module doc, 3).
-    Returns the chosen vectors and one trace entry per tried size."""
-    n = len(vectors)
-    sizes = sorted({n, math.ceil(n / 2), 1}, reverse=True)
+    """Regenerate the *selection* answers with the greedy set ablated; while the selection
+    unrelated BLEU is below ``min_unrelated_bleu``, drop the last-added vector and retry (at most
+    ``max_backtrack`` times; the best unrelated BLEU is kept if none passes). Returns the chosen
+    vectors and one trace entry per tried size."""
     trace = []
-    for k in sizes:
+    for k in range(len(vectors), max(0, len(vectors) - s.max_backtrack - 1), -1):
         with ablated(lm, vectors[:k], s.ablation, s.sigma, s.seed):
-            beh = suite.score(lm, [suite.sel("concept_qa")], with_logprob=False)
+            beh = suite.score(lm, [suite.sel("concept_qa"), suite.sel("unrelated_qa")],
+                              with_logprob=False)
         trace.append({"size": k, "concept_qa": beh.text[suite.sel("concept_qa")].to_dict(),
-                      "unrelated_qa": None, "chosen": False})
-    checked = []
-    for t in sorted(trace, key=lambda t: (t["concept_qa"]["bleu"], t["size"])):
-        with ablated(lm, vectors[:t["size"]], s.ablation, s.sigma, s.seed):
-            beh = suite.score(lm, [suite.sel("unrelated_qa")], with_logprob=False)
-        t["unrelated_qa"] = beh.text[suite.sel("unrelated_qa")].to_dict()
-        checked.append(t)
-        if t["unrelated_qa"]["bleu"] >= s.min_unrelated_bleu:
-            t["chosen"] = True
+                      "unrelated_qa": beh.text[suite.sel("unrelated_qa")].to_dict(),
+                      "chosen": False})
+        if trace[-1]["unrelated_qa"]["bleu"] >= s.min_unrelated_bleu:
             break
-    else:
-        max(checked, key=lambda t: t["unrelated_qa"]["bleu"])["chosen"] = True
-    best = next(t for t in trace if t["chosen"])
+    best = trace[-1] if trace[-1]["unrelated_qa"]["bleu"] >= s.min_unrelated_bleu else \
+        max(trace, key=lambda t: t["unrelated_qa"]["bleu"])
+    best["chosen"] = True
     return list(vectors[:best["size"]]), trace
 
 
@@ -188,7 +182,7 @@ def _concept_row(lm, c: Concept, suite, search, s: ExperimentSettings, fixed, pr
         vectors = [tuple(v) for v in fixed]
     else:
         sel = SetSelector(s.ablation, s.sigma, s.seed, s.n_attr, s.max_vectors, s.lam, s.min_gain,
-                          s.max_unrelated_drop, min(s.batch_size, 32))
+                          s.min_unrelated_agreement, min(s.batch_size, 32))
         c_sel, u_sel = suite.sel("concept_qa"), suite.sel("unrelated_qa")
         selection = sel.select(lm, (suite.prompts[c_sel], suite.original_[c_sel]),
                                (suite.prompts[u_sel], suite.original_[u_sel]), cands)

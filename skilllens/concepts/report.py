@@ -144,17 +144,20 @@ def report_markdown(results: dict) -> str:
         lines += ["", "## Selection (selection questions only)", "",
                   f"Pool: the {s.get('n_candidates')} vocabulary-projection candidates and the "
                   f"{s.get('n_attr')} vectors of highest attribution selectivity; screened by the "
-                  f"exact teacher-forced log-prob drop (nats/token) of the original answers; greedy "
-                  f"set of at most {s.get('max_vectors')} (gain = concept drop - {s.get('lam')} x "
-                  f"unrelated drop, unrelated drop <= {s.get('max_unrelated_drop')}); set size "
-                  f"checked by regenerating the selection answers.", "",
-                  "| concept | vector | source | attribution | concept drop | unrelated drop | "
-                  "in set |", "|---|---|---|---|---|---|---|"]
+                  f"teacher-forced greedy agreement (share of each original answer greedy decoding "
+                  f"keeps) and log-prob drop (nats/token); greedy set of at most "
+                  f"{s.get('max_vectors')} (unrelated agreement >= "
+                  f"{s.get('min_unrelated_agreement')}); set size checked by regenerating the "
+                  f"selection answers.", "",
+                  "| concept | vector | source | attribution | concept agreement | unrelated "
+                  "agreement | concept drop | unrelated drop | in set |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             chosen = {tuple(v) for v in r.get("vectors", [])}
             for v in r.get("screening", [])[:8]:
                 lines.append(f"| {r['concept']} | {v['layer']}/{v['index']} | {v['source']} | "
-                             f"{v['attribution']:.4f} | {v['concept_drop']:.4f} | "
+                             f"{v['attribution']:.4f} | {v['concept_agreement']:.3f} | "
+                             f"{v['unrelated_agreement']:.3f} | {v['concept_drop']:.4f} | "
                              f"{v['unrelated_drop']:.4f} | "
                              f"{'**yes**' if (v['layer'], v['index']) in chosen else ''} |")
     if any("comparison" in r for r in rows):

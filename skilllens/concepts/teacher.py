@@ -1,6 +1,11 @@
 """Teacher-forced scoring of edits, fast: the log-probability of fixed answers, re-using the
 unedited model's residual stream below the first edited layer, and attribution scores.
 
+:meth:`TeacherForced.scores` also gives the *greedy agreement*: the share of each original
+answer that greedy decoding under the edit would reproduce (the matching prefix before the
+first position where the edited model's argmax differs from the answer token). Unlike the mean
+log-prob, it sees near-ties flipping, which is what changes generated answers.
+
 An edit of value vectors at layers ``>= l`` leaves everything below layer ``l`` unchanged, so
 :class:`TeacherForced` records each block's output once (``fit``) and, for an edit whose lowest
 layer is ``l``, replaces blocks ``0..l-1`` by stubs that return the recorded outputs: only the
@@ -33,22 +38,24 @@ class _Stub(nn.Module):
 
 
 class TeacherForced:
-    """Mean per-token log-prob of ``answers`` after ``prompts``: ``[n]`` per call.
+    """Mean per-token log-prob of ``answers`` (their first ``max_answer_tokens`` tokens when
+    given) after ``prompts``: ``[n]`` per call.
 
     >>> tf = TeacherForced(lm, prompts, answers).fit()                     # doctest: +SKIP
     >>> with edit.applied(lm):                                             # doctest: +SKIP
     ...     drop = tf.drop(min_layer=edit.layer)
     """
 
-    def __init__(self, lm, prompts: list[str], answers: list[str], batch_size: int = 32):
+    def __init__(self, lm, prompts: list[str], answers: list[str], batch_size: int = 32,
+                 max_answer_tokens: int | None = None):
         if len(prompts) != len(answers) or not prompts:
             raise DataError(f"need as many answers as prompts (got {len(prompts)} prompts, "
                             f"{len(answers)} answers) and at least one")
         self.lm, self.batch_size = lm, int(batch_size)
         tok = lm.tokenizer
         p_ids = tok(list(prompts), add_special_tokens=True)["input_ids"]
-        a_ids = [tok(" " + a, add_special_tokens=False)["input_ids"] if a.strip() else []
-                 for a in answers]
+        a_ids = [tok(" " + a, add_special_tokens=False)["input_ids"][:max_answer_tokens]
+                 if a.strip() else [] for a in answers]
         self.seqs = [(p + a)[-1024:] for p, a in zip(p_ids, a_ids)]
         self.n_answer = [min(len(a), len(s) - 1) for a, s in zip(a_ids, self.seqs)]
         self.batches: list[dict] = []
@@ -64,24 +71,40 @@ class TeacherForced:
             T = max(len(self.seqs[i]) for i in idx)
             ids = torch.full((len(idx), T), pad, dtype=torch.long)
             mask = torch.zeros((len(idx), T), dtype=torch.long)
-            rows, pos, tgt, owner = [], [], [], []
+            rows, pos, tgt, owner, slot = [], [], [], [], []
             for r, i in enumerate(idx):
                 seq = self.seqs[i]
                 ids[r, :len(seq)] = torch.tensor(seq)
                 mask[r, :len(seq)] = 1
-                for j in range(len(seq) - self.n_answer[i], len(seq)):
+                for k, j in enumerate(range(len(seq) - self.n_answer[i], len(seq))):
                     rows.append(r), pos.append(j - 1), tgt.append(seq[j]), owner.append(i)
+                    slot.append(k)
             self.batches.append({"ids": ids.to(dev), "mask": mask.to(dev), "index": idx,
                                  "rows": torch.tensor(rows, dtype=torch.long, device=dev),
                                  "pos": torch.tensor(pos, dtype=torch.long, device=dev),
                                  "tgt": torch.tensor(tgt, dtype=torch.long, device=dev),
-                                 "owner": torch.tensor(owner, dtype=torch.long)})
+                                 "owner": torch.tensor(owner, dtype=torch.long),
+                                 "slot": torch.tensor(slot, dtype=torch.long)})
 
-    def _reduce(self, b: dict, hidden: torch.Tensor, out: torch.Tensor) -> None:
-        head = self.lm.model.get_output_embeddings()
-        h = hidden[b["rows"], b["pos"]]
-        lp = torch.log_softmax(head(h).float(), -1).gather(-1, b["tgt"][:, None])[:, 0]
+    def _reduce(self, b: dict, logits: torch.Tensor, out: torch.Tensor, am: torch.Tensor) -> None:
+        """Add the answer tokens' log-probs to ``out``; write the greedy choice at every answer
+        position into ``am`` (``[n, max_len]``)."""
+        logits = logits.float()
+        lp = torch.log_softmax(logits, -1).gather(-1, b["tgt"][:, None])[:, 0]
         out.index_add_(0, b["owner"], lp.double().cpu())
+        am[b["owner"], b["slot"]] = logits.argmax(-1).cpu()
+
+    def _hits(self) -> torch.Tensor:
+        return torch.full((len(self.seqs), max(self.n_answer + [1])), -1, dtype=torch.long)
+
+    def _agreement(self, am: torch.Tensor) -> torch.Tensor:
+        """Share of each answer over which the greedy choice is unchanged from the unedited
+        model: the prefix before the first changed argmax, over the answer length."""
+        hit = am == self.base_argmax_
+        prefix = torch.cumprod(hit.long(), 1).sum(1).double()
+        n = torch.tensor(self.n_answer, dtype=torch.float64)
+        return torch.where(n > 0, prefix.clamp(max=n) / n.clamp(min=1),
+                           torch.full_like(n, float("nan")))
 
     def _finish(self, total: torch.Tensor) -> torch.Tensor:
         n = torch.tensor(self.n_answer, dtype=torch.float64)
@@ -92,8 +115,7 @@ class TeacherForced:
         """Record every block's output on the unedited model and the baseline log-probs."""
         self._encode()
         model, blocks = self.lm.model, self.lm.adapter.blocks
-        base, full = torch.zeros(len(self.seqs), dtype=torch.float64), \
-            torch.zeros(len(self.seqs), dtype=torch.float64)
+        full, am = torch.zeros(len(self.seqs), dtype=torch.float64), self._hits()
         self.as_tuple = False
         for b in self.batches:
             outs = []
@@ -109,9 +131,8 @@ class TeacherForced:
                 for h in hooks:
                     h.remove()
             b["outs"] = outs
-            lp = torch.log_softmax(res.logits[b["rows"], b["pos"]].float(), -1)
-            full.index_add_(0, b["owner"], lp.gather(-1, b["tgt"][:, None])[:, 0].double().cpu())
-        self.base_ = self._finish(full)
+            self._reduce(b, res.logits[b["rows"], b["pos"]], full, am)
+        self.base_, self.base_argmax_ = self._finish(full), am
         self.shortcut_ = True
         try:
             check = self.logprob(len(blocks) - 1)
@@ -122,15 +143,16 @@ class TeacherForced:
         return self
 
     @torch.no_grad()
-    def logprob(self, min_layer: int = 0) -> torch.Tensor:
-        """Per-answer mean token log-prob under the model's current weights, assuming nothing
-        below ``min_layer`` was edited: ``[n]`` float64 (NaN for an empty answer)."""
+    def scores(self, min_layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Under the model's current weights, assuming nothing below ``min_layer`` was edited:
+        per-answer mean token log-prob and greedy agreement (share of the answer before the first
+        position where the greedy choice differs from the unedited model's), both ``[n]`` float64 (NaN when empty)."""
         if not self.batches:
             raise DataError("TeacherForced is not fitted; call .fit() on the unedited model")
         blocks = self.lm.adapter.blocks
         min_layer = int(min_layer) if self.shortcut_ else 0
-        total = torch.zeros(len(self.seqs), dtype=torch.float64)
-        body = self.lm.model.base_model
+        total, am = torch.zeros(len(self.seqs), dtype=torch.float64), self._hits()
+        body, head = self.lm.model.base_model, self.lm.model.get_output_embeddings()
         for b in self.batches:
             saved = [blocks[j] for j in range(min_layer)]
             try:
@@ -139,22 +161,33 @@ class TeacherForced:
                 if self.shortcut_:
                     hidden = body(input_ids=b["ids"], attention_mask=b["mask"],
                                   use_cache=False).last_hidden_state
-                    self._reduce(b, hidden, total)
+                    logits = head(hidden[b["rows"], b["pos"]])
                 else:
                     res = self.lm.model(input_ids=b["ids"], attention_mask=b["mask"], use_cache=False)
-                    lp = torch.log_softmax(res.logits[b["rows"], b["pos"]].float(), -1)
-                    total.index_add_(0, b["owner"],
-                                     lp.gather(-1, b["tgt"][:, None])[:, 0].double().cpu())
+                    logits = res.logits[b["rows"], b["pos"]]
+                self._reduce(b, logits, total, am)
             finally:
                 for j, blk in enumerate(saved):
                     blocks[j] = blk
-        return self._finish(total)
+        return self._finish(total), self._agreement(am)
+
+    def logprob(self, min_layer: int = 0) -> torch.Tensor:
+        """Per-answer mean token log-prob (see :meth:`scores`): ``[n]``."""
+        return self.scores(min_layer)[0]
 
     def drop(self, min_layer: int = 0) -> float:
         """Mean (over answers) drop of the per-token log-prob against the unedited model."""
         now = self.logprob(min_layer)
         ok = ~torch.isnan(now) & ~torch.isnan(self.base_)
         return float((self.base_[ok] - now[ok]).mean()) if ok.any() else 0.0
+
+    def change(self, min_layer: int = 0) -> tuple[float, float]:
+        """(mean log-prob drop, mean greedy agreement) over the non-empty answers."""
+        now, agree = self.scores(min_layer)
+        ok = ~torch.isnan(now) & ~torch.isnan(self.base_)
+        if not ok.any():
+            return 0.0, 1.0
+        return float((self.base_[ok] - now[ok]).mean()), float(agree[ok].mean())
 
     def attribution(self) -> torch.Tensor:
         """Gradient x activation of every FFN neuron for the mean answer log-prob:
