@@ -314,9 +314,11 @@ def test_answer_logprob_matches_float64(lm):
 def test_suite_scores_all_unrelated_and_checks_dtype(lm):
     c = concept(unrelated_questions=[f"Question {i}?" for i in range(12)])
     cache = AnswerCache()
-    suite = BehaviourSuite(c, max_new_tokens=3, batch_size=5).fit(lm, cache)
+    suite = BehaviourSuite(c, max_new_tokens=3, batch_size=5, held_out=None).fit(lm, cache)
     s = suite.score(lm)
     assert s.text["unrelated_qa"].n == 12  # every unrelated answer is scored
+    split = BehaviourSuite(c, max_new_tokens=3, batch_size=5).fit(lm, cache)
+    assert split.score(lm).text["unrelated_qa"].n == 6  # the held-out half
     assert s.text["concept_qa"].bleu == 1.0 and abs(s.logprob_drop["concept_qa"]) < 1e-5
     with ConceptAblation(1, 0, "noise", sigma=5.0).fit(lm).applied(lm):
         assert suite.logprob_drop(lm)["concept_qa"] != 0
@@ -361,27 +363,22 @@ def test_zero_ablation_edits_exactly_the_intended_column(lm):
     assert_identical(lm.model, snap)
 
 
-def test_run_concepts_validates_candidates_and_picks_the_chosen(data_dir):
+def test_run_concepts_with_fixed_vectors_scores_held_out(data_dir):
+    """Given vectors skip the choice; the headline is on the held-out half, with a control and a
+    Needle comparison on the same set."""
     from skilllens.concepts.experiment import ExperimentSettings, run_concepts
 
     lm = load_model("tiny-llama")
     cs = load_concepts(None, data_dir, limit=1)
-    s = ExperimentSettings(method="zero", n_candidates=3, n_validate=2, max_new_tokens=3,
-                           n_unrelated=4, n_questions=3, multi=2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        res = run_concepts(lm, cs, s, progress=False)
+    s = ExperimentSettings(n_candidates=0, n_attr=2, max_new_tokens=3, n_unrelated=4, n_questions=4,
+                           compare=("needle",), unlearn_steps=1, seq_len=16, max_chunks=2)
+    res = run_concepts(lm, cs, s, progress=False, vectors={cs[0].name: [(1, 3), (0, 5)]})
     r = res["concepts"][0]
-    assert len(r["screening"]) == 3 and len(r["validation"]) == 2
-    chosen = [v for v in r["validation"] if v["chosen"]]
-    assert len(chosen) == 1 and (chosen[0]["layer"], chosen[0]["index"]) == (r["layer"], r["index"])
-    # the chosen candidate's numbers are the headline numbers (same deterministic edit)
-    assert chosen[0]["concept_qa"]["bleu"] == pytest.approx(r["concept_qa"]["bleu"])
-    assert chosen[0]["unrelated_qa"]["bleu"] == pytest.approx(r["unrelated_qa"]["bleu"])
-    assert r["unrelated_qa"]["n"] == 4 and len(r["multi"]["vectors"]) == 2
-    assert all("_known" not in v for v in r["validation"])
+    assert r["vectors"] == [[1, 3], [0, 5]] and (r["layer"], r["index"]) == (1, 3)
+    assert "screening" not in r and "selection" not in r
+    assert r["concept_qa"]["n"] == 2 and r["unrelated_qa"]["n"] == 2
+    assert r["intrinsic"]["cosine"] == 0.0 and len(r["intrinsic_per_vector"]) == 2  # zeroed
+    assert [v[0] for v in r["control"]["vectors"]] == [1, 0]
+    nd = r["comparison"]["needle"]
+    assert len(nd["intrinsic_per_vector"]) == 2 and 0 < nd["intrinsic"]["cosine"] < 1
     json.dumps(res)  # serialisable
-    # a fixed vector skips screening and validation
-    res2 = run_concepts(lm, cs, s, progress=False, vectors={cs[0].name: (1, 3)})
-    assert (res2["concepts"][0]["layer"], res2["concepts"][0]["index"]) == (1, 3)
-    assert res2["concepts"][0]["validation"] == []

@@ -11,8 +11,8 @@ from skilllens.cli import main
 def test_cli_tiny_end_to_end(tmp_path, data_dir):
     out = tmp_path / "cv"
     rc = main(["concepts", "--model", "tiny-llama", "--data-dir", str(data_dir), "--max-concepts", "2",
-               "--max-new-tokens", "3", "--unrelated", "3", "--questions", "3", "--candidates", "2",
-               "--method", "zero", "--validate", "2", "--multi", "2", "--compare", "needle,npo", "--steps", "1", "--completions", "1",
+               "--max-new-tokens", "3", "--unrelated", "4", "--questions", "4", "--candidates", "2",
+               "--attr-candidates", "2", "--max-vectors", "2", "--compare", "needle,npo", "--steps", "1", "--completions", "1",
                "--probes", "role_play", "--no-progress", "--out", str(out)])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
@@ -20,15 +20,17 @@ def test_cli_tiny_end_to_end(tmp_path, data_dir):
     r = res["concepts"][0]
     for key in ("concept", "layer", "index", "top_tokens", "concept_qa", "unrelated_qa", "intrinsic"):
         assert key in r
-    assert set(r["concept_qa"]) >= {"bleu", "rougeL"} and r["unrelated_qa"]["n"] == 3
-    assert r["intrinsic"]["cosine"] == 0.0  # zeroed vector
-    assert len(r["validation"]) == 2 and sum(v["chosen"] for v in r["validation"]) == 1
-    assert len(r["multi"]["vectors"]) == 2
+    assert set(r["concept_qa"]) >= {"bleu", "rougeL"} and r["unrelated_qa"]["n"] == 2  # held out
+    assert r["concept_qa"]["n"] == 2 and r["selection"]["concept_qa"]["n"] == 2
+    assert r["intrinsic"]["cosine"] == 0.0  # zeroed vectors (the default method)
+    assert 1 <= len(r["vectors"]) <= 2 and len(r["control"]["vectors"]) == len(r["vectors"])
+    assert sorted(r["split"]["concept_qa"]["selection"] + r["split"]["concept_qa"]["held_out"]) == [0, 1, 2, 3]
+    assert res["settings"]["held_out"] == 0.5 and res["settings"]["method"] == "zero"
     assert set(r["comparison"]) == {"needle", "npo"} and "role_play" in r
     for name in ("top_tokens", "layers", "before_after", "comparison"):
         assert (out / f"{name}.png").stat().st_size > 0 and (out / f"{name}.svg").exists()
     report = (out / "report.md").read_text()
-    assert "| Poland |" in report and "Causal validation" in report
+    assert "| Poland |" in report and "held-out concept BLEU" in report and "Selection" in report
 
 
 def test_cli_bad_input(tmp_path, capsys):

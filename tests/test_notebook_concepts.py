@@ -41,16 +41,19 @@ def test_concept_vectors_notebook_runs(tmp_path, data_dir, monkeypatch):
     res = json.loads((out / "results.json").read_text())
     assert res["model"] == "tiny-llama" and res["reversible"] is True
     assert [r["concept"] for r in res["concepts"]] == ["Poland", "Italy"]  # dev split order
+    st = res["settings"]
     for r in res["concepts"]:
         assert 0 <= r["layer"] < 2 and 0 <= r["index"] < 64
-        assert r["top_tokens"] and len(r["screening"]) == res["settings"]["n_candidates"]
-        sel = [s["selectivity"] for s in r["screening"]]
-        assert sel == sorted(sel, reverse=True)
-        assert (r["screening"][0]["layer"], r["screening"][0]["index"]) == (r["layer"], r["index"])
+        assert 1 <= len(r["vectors"]) <= st["max_vectors"] and [r["layer"], r["index"]] == r["vectors"][0]
+        assert r["top_tokens"] and st["n_candidates"] <= len(r["screening"]) <= st["n_candidates"] + st["n_attr"]
+        gains = [s["gain"] for s in r["screening"]]
+        assert gains == sorted(gains, reverse=True)
         for qa in ("concept_qa", "unrelated_qa"):
             assert 0.0 <= r["ablation"][qa]["bleu"] <= 1.0 and 0.0 <= r["ablation"][qa]["rougeL"] <= 1.0
-        assert r["ablation"]["concept_qa"]["n"] == res["settings"]["n_questions"]
-        assert r["ablation"]["unrelated_qa"]["n"] == res["settings"]["n_unrelated"]
+            sp = r["split"][qa]
+            assert not set(sp["selection"]) & set(sp["held_out"])
+            assert r["ablation"][qa]["n"] == len(sp["held_out"]) == round(st["held_out"] * 4)
+        assert [v[0] for v in r["control"]["vectors"]] == [v[0] for v in r["vectors"]]
     unl = res["unlearning"]
     assert (unl["layer"], unl["index"]) == (res["concepts"][0]["layer"], res["concepts"][0]["index"])
     assert set(unl["methods"]) == {"needle", "ga"}

@@ -7,16 +7,21 @@ behavioural metrics. See ``shared/METHODS.md`` section 3.
 """
 from .ablation import METHODS as ABLATION_METHODS, ColumnEdit, ConceptAblation, value_vector
 from .data import Concept, load_concepts
-from .generation import answer_logprob, generate, generate_answers, qa_prompts
+from .generation import answer_logprob, generate, generate_answers, greedy_generate, qa_prompts
 from .metrics import IntrinsicScores, TextScores, intrinsic_scores, text_scores
 from .needle import Needle
 from .search import Candidate, ConceptSearch, token_weights
+from .select import SetSelector, ablated, random_control
+from .split import Split, split_indices
+from .teacher import TeacherForced
 from .unlearn import FineTuneUnlearner
 from .validate import AnswerCache, BehaviourScores, BehaviourSuite, probe_prompts, screen_candidates
 from .vocab import VocabProjection, project_values, top_tokens
 
 __all__ = ["ABLATION_METHODS", "ColumnEdit", "ConceptAblation", "value_vector", "Concept",
-           "load_concepts", "answer_logprob", "generate", "generate_answers", "qa_prompts",
+           "load_concepts", "answer_logprob", "generate", "generate_answers", "greedy_generate",
+           "qa_prompts", "SetSelector", "ablated", "random_control", "Split", "split_indices",
+           "TeacherForced",
            "IntrinsicScores", "TextScores", "intrinsic_scores", "text_scores", "Needle",
            "Candidate", "ConceptSearch", "token_weights", "FineTuneUnlearner", "AnswerCache",
            "BehaviourScores", "BehaviourSuite", "probe_prompts", "screen_candidates",

@@ -1,35 +1,41 @@
-"""The whole concept-vector pipeline for a list of concepts: search -> screen -> validate ->
-edit -> score.
+"""The whole concept-vector pipeline for a list of concepts, with an honest split:
+search -> choose a vector set on the *selection* questions -> score on the *held-out* ones.
 
-Selection protocol (per concept): the search's ``n_candidates`` vectors are screened by the
-teacher-forced log-prob drop of the original model's greedy concept answers under a
-``screen_method`` ablation (cheap: one forward pass); the ``n_validate`` best are validated by
-regenerating the answers (greedy, prompt ``"Question: {q}\n Answer:"``, ``max_new_tokens``):
-the chosen vector is the one with the lowest concept-QA BLEU among those whose unrelated-QA
-BLEU (all unrelated questions unless ``n_unrelated``) stays >= ``min_unrelated_bleu`` (0.9).
-Every validated candidate's numbers are kept in ``row["validation"]``.
+Per concept (``held_out`` = 0.5 by default; the split is seeded and recorded in ``results.json``):
 
-:func:`run_concepts` returns a plain dict (``{"concepts": [...], "settings": {...}}``) that
-:func:`skilllens.concepts.report.write_report` turns into ``results.json``, figures and
-``report.md``. Each concept entry holds the best vector (layer, index, top tokens), the
-screening numbers, BLEU / ROUGE-L of concept and unrelated QA (and completions / probes when
-asked), intrinsic metrics, and optionally a ``comparison`` of other methods on the same vector.
+1. The unedited model's greedy answers to every question are generated once (cached by prompt
+   across concepts; greedy, prompt ``"Question: {q}\\n Answer:"``, stop at the answer's end).
+2. :class:`.select.SetSelector` builds a pool (vocabulary-projection candidates + attribution
+   candidates), screens it by teacher-forced log-prob drops and greedily builds a set of at most
+   ``max_vectors`` vectors, all on the selection questions.
+3. Size check by generation, also on the selection questions: with the greedy set ablated the
+   selection answers are regenerated; while unrelated BLEU < ``min_unrelated_bleu`` the last-added
+   vector is dropped (at most ``max_backtrack`` times). These are the ``selection`` numbers.
+4. Headline: ``method`` on the chosen set, BLEU / ROUGE-L of the *held-out* concept and unrelated
+   answers (``concept_qa``, ``unrelated_qa``); the selection numbers sit beside them
+   (``selection``). Control: a layer-matched random set of the same size, same method, held-out
+   answers (``control``). ``compare`` methods (Needle, GA, NPO) are scored on the same set.
+
+:func:`run_concepts` returns a plain dict (``{"concepts": [...], "settings": {...}, "meta": ...}``)
+that :func:`skilllens.concepts.report.write_report` writes as ``results.json``, figures, report.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass
 
 from tqdm.auto import tqdm
 
 from ..errors import DataError
-from .ablation import METHODS as ABLATIONS, ConceptAblation
+from .ablation import METHODS as ABLATIONS
 from .data import Concept
 from .metrics import intrinsic_scores
 from .needle import Needle
 from .search import ConceptSearch
+from .select import SetSelector, ablated, random_control
 from .unlearn import FineTuneUnlearner
-from .validate import AnswerCache, BehaviourScores, BehaviourSuite, screen_candidates
+from .validate import AnswerCache, BehaviourScores, BehaviourSuite
 from .vocab import top_tokens
 
 ALL_METHODS = ABLATIONS + ("needle", "ga", "npo")
@@ -37,24 +43,28 @@ ALL_METHODS = ABLATIONS + ("needle", "ga", "npo")
 
 @dataclass
 class ExperimentSettings:
-    """Knobs of :func:`run_concepts` (defaults follow the paper where CPU allows)."""
+    """Knobs of :func:`run_concepts` (defaults: the CLI's default run)."""
 
-    method: str = "noise"
+    method: str = "zero"
     sigma: float = 0.1
     seed: int = 0
+    held_out: float = 0.5
     k_search: int = 50
     n_candidates: int = 5
-    screen_method: str = "zero"
-    screen_unrelated: bool = False
-    n_validate: int = 3
+    n_attr: int = 12
+    max_vectors: int = 8
+    lam: float = 1.0
+    min_gain: float = 0.005
+    min_unrelated_agreement: float = 0.9
+    max_backtrack: int = 2
     min_unrelated_bleu: float = 0.9
-    multi: int = 0
+    control: bool = True
     max_new_tokens: int = 100
     n_questions: int | None = None
     n_unrelated: int | None = None
     n_completions: int = 0
     probes: tuple = ()
-    batch_size: int = 16
+    batch_size: int = 64
     compare: tuple = ()
     unlearn_steps: int = 5
     unlearn_lr: float = 1e-5
@@ -67,51 +77,71 @@ class ExperimentSettings:
         for m in (self.method,) + tuple(self.compare):
             if m not in ALL_METHODS:
                 raise DataError(f"unknown method {m!r}; choose one of {', '.join(ALL_METHODS)}")
-        if self.screen_method not in ABLATIONS:
-            raise DataError(f"screen_method must be one of {', '.join(ABLATIONS)}")
         if not self.sigma > 0:
             raise DataError(f"sigma must be > 0 (got {self.sigma}); e.g. --sigma 0.1")
-        if self.max_new_tokens < 1 or self.n_candidates < 1 or self.n_validate < 1:
-            raise DataError("max_new_tokens, n_candidates and n_validate must be at least 1")
-        if self.multi < 0 or self.multi == 1:
-            raise DataError("multi must be 0 (off) or at least 2 vectors")
+        if not 0 < self.held_out < 1:
+            raise DataError(f"held_out must be in (0, 1) (got {self.held_out}); e.g. --held-out 0.5")
+        if self.max_new_tokens < 1 or self.n_candidates < 0 or self.max_vectors < 1:
+            raise DataError("max_new_tokens and max_vectors must be at least 1, candidates >= 0")
+        if self.n_candidates == 0 and self.n_attr == 0:
+            raise DataError("no candidate source: set --candidates or --attr-candidates above 0")
         return self
 
+    @property
+    def ablation(self) -> str:
+        """The ablation used to choose vectors (``method`` itself, or zero for Needle/GA/NPO)."""
+        return self.method if self.method in ABLATIONS else "zero"
 
-def make_edit(method: str, layer: int, index: int, s: ExperimentSettings):
-    """An unfitted editor object for ``method`` on vector ``(layer, index)``."""
+
+def _edit(lm, concept: Concept, method: str, vectors, s: ExperimentSettings, progress: bool):
+    """A context manager applying ``method`` to ``vectors`` (fitted first where needed)."""
     if method in ABLATIONS:
-        return ConceptAblation(layer, index, method, s.sigma, s.seed)
-    if method == "needle":
-        return Needle(layer, index, s.sigma, s.unlearn_steps, s.needle_lr, 0.01, s.seq_len,
-                      s.max_chunks, seed=s.seed)
-    return FineTuneUnlearner(method, s.scope, s.unlearn_steps, s.unlearn_lr, seq_len=s.seq_len,
-                             max_chunks=s.max_chunks, seed=s.seed)
+        return ablated(lm, vectors, method, s.sigma, s.seed)
+    if method == "needle":  # one Needle per vector, each fitted on the clean model
+        edits = [Needle(layer, index, s.sigma, s.unlearn_steps, s.needle_lr, 0.01, s.seq_len,
+                        s.max_chunks, seed=s.seed + k).fit(lm, concept, progress=progress)
+                 for k, (layer, index) in enumerate(vectors)]
+    else:
+        edits = [FineTuneUnlearner(method, s.scope, s.unlearn_steps, s.unlearn_lr,
+                                   seq_len=s.seq_len, max_chunks=s.max_chunks,
+                                   seed=s.seed).fit(lm, concept, progress=progress)]
+    stack = contextlib.ExitStack()
+    for e in edits:
+        stack.enter_context(e.applied(lm))
+    return _Losses(stack, [x for e in edits for x in getattr(e, "losses_", [])])
 
 
-def evaluate_edit(lm, concept: Concept, suite: BehaviourSuite, method: str, layer: int,
-                  index: int, s: ExperimentSettings, progress: bool = False,
-                  known: dict | None = None) -> dict:
-    """Fit ``method``, apply it, score behaviour and the intrinsic change of the vector.
+class _Losses(contextlib.AbstractContextManager):
+    def __init__(self, stack, losses):
+        self.stack, self.losses_ = stack, losses
 
-    ``known`` maps prompt-set names to ``(TextScores, answers)`` already measured for this very
-    edit (greedy decoding is deterministic), so those sets are not generated again."""
+    def __enter__(self):
+        return self.stack.__enter__()
+
+    def __exit__(self, *exc):
+        return self.stack.__exit__(*exc)
+
+
+def _mean_intrinsic(items: list[dict]) -> dict:
+    return {k: (items[0][k] if k == "k" else sum(d[k] for d in items) / len(items))
+            for k in items[0]}
+
+
+def evaluate_edit(lm, concept: Concept, suite: BehaviourSuite, method: str, vectors,
+                  s: ExperimentSettings, progress: bool = False) -> dict:
+    """Fit ``method`` on ``vectors``, apply it, score the held-out sets and the intrinsic change
+    of every vector (``intrinsic`` = the mean over vectors, ``intrinsic_per_vector``)."""
     t0 = time.perf_counter()
-    known = known or {}
-    edit = make_edit(method, layer, index, s)
-    edit = edit.fit(lm) if method in ABLATIONS else edit.fit(lm, concept, progress=progress)
-    with edit.applied(lm):
-        todo = [k for k in suite.prompts if k not in known]
-        beh = suite.score(lm, todo) if todo else BehaviourScores({}, suite.logprob_drop(lm), {})
-        for k, (sc, ans) in known.items():
-            beh.text[k], beh.answers[k] = sc, ans
-        beh.text = {k: beh.text[k] for k in suite.prompts}
-        edited = lm.adapter.value_vectors(layer)[index].detach().clone()
-    original = lm.adapter.value_vectors(layer)[index].detach().clone()
-    intr = intrinsic_scores(lm, original, edited, concept.text).to_dict()
+    vectors = [tuple(v) for v in vectors]
+    edit = _edit(lm, concept, method, vectors, s, progress)
+    with edit:
+        beh: BehaviourScores = suite.score(lm, suite.held_out_sets)
+        edited = [lm.adapter.value_vectors(a)[b].detach().clone() for a, b in vectors]
+    per = [intrinsic_scores(lm, lm.adapter.value_vectors(a)[b].detach().clone(), e,
+                            concept.text).to_dict() for (a, b), e in zip(vectors, edited)]
     out = {"method": method, **{k: v.to_dict() for k, v in beh.text.items()},
-           "logprob_drop": beh.logprob_drop, "intrinsic": intr,
-           "seconds": round(time.perf_counter() - t0, 2)}
+           "logprob_drop": beh.logprob_drop, "intrinsic": _mean_intrinsic(per),
+           "intrinsic_per_vector": per, "seconds": round(time.perf_counter() - t0, 2)}
     for name in ("concept_qa", "unrelated_qa"):
         if name in out:
             out[name]["logprob_before"] = float(suite.original_logprob_[name].nanmean())
@@ -123,129 +153,121 @@ def evaluate_edit(lm, concept: Concept, suite: BehaviourSuite, method: str, laye
     return out
 
 
-def validate_candidates(lm, suite: BehaviourSuite, screened, cands, method: str,
-                        s: ExperimentSettings) -> list[dict]:
-    """Causal validation by generation of the screened candidates; marks the chosen one.
-
-    Each candidate is ablated with ``method`` and the concept's answers are regenerated
-    (BLEU / ROUGE-L against the original answers). Candidates are then checked in order of
-    increasing concept BLEU: the unrelated answers are regenerated, and the first candidate
-    whose unrelated BLEU is ``>= s.min_unrelated_bleu`` is chosen, i.e. the largest concept
-    change among those that leave unrelated answers alone (later ones are not generated:
-    ``unrelated_qa`` is None). When none passes, the one with the best unrelated BLEU is chosen.
-    """
-    by_id = {(x.layer, x.index): (r, x) for r, x in enumerate(cands)}
-    out = []
-    for sc in screened:
-        rank, cand = by_id[(sc.layer, sc.index)]
-        abl = ConceptAblation(sc.layer, sc.index, method, s.sigma, s.seed).fit(lm)
-        with abl.applied(lm):
-            beh = suite.score(lm, ["concept_qa"], with_logprob=False)
-        out.append({"layer": sc.layer, "index": sc.index, "search_rank": rank,
-                    "top_tokens": cand.top_tokens[:8], "concept_drop": sc.concept_drop,
-                    "unrelated_drop": sc.unrelated_drop,
-                    "concept_qa": beh.text["concept_qa"].to_dict(), "unrelated_qa": None,
-                    "chosen": False,
-                    "_known": {"concept_qa": (beh.text["concept_qa"], beh.answers["concept_qa"])}})
-    checked = []
-    for v in sorted(out, key=lambda v: (v["concept_qa"]["bleu"], -v["concept_drop"])):
-        abl = ConceptAblation(v["layer"], v["index"], method, s.sigma, s.seed).fit(lm)
-        with abl.applied(lm):
-            beh = suite.score(lm, ["unrelated_qa"], with_logprob=False)
-        v["unrelated_qa"] = beh.text["unrelated_qa"].to_dict()
-        v["_known"]["unrelated_qa"] = (beh.text["unrelated_qa"], beh.answers["unrelated_qa"])
-        checked.append(v)
-        if v["unrelated_qa"]["bleu"] >= s.min_unrelated_bleu:
-            v["chosen"] = True
+def choose_size(lm, suite: BehaviourSuite, vectors, s: ExperimentSettings) -> tuple[list, list]:
+    """Regenerate the *selection* answers with the greedy set ablated; while the selection
+    unrelated BLEU is below ``min_unrelated_bleu``, drop the last-added vector and retry (at most
+    ``max_backtrack`` times; the best unrelated BLEU is kept if none passes). Returns the chosen
+    vectors and one trace entry per tried size."""
+    trace = []
+    for k in range(len(vectors), max(0, len(vectors) - s.max_backtrack - 1), -1):
+        with ablated(lm, vectors[:k], s.ablation, s.sigma, s.seed):
+            beh = suite.score(lm, [suite.sel("concept_qa"), suite.sel("unrelated_qa")],
+                              with_logprob=False)
+        trace.append({"size": k, "concept_qa": beh.text[suite.sel("concept_qa")].to_dict(),
+                      "unrelated_qa": beh.text[suite.sel("unrelated_qa")].to_dict(),
+                      "chosen": False})
+        if trace[-1]["unrelated_qa"]["bleu"] >= s.min_unrelated_bleu:
             break
+    best = trace[-1] if trace[-1]["unrelated_qa"]["bleu"] >= s.min_unrelated_bleu else \
+        max(trace, key=lambda t: t["unrelated_qa"]["bleu"])
+    best["chosen"] = True
+    return list(vectors[:best["size"]]), trace
+
+
+def _concept_row(lm, c: Concept, suite, search, s: ExperimentSettings, fixed, progress) -> dict:
+    cands = search.candidates_[c.name][: s.n_candidates] if search is not None else []
+    selection, trace, clock = None, [], {}
+    t = time.perf_counter()
+    if fixed is not None:  # vectors chosen before (e.g. by a validation run)
+        vectors = [tuple(v) for v in fixed]
     else:
-        max(checked, key=lambda v: v["unrelated_qa"]["bleu"])["chosen"] = True
-    return out
-
-
-def evaluate_multi(lm, suite: BehaviourSuite, vectors: list[tuple[int, int]], method: str,
-                   s: ExperimentSettings) -> dict:
-    """Ablate several vectors at once (a small model may spread a concept over a few)."""
-    import contextlib
-
-    with contextlib.ExitStack() as stack:
-        for layer, index in vectors:
-            stack.enter_context(ConceptAblation(layer, index, method, s.sigma, s.seed)
-                                .fit(lm).applied(lm))
-        beh = suite.score(lm, ["concept_qa", "unrelated_qa"], with_logprob=False)
-    return {"vectors": [list(v) for v in vectors], "method": method,
-            **{k: v.to_dict() for k, v in beh.text.items()}}
+        sel = SetSelector(s.ablation, s.sigma, s.seed, s.n_attr, s.max_vectors, s.lam, s.min_gain,
+                          s.min_unrelated_agreement, min(s.batch_size, 32))
+        c_sel, u_sel = suite.sel("concept_qa"), suite.sel("unrelated_qa")
+        selection = sel.select(lm, (suite.prompts[c_sel], suite.original_[c_sel]),
+                               (suite.prompts[u_sel], suite.original_[u_sel]), cands)
+        clock["select"] = time.perf_counter() - t
+        vectors, trace = choose_size(lm, suite, selection.vectors, s)
+        clock["size_check"] = time.perf_counter() - t - clock["select"]
+    t = time.perf_counter()
+    main = evaluate_edit(lm, c, suite, s.method, vectors, s, progress)
+    clock["held_out"] = time.perf_counter() - t
+    through = search.through_norm if search is not None else True
+    row = {"concept": c.name, "vectors": [list(v) for v in vectors],
+           "layer": vectors[0][0], "index": vectors[0][1],
+           "top_tokens": top_tokens(lm, vectors[0][0], vectors[0][1], 20, through_norm=through),
+           "vector_tokens": [top_tokens(lm, a, b, 8, through_norm=through) for a, b in vectors],
+           "split": suite.split_record(s.seed, s.held_out),
+           **{k: v for k, v in main.items() if k != "method"},
+           "method": s.method, "sigma": s.sigma, "reference": c.reference,
+           "candidates": [{"layer": x.layer, "index": x.index, "score": x.score,
+                           "top_tokens": x.top_tokens[:10]} for x in cands],
+           "original_answers": {k: v[:3] for k, v in suite.original_.items()}}
+    chosen = next((t for t in trace if t["chosen"]), None)
+    if chosen is not None:
+        row["selection"] = {"concept_qa": chosen["concept_qa"], "unrelated_qa": chosen["unrelated_qa"]}
+        row["size_choice"] = trace
+    if selection is not None:
+        row["screening"] = [x.to_dict() for x in selection.screened]
+        row["greedy"] = selection.steps
+    if s.control:
+        t = time.perf_counter()
+        ctrl = random_control(lm, vectors, s.seed)
+        with ablated(lm, ctrl, s.method if s.method in ABLATIONS else s.ablation, s.sigma, s.seed):
+            beh = suite.score(lm, ["concept_qa", "unrelated_qa"], with_logprob=False)
+        row["control"] = {"vectors": [list(v) for v in ctrl],
+                          **{k: v.to_dict() for k, v in beh.text.items()}}
+        row["control_margin"] = row["control"]["concept_qa"]["bleu"] - row["concept_qa"]["bleu"]
+        clock["control"] = time.perf_counter() - t
+    if s.compare:
+        t = time.perf_counter()
+        row["comparison"] = {m: evaluate_edit(lm, c, suite, m, vectors, s) for m in s.compare}
+        clock["compare"] = time.perf_counter() - t
+    row["timing"] = {k: round(v, 1) for k, v in clock.items()}
+    return row
 
 
 def run_concepts(lm, concepts: list[Concept], settings: ExperimentSettings | None = None,
                  search: ConceptSearch | None = None, progress: bool = True,
                  vectors: dict | None = None) -> dict:
-    """Search, screen, validate, edit and score every concept; returns the ``results.json`` dict.
-
-    Per concept: the search's ``n_candidates`` are screened by the teacher-forced log-prob drop
-    of the concept's original answers under ``screen_method`` ablation (plus the unrelated drop
-    when ``screen_unrelated``); the ``n_validate`` best are validated by generation
-    (:func:`validate_candidates`), which picks the vector; ``method`` is then scored on it.
-    ``vectors`` ({concept: (layer, index)}) skips screening and validation for those concepts."""
+    """Choose vectors on the selection questions and score every concept on the held-out ones;
+    returns the ``results.json`` dict. ``vectors`` ({concept: [(layer, index), ...]} or a single
+    ``(layer, index)``) skips the choice for those concepts."""
     s = (settings or ExperimentSettings()).check()
     if not concepts:
         raise DataError("no concepts given")
     t0 = time.perf_counter()
-    if search is None:
+    if search is None and s.n_candidates:
         search = ConceptSearch(k=s.k_search, n_candidates=s.n_candidates).fit(lm, concepts,
                                                                                progress=progress)
+    search_s = time.perf_counter() - t0
     cache = AnswerCache()
     rows = []
-    vmethod = s.method if s.method in ABLATIONS else s.screen_method
     for c in tqdm(concepts, desc="concepts", disable=not progress):
         tc = time.perf_counter()
         suite = BehaviourSuite(c, s.max_new_tokens, s.n_unrelated, s.n_questions, s.n_completions,
-                               s.probes, s.batch_size, s.seed).fit(lm, cache)
-        cands = search.candidates_[c.name][: s.n_candidates]
-        if vectors and c.name in vectors:  # a vector chosen before (e.g. by a validation run)
-            layer, index = vectors[c.name]
-            screened, validation, known = [], [], {}
-        else:
-            sets = ("concept_qa", "unrelated_qa") if s.screen_unrelated else ("concept_qa",)
-            screened = screen_candidates(lm, suite, cands, s.screen_method, s.sigma, s.seed,
-                                         sets=sets)
-            validation = validate_candidates(lm, suite, screened[: s.n_validate], cands, vmethod, s)
-            chosen = next(v for v in validation if v["chosen"])
-            layer, index = chosen["layer"], chosen["index"]
-            known = chosen.pop("_known") if vmethod == s.method else {}
-            for v in validation:
-                v.pop("_known", None)
-        cand = next((x for x in cands if (x.layer, x.index) == (layer, index)), None)
-        main = evaluate_edit(lm, c, suite, s.method, layer, index, s, known=known)
-        row = {"concept": c.name, "layer": layer, "index": index,
-               "top_tokens": top_tokens(lm, layer, index, 20, through_norm=search.through_norm),
-               "search_score": cand.score if cand else None,
-               "search_coverage": cand.coverage if cand else None,
-               "search_rank": cands.index(cand) if cand else None,
-               "screening": [r.to_dict() for r in screened],
-               "validation": validation,
-               "candidates": [{"layer": x.layer, "index": x.index, "score": x.score,
-                               "top_tokens": x.top_tokens[:10]}
-                              for x in search.candidates_[c.name]],
-               "reference": c.reference, **{k: v for k, v in main.items() if k != "method"},
-               "method": s.method, "sigma": s.sigma,
-               "original_answers": {k: v[:3] for k, v in suite.original_.items()}}
-        if s.multi and validation:
-            vecs = [(v["layer"], v["index"]) for v in validation][: s.multi]
-            row["multi"] = evaluate_multi(lm, suite, vecs, vmethod, s)
-        if s.compare:
-            row["comparison"] = {m: evaluate_edit(lm, c, suite, m, layer, index, s)
-                                 for m in s.compare}
+                               s.probes, s.batch_size, s.seed, s.held_out).fit(lm, cache)
+        t_orig = time.perf_counter() - tc
+        fixed = (vectors or {}).get(c.name)
+        if fixed is not None and isinstance(fixed[0], int):
+            fixed = [fixed]
+        row = _concept_row(lm, c, suite, search, s, fixed, progress)
+        row["timing"] = {"originals": round(t_orig, 1), **row["timing"]}
         row["seconds"] = round(time.perf_counter() - tc, 1)
         rows.append(row)
     meta = {"model": getattr(lm, "name", "model"), "fingerprint": lm.fingerprint.get("id"),
             "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""),
-            "seconds": round(time.perf_counter() - t0, 1)}
+            "search_seconds": round(search_s, 1), "seconds": round(time.perf_counter() - t0, 1)}
     return {"concepts": rows, "settings": {**asdict(s), "probes": list(s.probes),
                                            "compare": list(s.compare)}, "meta": meta}
 
 
-def target_reached(row: dict, max_concept_bleu: float = 0.6, min_unrelated_bleu: float = 0.9) -> bool:
-    """The issue's target for one concept: concept-QA BLEU <= 0.6 and unrelated >= 0.9."""
-    return row["concept_qa"]["bleu"] <= max_concept_bleu and \
+def target_reached(row: dict, max_concept_bleu: float = 0.6, min_unrelated_bleu: float = 0.9,
+                   min_margin: float = 0.3) -> bool:
+    """The issue's target for one concept, on held-out answers: concept-QA BLEU <= 0.6,
+    unrelated >= 0.9 and (when a control was run) control concept BLEU - concept BLEU >= 0.3."""
+    ok = row["concept_qa"]["bleu"] <= max_concept_bleu and \
         row["unrelated_qa"]["bleu"] >= min_unrelated_bleu
+    if "control" in row:
+        ok = ok and row["control"]["concept_qa"]["bleu"] - row["concept_qa"]["bleu"] >= min_margin
+    return ok

@@ -31,7 +31,7 @@ def plot_results(results: dict, out: str | os.PathLike) -> list[str]:
     # 1. top tokens table
     fig, ax = plt.subplots(figsize=(12, 0.45 * len(rows) + 1))
     ax.axis("off")
-    cells = [[r["concept"], f"{r['layer']}/{r['index']}",
+    cells = [[r["concept"], " ".join(f"{a}/{b}" for a, b in r.get("vectors", [[r["layer"], r["index"]]]))[:40],
               " ".join(repr(t)[1:-1] for t in r["top_tokens"][:10])] for r in rows]
     tab = ax.table(cellText=cells, colLabels=["concept", "layer/index", "top tokens"],
                    loc="center", cellLoc="left", colWidths=[0.18, 0.1, 0.72])
@@ -42,10 +42,11 @@ def plot_results(results: dict, out: str | os.PathLike) -> list[str]:
     # 2. where concept vectors sit per layer
     fig, ax = plt.subplots(figsize=(7, 3.2))
     cand_layers = [c["layer"] for r in rows for c in r.get("candidates", [])]
-    n_layers = max([r["layer"] for r in rows] + cand_layers) + 1
+    n_layers = max([v[0] for r in rows for v in r.get("vectors", [[r["layer"]]])] + cand_layers) + 1
     bins = [x - 0.5 for x in range(n_layers + 1)]
     ax.hist(cand_layers, bins=bins, alpha=0.5, label="search candidates")
-    ax.hist([r["layer"] for r in rows], bins=bins, alpha=0.9, label="selected vector")
+    ax.hist([v[0] for r in rows for v in r.get("vectors", [[r["layer"], r["index"]]])], bins=bins,
+            alpha=0.9, label="selected vectors")
     ax.set_xlabel("layer")
     ax.set_ylabel("count")
     ax.legend()
@@ -55,13 +56,16 @@ def plot_results(results: dict, out: str | os.PathLike) -> list[str]:
     # 3. before/after bars per concept (BLEU against the original answers; before = 1)
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=False)
     x = range(len(rows))
-    w = 0.4
-    axes[0].bar([i - w / 2 for i in x], [r["concept_qa"]["bleu"] for r in rows], w, label="concept QA")
-    axes[0].bar([i + w / 2 for i in x], [r["unrelated_qa"]["bleu"] for r in rows], w,
+    w = 0.27
+    ctrl = [r["control"]["concept_qa"]["bleu"] if "control" in r else float("nan") for r in rows]
+    axes[0].bar([i - w for i in x], [r["concept_qa"]["bleu"] for r in rows], w, label="concept QA")
+    axes[0].bar(list(x), ctrl, w, label="concept QA, random control")
+    axes[0].bar([i + w for i in x], [r["unrelated_qa"]["bleu"] for r in rows], w,
                 label="unrelated QA")
     axes[0].axhline(1.0, color="k", lw=0.8, ls="--", label="before (=1)")
-    axes[0].set_ylabel("BLEU vs original answers")
+    axes[0].set_ylabel("held-out BLEU vs original answers")
     axes[0].set_ylim(0, 1.05)
+    w = 0.4
     lp_b = [r["concept_qa"].get("logprob_before", 0) for r in rows]
     lp_a = [r["concept_qa"].get("logprob_after", 0) for r in rows]
     axes[1].bar([i - w / 2 for i in x], lp_b, w, label="before")
@@ -99,56 +103,63 @@ def plot_results(results: dict, out: str | os.PathLike) -> list[str]:
     return files
 
 
+def _toks(ts, n: int) -> str:
+    return ", ".join(repr(t)[1:-1].replace("|", "\\|") for t in ts[:n])
+
+
+def _b(d: dict | None, key: str = "bleu") -> str:
+    return "-" if not d else f"{d[key]:.3f}"
+
+
 def report_markdown(results: dict) -> str:
-    """A Markdown summary of the results."""
+    """A Markdown summary of the results (held-out numbers first, selection beside them)."""
     from .experiment import target_reached
 
     s, rows = results["settings"], results["concepts"]
     hit = sum(target_reached(r) for r in rows)
-    lines = [f"# Concept vectors: {results.get('meta', {}).get('model', 'model')}", "",
+    meta = results.get("meta", {})
+    lines = [f"# Concept vectors: {meta.get('model', 'model')}", "",
              f"Method `{s['method']}` (sigma {s['sigma']}), greedy answers of up to "
-             f"{s['max_new_tokens']} new tokens, dtype {results.get('meta', {}).get('dtype')}. "
-             f"BLEU / ROUGE-L are against the unedited model's answers (1 = unchanged).", "",
-             f"Target (concept-QA BLEU <= 0.6 and unrelated-QA BLEU >= 0.9): **{hit} of "
-             f"{len(rows)}** concepts.", "",
-             "| concept | layer | index | top tokens | concept BLEU | concept ROUGE-L | "
-             "unrelated BLEU | unrelated ROUGE-L | cosine | target |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"{s['max_new_tokens']} new tokens (stopped at the answer's end), dtype "
+             f"{meta.get('dtype')}. BLEU / ROUGE-L are against the unedited model's answers "
+             f"(1 = unchanged). Vectors are chosen on the selection questions; the headline "
+             f"numbers are on the held-out questions ({s.get('held_out')} of each set, seed "
+             f"{s['seed']}; indices in `results.json`). Control: a layer-matched random set of "
+             f"the same size.", "",
+             f"Target (held-out concept BLEU <= 0.6, held-out unrelated BLEU >= 0.9, control "
+             f"concept BLEU at least 0.3 higher): **{hit} of {len(rows)}** concepts.", "",
+             "| concept | vectors | top tokens (first vector) | held-out concept BLEU | "
+             "held-out concept ROUGE-L | held-out unrelated BLEU | selection concept BLEU | "
+             "selection unrelated BLEU | control concept BLEU | control unrelated BLEU | target |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        toks = ", ".join(repr(t)[1:-1].replace("|", "\\|") for t in r["top_tokens"][:8])
-        lines.append(f"| {r['concept']} | {r['layer']} | {r['index']} | {toks} | "
+        vecs = " ".join(f"{a}/{b}" for a, b in r.get("vectors", [[r["layer"], r["index"]]]))
+        sel, ctrl = r.get("selection", {}), r.get("control")
+        lines.append(f"| {r['concept']} | {vecs} | {_toks(r['top_tokens'], 6)} | "
                      f"{r['concept_qa']['bleu']:.3f} | {r['concept_qa']['rougeL']:.3f} | "
-                     f"{r['unrelated_qa']['bleu']:.3f} | {r['unrelated_qa']['rougeL']:.3f} | "
-                     f"{r['intrinsic']['cosine']:.3f} | {'yes' if target_reached(r) else 'no'} |")
-    if any(r.get("validation") for r in rows):
-        lines += ["", "## Causal validation of the candidates", "",
-                  f"Screened: the {s.get('n_candidates')} best search candidates, by the teacher-"
-                  f"forced log-prob drop of the original concept answers under `"
-                  f"{s.get('screen_method')}`; validated: the {s.get('n_validate')} best, by "
-                  f"regenerating the answers. The chosen vector has the lowest concept BLEU among "
-                  f"those with unrelated BLEU >= {s.get('min_unrelated_bleu', 0.9)}; unrelated "
-                  f"answers are generated only until one passes ('-' = not generated).", "",
-                  "| concept | layer | index | search rank | top tokens | concept log-prob drop | "
-                  "concept BLEU | concept ROUGE-L | unrelated BLEU | chosen |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                     f"{r['unrelated_qa']['bleu']:.3f} | {_b(sel.get('concept_qa'))} | "
+                     f"{_b(sel.get('unrelated_qa'))} | {_b(ctrl and ctrl['concept_qa'])} | "
+                     f"{_b(ctrl and ctrl['unrelated_qa'])} | {'yes' if target_reached(r) else 'no'} |")
+    if any(r.get("screening") for r in rows):
+        lines += ["", "## Selection (selection questions only)", "",
+                  f"Pool: the {s.get('n_candidates')} vocabulary-projection candidates and the "
+                  f"{s.get('n_attr')} vectors of highest attribution selectivity; screened by the "
+                  f"teacher-forced greedy agreement (share of each original answer greedy decoding "
+                  f"keeps) and log-prob drop (nats/token); greedy set of at most "
+                  f"{s.get('max_vectors')} (unrelated agreement >= "
+                  f"{s.get('min_unrelated_agreement')}); set size checked by regenerating the "
+                  f"selection answers.", "",
+                  "| concept | vector | source | attribution | concept agreement | unrelated "
+                  "agreement | concept drop | unrelated drop | in set |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            for v in r.get("validation", []):
-                toks = ", ".join(repr(t)[1:-1].replace("|", "\\|") for t in v["top_tokens"][:6])
-                u = v.get("unrelated_qa")
-                ub = "-" if u is None else f"{u['bleu']:.3f}"
-                lines.append(f"| {r['concept']} | {v['layer']} | {v['index']} | "
-                             f"{v['search_rank']} | {toks} | {v['concept_drop']:.3f} | "
-                             f"{v['concept_qa']['bleu']:.3f} | {v['concept_qa']['rougeL']:.3f} | "
-                             f"{ub} | "
-                             f"{'**yes**' if v['chosen'] else ''} |")
-    if any("multi" in r for r in rows):
-        lines += ["", "## Several vectors ablated together", "",
-                  "| concept | vectors | concept BLEU | unrelated BLEU |", "|---|---|---|---|"]
-        for r in rows:
-            if "multi" in r:
-                m = r["multi"]
-                lines.append(f"| {r['concept']} | {', '.join(f'{a}/{b}' for a, b in m['vectors'])} | "
-                             f"{m['concept_qa']['bleu']:.3f} | {m['unrelated_qa']['bleu']:.3f} |")
+            chosen = {tuple(v) for v in r.get("vectors", [])}
+            for v in r.get("screening", [])[:8]:
+                lines.append(f"| {r['concept']} | {v['layer']}/{v['index']} | {v['source']} | "
+                             f"{v['attribution']:.4f} | {v['concept_agreement']:.3f} | "
+                             f"{v['unrelated_agreement']:.3f} | {v['concept_drop']:.4f} | "
+                             f"{v['unrelated_drop']:.4f} | "
+                             f"{'**yes**' if (v['layer'], v['index']) in chosen else ''} |")
     if any("comparison" in r for r in rows):
         lines += ["", "## Unlearning comparison (same vector)", "",
                   "| concept | method | concept BLEU | unrelated BLEU | completions BLEU | cosine | "

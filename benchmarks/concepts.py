@@ -1,0 +1,98 @@
+"""Time the default ``skilllens concepts`` run (10 ConceptVectors dev concepts, SmolLM2-135M) and
+record held-out results.
+
+    python benchmarks/concepts.py                     # the default run, appends to RESULTS.md
+    python benchmarks/concepts.py --threads 2         # e.g. re-time on an idle 2-core machine
+    python benchmarks/concepts.py --names Poland --no-append --out /tmp/cv   # quick check
+
+Prints a per-concept table (vectors, held-out concept / unrelated BLEU, control BLEU, seconds
+per stage) and the wall time, with the load average before and after (the run shares the CPU
+with whatever else runs: re-time on an idle machine for a clean number). The settings are
+``ExperimentSettings()`` = the CLI's defaults, so the run equals
+``skilllens concepts --out <out>`` apart from the thread count.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--names", default=None, help="comma-separated concept names (all 10)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (torch's default)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "concepts-default"))
+    p.add_argument("--no-append", action="store_true", help="do not append to RESULTS.md")
+    args = p.parse_args(argv)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from skilllens import load_model
+    from skilllens.concepts import load_concepts
+    from skilllens.concepts.experiment import ExperimentSettings, run_concepts, target_reached
+    from skilllens.concepts.report import write_report
+
+    load0 = os.getloadavg()
+    t0 = time.perf_counter()
+    lm = load_model(args.model)
+    names = [x.strip() for x in args.names.split(",")] if args.names else None
+    concepts = load_concepts(None, args.data_dir, names=names)
+    res = run_concepts(lm, concepts, ExperimentSettings(), progress=False)
+    wall = time.perf_counter() - t0
+    load1 = os.getloadavg()
+    machine = (f"{platform.machine()} CPU ({os.cpu_count()} cores), torch {torch.__version__}, "
+               f"{torch.get_num_threads()} torch threads")
+    res["meta"].update(wall_seconds=round(wall, 1), machine=machine,
+                       load_before=[round(x, 2) for x in load0], load_after=[round(x, 2) for x in load1])
+    write_report(res, args.out)
+    rows = res["concepts"]
+    hit = sum(target_reached(r) for r in rows)
+    lines = ["| concept | vectors | held-out concept BLEU | held-out unrelated BLEU | control concept BLEU "
+             "| control unrelated BLEU | selection concept / unrelated BLEU | target | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        sel = r.get("selection") or {}
+        sc = sel.get("concept_qa", {}).get("bleu", float("nan"))
+        su = (sel.get("unrelated_qa") or {}).get("bleu", float("nan"))
+        lines.append(f"| {r['concept']} | {' '.join(f'{a}/{b}' for a, b in r['vectors'])} | "
+                     f"{r['concept_qa']['bleu']:.3f} | {r['unrelated_qa']['bleu']:.3f} | "
+                     f"{r['control']['concept_qa']['bleu']:.3f} | {r['control']['unrelated_qa']['bleu']:.3f} | "
+                     f"{sc:.3f} / {su:.3f} | {'**yes**' if target_reached(r) else 'no'} | {r['seconds']} |")
+    stages: dict[str, float] = {}
+    for r in rows:
+        for k, v in r.get("timing", {}).items():
+            stages[k] = stages.get(k, 0.0) + v
+    cmd = "python benchmarks/concepts.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = (f"\n## Concept vectors, default run (held-out split) — "
+            f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}\n\n"
+            f"Machine: {machine}. Command (repository root): `{cmd.strip()}` (= `skilllens concepts "
+            f"--out {Path(args.out).name}` with its defaults). Load average (1/5/15 min) before "
+            f"{load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f}, after {load1[0]:.1f}/{load1[1]:.1f}/"
+            f"{load1[2]:.1f}: other jobs shared the CPU, so the wall time is an upper bound.\n\n"
+            f"Wall time **{wall:.0f} s** ({wall / 60:.1f} min) for {len(rows)} concepts: model load + "
+            f"vocabulary search {res['meta']['search_seconds']:.0f} s; summed per stage: "
+            + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items())
+            + f". Target (held-out concept BLEU <= 0.6, unrelated >= 0.9, control at least 0.3 "
+              f"higher): **{hit} of {len(rows)}**. Results: `{os.path.relpath(args.out, ROOT)}/`.\n\n"
+            + "\n".join(lines) + "\n")
+    print(text)
+    if not args.no_append:
+        from skilllens.io import write_text
+        path = ROOT / "benchmarks" / "RESULTS.md"
+        write_text(path, path.read_text() + text)
+    return res
+
+
+if __name__ == "__main__":
+    main()
