@@ -66,3 +66,10 @@ def test_smollm2_medical_vector_is_causal(smollm2, data_dir):
         drop = suite.logprob_drop(smollm2)
     assert torch.equal(smollm2.model.state_dict()[key], before)
     assert drop["concept_qa"] > drop["unrelated_qa"]
+
+
+def test_deprecated_flags_still_parse(tmp_path, capsys):
+    """Old scripts pass --validate/--multi: accepted with a note; a bad --multi is a clear error."""
+    from skilllens.cli import main
+    assert main(["concepts", "--model", "tiny-llama", "--multi", "0", "--out", str(tmp_path)]) == 2
+    assert "--max-vectors" in capsys.readouterr().err

@@ -2,6 +2,9 @@
 questions against a random control, ablate or unlearn."""
 from __future__ import annotations
 
+import sys
+
+from ..errors import DataError
 from .common import add_data_args, add_model_args, formatter, load
 
 EXAMPLE = """examples:
@@ -67,6 +70,11 @@ def add_parser(sub):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's); 1 is much faster on a busy CPU")
+    p.add_argument("--validate", type=int, default=None, metavar="N",
+                   help="deprecated, accepted for old scripts: validation by regenerating the "
+                        "selection answers is now part of the greedy selection")
+    p.add_argument("--multi", type=int, default=None, metavar="M",
+                   help="deprecated alias of --max-vectors M (M > 0)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", required=True, help="output folder")
     return p
@@ -77,6 +85,14 @@ def run(args) -> int:
     from ..concepts.experiment import ExperimentSettings, run_concepts, target_reached
     from ..concepts.report import write_report
 
+    if args.validate is not None:
+        print("note: --validate is deprecated and ignored; candidates are checked by regenerating "
+              "the selection answers during the greedy selection", file=sys.stderr)
+    if args.multi is not None:
+        if args.multi < 1:
+            raise DataError("--multi must be >= 1; use --max-vectors N (the vector-set size)")
+        print(f"note: --multi is deprecated; using --max-vectors {args.multi}", file=sys.stderr)
+        args.max_vectors = args.multi
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
