@@ -79,7 +79,9 @@ def main(argv=None) -> dict:
             f"Machine: {machine}. Command (repository root): `{cmd.strip()}` (= `skilllens concepts "
             f"--out {Path(args.out).name}` with its defaults). Load average (1/5/15 min) before "
             f"{load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f}, after {load1[0]:.1f}/{load1[1]:.1f}/"
-            f"{load1[2]:.1f}: other jobs shared the CPU, so the wall time is an upper bound.\n\n"
+            f"{load1[2]:.1f}" + (": other jobs shared the CPU, so the wall time is an upper "
+                                 "bound" if load0[0] > 1.0 else " (no other job running at the start)")
+            + ".\n\n"
             f"Wall time **{wall:.0f} s** ({wall / 60:.1f} min) for {len(rows)} concepts: model load + "
             f"vocabulary search {res['meta']['search_seconds']:.0f} s; summed per stage: "
             + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items())

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -75,7 +76,9 @@ def _hist_worker(rank, world, port, out):
         res = skilllens.collect("tiny-llama", TEXTS, sites=["gate", "key"], layers=[0, 1],
                                 batch_size=3, rank=rank, world_size=world, progress=False,
                                 stats=("moments", "histogram"), bins=32, store=True)
-        torch.save({k: v for k, v in res.vectors.items()}, out + f".vec{rank}")
+        # safetensors, not torch.save/pickle (project rule); keys "site.layer"
+        save_file({f"{s}.{l}": v.contiguous() for (s, l), v in res.vectors.items()},
+                  out + f".vec{rank}")
         merged = skilllens.distributed.all_merge(res)
         if rank == 0:
             merged.save(out)
@@ -90,7 +93,8 @@ def test_two_process_merge_with_automatic_histogram_ranges(tmp_path):
     out = str(tmp_path / "merged.safetensors")
     mp.start_processes(_hist_worker, args=(2, _free_port(), out), nprocs=2, start_method="spawn")
     merged = skilllens.StatsCollection.load(out)
-    vecs = [torch.load(out + f".vec{r}") for r in range(2)]
+    vecs = [{(k.rsplit(".", 1)[0], int(k.rsplit(".", 1)[1])): v
+             for k, v in load_file(out + f".vec{r}").items()} for r in range(2)]
     for k in merged.keys():
         h = merged[k].histogram
         rows = torch.cat([v[k] for v in vecs])
