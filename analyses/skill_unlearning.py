@@ -10,7 +10,7 @@ Usage::
 relative performance per method and skill, the Neuron Adjust forget/retain trade-off over all
 ``na*`` entries (one point per percentage), and the forgotten x tested language matrix when a
 ``language_matrix.json`` is present. ``matrix`` runs the 7 x 7 XQuAD language experiment
-(:func:`skilllens.audit.run_language_matrix`) and draws it. Figures are PNG + SVG.
+(:func:`skilllens.unlearning.audit.run_language_matrix`) and draws it. Figures are PNG + SVG.
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def cmd_figures(args) -> int:
 
 
 def cmd_matrix(args) -> int:
-    from skilllens.audit import run_language_matrix
+    from skilllens.unlearning.audit import run_language_matrix
 
     langs = [f"xquad-{l.strip()}" for l in args.langs.split(",") if l.strip()]
     res = run_language_matrix(langs, args.out, model=args.model,

@@ -7,7 +7,7 @@ times, one after the other (interleaved, so a load change hits all variants alik
 * ``bare bs1 last``: the same with ``logits_to_keep=1`` (the fastest bare batch-1 forward);
 * ``no-op hooks bs1``: hooks at gate and key of all 30 layers that do nothing, stopping after the
   last hooked layer (what ``collect`` runs, minus the statistics);
-* ``collect bs1``: ``skilllens.collect`` with the default statistics (count, mean, M2, min, max,
+* ``collect bs1``: ``skilllens.core.collect`` with the default statistics (count, mean, M2, min, max,
   mean |x|, fraction positive) at gate and key of all 30 layers, batch size 1;
 * ``collect bs16``: the same with batch size 16 (padded, length-sorted batches);
 * ``collect bs1 +hist``: batch size 1 with a 256-bin histogram as well.
@@ -36,10 +36,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import skilllens  # noqa: E402
-from skilllens.batching import encode_items  # noqa: E402
+from skilllens.core.batching import encode_items  # noqa: E402
 from skilllens.data import load_skill, sample_skill  # noqa: E402
-from skilllens.hooks import Hook, run_with_hooks  # noqa: E402
-from skilllens.neuron_stats import DEFAULT_STATS  # noqa: E402
+from skilllens.core.hooks import Hook, run_with_hooks  # noqa: E402
+from skilllens.stats.neuron_stats import DEFAULT_STATS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().with_name("RESULTS.md")
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 import skilllens
-from skilllens.hooks import Hook, hooks_applied
-from skilllens.neuron_stats import NeuronStats
+from skilllens.core.hooks import Hook, hooks_applied
+from skilllens.stats.neuron_stats import NeuronStats
 
 
 def main(argv=None):
@@ -41,7 +41,7 @@ def main(argv=None):
                       max_position_embeddings=8192)
     with torch.device(dev):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
-    from skilllens.tokenizers import byte_tokenizer
+    from skilllens.core.tokenizers import byte_tokenizer
     lm = skilllens.load_model((model, byte_tokenizer()))
     ids = torch.randint(0, 128000, (args.batch, args.seq), device=dev)
     mask = torch.ones(args.batch, args.seq, dtype=torch.bool, device=dev)

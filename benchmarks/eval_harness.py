@@ -21,9 +21,9 @@ import torch
 
 import skilllens
 from skilllens import scoring
-from skilllens.batching import encode_items, encode_prompts, padding_stats
+from skilllens.core.batching import encode_items, encode_prompts, padding_stats
 from skilllens.data import load_skill, sample_skill
-from skilllens.evaluation import MAX_NEW_TOKENS, _kind, evaluate, fewshot_prefix
+from skilllens.eval import MAX_NEW_TOKENS, _kind, evaluate, fewshot_prefix
 from skilllens.io import write_json
 
 
@@ -131,7 +131,7 @@ def _tokenizer(model: str):
     de-quantized cache folder)."""
     from transformers import AutoTokenizer
 
-    from skilllens.models import _gguf_cached, find_smollm2_gguf
+    from skilllens.core.models import _gguf_cached, find_smollm2_gguf
     if model == "smollm2-135m":
         return AutoTokenizer.from_pretrained(str(_gguf_cached(find_smollm2_gguf())))
     return skilllens.load_model(model).tokenizer

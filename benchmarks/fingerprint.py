@@ -24,7 +24,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import skilllens  # noqa: E402
-from skilllens.models import _weight_digests, model_fingerprint  # noqa: E402
+from skilllens.core.fingerprint import _weight_digests, model_fingerprint  # noqa: E402
 
 LLAMA3_8B_PARAMS = 8_030_261_248
 BLOCK = {"q": (4096, 4096), "k": (1024, 4096), "v": (1024, 4096), "o": (4096, 4096),

@@ -42,8 +42,8 @@ def setup(a):
     import torch
 
     from skilllens import load_model
-    from skilllens.finetune import select_parameters
-    from skilllens.graft_tasks import build_task, encode_task_items
+    from skilllens.grafting.finetune import select_parameters
+    from skilllens.grafting.tasks import build_task, encode_task_items
     from skilllens.grafting import global_topk_masks
 
     lm = load_model(a.model, device=a.device)
@@ -65,7 +65,7 @@ def setup(a):
 def run_variant(a) -> dict:
     import torch
 
-    from skilllens.graft_tasks import task_loss
+    from skilllens.grafting.tasks import task_loss
     from skilllens.grafting import soft_graft
 
     torch.set_num_threads(a.threads)

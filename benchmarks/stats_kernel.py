@@ -64,7 +64,7 @@ def time_cpu(fn, warmup: int, repeats: int) -> float:
 
 
 def bench_gpu(warmup: int, repeats: int) -> list[tuple]:
-    from skilllens.kernels import fused_partials
+    from skilllens.stats.kernels import fused_partials
     rows = []
     for n, d in GPU_SHAPES:
         x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)

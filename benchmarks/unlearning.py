@@ -29,7 +29,7 @@ LANGS = ["en", "de", "es", "ar", "zh", "vi", "hi"]
 
 
 def run_gsm8k(out: Path, args) -> dict:
-    from skilllens.audit import AuditConfig, run_audit
+    from skilllens.unlearning.audit import AuditConfig, run_audit
     cfg = AuditConfig(probe_items=args.probe_items, eval_items=args.eval_items,
                       na_percent=[0.5, 1.5, 3.0], out=str(out), data_dir=args.data_dir,
                       progress=not args.no_progress)
@@ -37,7 +37,7 @@ def run_gsm8k(out: Path, args) -> dict:
 
 
 def run_matrix(out: Path, args) -> dict:
-    from skilllens.audit import run_language_matrix
+    from skilllens.unlearning.audit import run_language_matrix
     return run_language_matrix([f"xquad-{l}" for l in LANGS], out, methods=("ksd", "na"),
                                probe_items=args.matrix_probe_items,
                                eval_items=args.matrix_eval_items, alphas=(1.0, 2.0),

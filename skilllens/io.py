@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import ArtifactError
+from skilllens.errors import ArtifactError
 
 
 def _check_writable(path: Path) -> None:
@@ -45,21 +45,75 @@ def atomic_path(path: str | os.PathLike):
         raise
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where
+    the system call is not available (then the caller falls back to two renames)."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL / ENOSYS / EOPNOTSUPP: the file system cannot exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike):
-    """Yield a temp folder beside ``path``; on success rename it onto ``path``."""
+    """Yield a temp folder beside ``path``; on success it takes the place of ``path``.
+
+    An existing ``path`` is swapped with the new folder in one atomic exchange (Linux), so a
+    reader always sees either the old or the new folder, never none; elsewhere the old folder is
+    first renamed aside, then replaced (a window of two renames). On error ``path`` is untouched."""
     path = Path(path)
     _check_writable(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        if path.exists() and path.is_dir() and not path.is_symlink():
+            if not _exchange(tmp, path):
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+                os.replace(path, old / "x")
+                os.replace(tmp, path)
+                os.rename(old, tmp)
+            shutil.rmtree(tmp, ignore_errors=True)  # now the old contents
+        else:
+            if path.exists() or path.is_symlink():
+                path.unlink()
+            os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_figure(fig, path: str | os.PathLike, formats=("png", "svg"), dpi: int = 120,
+                close: bool = True) -> list[Path]:
+    """The one figure writer: ``fig`` saved as ``path`` with each suffix in ``formats``, each file
+    written to a temp file and renamed (a reader never sees half a PNG). Returns the paths."""
+    path = Path(path)
+    out = []
+    for ext in formats:
+        known = path.suffix[1:].lower() in ("png", "svg", "pdf", "jpg", "jpeg")
+        target = path.with_suffix(f".{ext}") if known else path.with_name(f"{path.name}.{ext}")
+        with atomic_path(target) as tmp:
+            fig.savefig(tmp, format=ext, dpi=dpi, bbox_inches="tight")
+        out.append(target)
+    if close:
+        import matplotlib.pyplot as plt
+        plt.close(fig)
+    return out
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

@@ -4,10 +4,10 @@ import torch
 import torch.nn.functional as F
 
 import skilllens
-from skilllens.architectures import Architecture, ModelAdapter, register_architecture, REGISTRY
+from skilllens.core.architectures import Architecture, ModelAdapter, register_architecture, REGISTRY
 from skilllens.errors import SiteError, UnknownArchitectureError
-from skilllens.hooks import Hook, run_with_hooks
-from skilllens.models import TINY_MODELS
+from skilllens.core.hooks import Hook, run_with_hooks
+from skilllens.core.models import TINY_MODELS
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)

@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-from skilllens.audit import AuditConfig, run_audit, skill_parts, with_abstention
+from skilllens.unlearning.audit import AuditConfig, run_audit, skill_parts, with_abstention
 from skilllens.cli import main
 from skilllens.errors import SkillLensError
-from skilllens.evaluation import SkillScore
+from skilllens.eval import SkillScore
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_cli_help_and_errors(capsys):
 
 
 def test_language_matrix_with_calibrated_ksd(tmp_path, data_dir):
-    from skilllens.audit import run_language_matrix
+    from skilllens.unlearning.audit import run_language_matrix
     langs = ["xquad-en", "xquad-de", "xquad-es"]
     res = run_language_matrix(langs, tmp_path, model="tiny-llama", methods=("ksd",),
                               probe_items=4, eval_items=3, alphas=(1.0,), data_dir=str(data_dir),

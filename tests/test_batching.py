@@ -1,14 +1,14 @@
-"""Tokenisation, truncation and length-sorted batching (skilllens.batching)."""
+"""Tokenisation, truncation and length-sorted batching (skilllens.core.batching)."""
 import random
 
 import pytest
 import torch
 
-from skilllens.batching import (encode_items, encode_prompts, iter_batches, left_padded,
+from skilllens.core.batching import (encode_items, encode_prompts, iter_batches, left_padded,
                                 padding_stats, plan_batches)
 from skilllens.data import Item, load_skill
 from skilllens.errors import DataError
-from skilllens.tokenizers import byte_tokenizer
+from skilllens.core.tokenizers import byte_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def smol_tok():
     """The SmolLM2 tokenizer alone (a few seconds once the model cache exists)."""
     from transformers import AutoTokenizer
 
-    from skilllens.models import _gguf_cached, find_smollm2_gguf
+    from skilllens.core.models import _gguf_cached, find_smollm2_gguf
     try:
         return AutoTokenizer.from_pretrained(str(_gguf_cached(find_smollm2_gguf())))
     except Exception as e:  # the embedded model package is not installed

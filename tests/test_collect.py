@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import skilllens
-from skilllens.collect import StatsCollection, load_vectors
+from skilllens.core.collect import StatsCollection, load_vectors
 from skilllens.data import Item, Skill
 from skilllens.errors import ArtifactError, DataError, FingerprintMismatchError, SiteError
-from skilllens.hooks import Hook, run_with_hooks
+from skilllens.core.hooks import Hook, run_with_hooks
 
 TEXTS = ["the cat sat on the mat", "skills live in neurons", "ab", "3 times 4 is 12, says the model",
          "hello world", "padding must never be counted in any statistic"]
@@ -151,7 +151,7 @@ orig = hooks.run_with_hooks
 def slow(*a, **k):
     time.sleep(float(sys.argv[2]))
     return orig(*a, **k)
-c = sys.modules['skilllens.collect']  # the package attribute is the function
+c = sys.modules['skilllens.core.collect']  # the package attribute is the function
 c.run_with_hooks = slow
 texts = [f"item {i} " + "x y z " * (i % 7) for i in range(40)]
 res = skilllens.collect("tiny-llama", texts, sites=["gate", "key"], batch_size=2,
@@ -174,7 +174,7 @@ def test_killed_collection_resumes_without_double_counting(tmp_path):
     proc.kill()
     proc.wait()
     assert ck.exists(), "no checkpoint was written before the kill"
-    done_at_kill = skilllens.artifacts.read_metadata(ck)["batches_done"]
+    done_at_kill = skilllens.core.artifacts.read_metadata(ck)["batches_done"]
     assert 0 < done_at_kill < 20
     assert not Path(str(ck) + ".final.safetensors").exists()
     subprocess.run([sys.executable, str(script), str(ck), "0"], env=env, check=True)
@@ -194,7 +194,7 @@ def test_resume_with_store_keeps_the_vectors_before_the_checkpoint(tiny_llama, t
                                                                    monkeypatch):
     # issue 10 defect 7: vectors of batches before the checkpoint were lost on resume
     texts = [f"text {i} " + "ab cd " * (i % 4) for i in range(11)]
-    mod = sys.modules["skilllens.collect"]  # the package attribute is the function
+    mod = sys.modules["skilllens.core.collect"]  # the package attribute is the function
     orig, calls = mod.run_with_hooks, {"n": 0}
 
     def dies_at_batch_5(*a, **k):
@@ -210,7 +210,7 @@ def test_resume_with_store_keeps_the_vectors_before_the_checkpoint(tiny_llama, t
     with pytest.raises(RuntimeError, match="simulated crash"):
         skilllens.collect(tiny_llama, texts, checkpoint=ck, checkpoint_every=2, **kw)
     monkeypatch.setattr(mod, "run_with_hooks", orig)
-    assert skilllens.artifacts.read_metadata(ck)["batches_done"] == 4
+    assert skilllens.core.artifacts.read_metadata(ck)["batches_done"] == 4
     resumed = skilllens.collect(tiny_llama, texts, checkpoint=ck, checkpoint_every=2,
                                 store_dir=tmp_path / "vec", **kw)
     fresh = skilllens.collect(tiny_llama, texts, **kw)
@@ -230,7 +230,7 @@ def test_resume_with_store_keeps_the_vectors_before_the_checkpoint(tiny_llama, t
 
 def test_device_auto_everywhere(monkeypatch, capsys):
     from skilllens.cli import build_parser, main
-    from skilllens.models import resolve_device
+    from skilllens.core.models import resolve_device
 
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -289,9 +289,9 @@ def test_fits_from_names_use_probe_parts_and_lists_of_names(tiny_llama, monkeypa
     """NA, SP, KSD fit/calibrate and collect given names see probe items only; a list of names
     resolves like the names (not as two one-line texts)."""
     from skilllens import collect
-    from skilllens.key_space import KeySpaceDetector
-    from skilllens.neuron_adjust import NeuronAdjuster
-    from skilllens.selective_pruning import SelectivePruner
+    from skilllens.unlearning.key_space import KeySpaceDetector
+    from skilllens.unlearning.neuron_adjust import NeuronAdjuster
+    from skilllens.unlearning.selective_pruning import SelectivePruner
 
     texts = ["a b c", "d e f g"]
     kw = dict(layers=None, tokens="all", progress=False, stats=("moments", "abs"))

@@ -9,7 +9,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-import skilllens.data as sd
+import skilllens.data.sources as sd
 from skilllens.data import PACKAGED, load_skill
 from skilllens.errors import DataError
 
@@ -107,17 +107,17 @@ def test_hub_only_when_allowed_and_online(tmp_path, monkeypatch):
     sk = load_skill("gsm8k", part="eval")
     assert calls == [("openai/gsm8k", "main", None)] and sk.source == "hub:openai/gsm8k:main"
     assert [it.meta["final"] for it in sk] == ["5", "6"]
-    from skilllens.data_formats import data_sources
+    from skilllens.data.formats import data_sources
     assert data_sources()["xquad-de"] == "hub:google/xquad:xquad.de@validation"
 
 
 def test_package_data_ships_every_packaged_file():
-    """pyproject's package-data globs cover each file in skilllens/datasets (so a wheel and a
+    """pyproject's package-data globs cover each file in skilllens/data/packaged (so a wheel and a
     non-editable install carry the data)."""
     tomllib = pytest.importorskip("tomllib")
-    cfg = tomllib.loads((PACKAGED.parents[1] / "pyproject.toml").read_text())
+    cfg = tomllib.loads((PACKAGED.parents[2] / "pyproject.toml").read_text())
     globs = cfg["tool"]["setuptools"]["package-data"]["skilllens"]
-    files = [p.relative_to(PACKAGED.parent).as_posix() for p in PACKAGED.rglob("*") if p.is_file()]
+    files = [p.relative_to(PACKAGED.parents[1]).as_posix() for p in PACKAGED.rglob("*") if p.is_file()]
     def shipped(f: str) -> bool:  # setuptools globs: "*" stays within one folder
         return any(len(PurePosixPath(g).parts) == len(PurePosixPath(f).parts) and
                    PurePosixPath(f).match(g) for g in globs)

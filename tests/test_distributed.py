@@ -26,7 +26,7 @@ def _worker(rank, world, port, out):
     try:
         res = skilllens.collect("tiny-llama", TEXTS, sites=["gate", "key"], batch_size=3,
                                 rank=rank, world_size=world, progress=False)
-        merged = skilllens.distributed.all_merge(res)
+        merged = skilllens.core.distributed.all_merge(res)
         if rank == 0:
             merged.save(out)
     finally:
@@ -55,7 +55,7 @@ def _bad_worker(rank, world, port, out):
         res = skilllens.collect("tiny-llama", TEXTS, sites="gate", layers=[rank], rank=rank,
                                 world_size=world, progress=False)
         try:
-            skilllens.distributed.all_merge(res)
+            skilllens.core.distributed.all_merge(res)
         except skilllens.SkillLensError as e:
             Path(out + f".{rank}").write_text(str(e))
     finally:
@@ -79,7 +79,7 @@ def _hist_worker(rank, world, port, out):
         # safetensors, not torch.save/pickle (project rule); keys "site.layer"
         save_file({f"{s}.{l}": v.contiguous() for (s, l), v in res.vectors.items()},
                   out + f".vec{rank}")
-        merged = skilllens.distributed.all_merge(res)
+        merged = skilllens.core.distributed.all_merge(res)
         if rank == 0:
             merged.save(out)
     finally:

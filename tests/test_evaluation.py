@@ -6,12 +6,13 @@ import pytest
 import torch
 
 import skilllens
-import skilllens.evaluation as ev
+import skilllens.eval.evaluation as ev
+import skilllens.eval.generation as gen
 from skilllens.data import Item, Skill, load_skill, sample_skill
 from skilllens.errors import DataError, SkillLensError
-from skilllens.evaluation import (SkillScore, evaluate, fewshot_prefix, generate_texts, relative,
+from skilllens.eval import (SkillScore, evaluate, fewshot_prefix, generate_texts, relative,
                                   teacher_forced)
-from skilllens.hooks import Hook, hooks_applied
+from skilllens.core.hooks import Hook, hooks_applied
 
 
 @pytest.fixture(scope="module")
@@ -157,9 +158,9 @@ def test_stop_strings_cut_and_stop_generation(tiny_llama):
     stop = free[3:5]
     cut = generate_texts(tiny_llama, ["abc"], max_new_tokens=12, stops=[stop], progress=False)[0]
     assert free.startswith(cut) and stop not in cut and len(cut) <= free.find(stop)
-    assert ev.cut_at_stops("ab\ndef c", ev.CODE_STOPS) == "ab"
-    assert ev.cut_at_stops("\n\n Denver\nQuestion", ev.QA_STOPS) == "\n\n Denver"
-    assert ev.cut_at_stops("    return 1\n\ndef g", ev.CODE_STOPS) == "    return 1\n"
+    assert gen.cut_at_stops("ab\ndef c", ev.CODE_STOPS) == "ab"
+    assert gen.cut_at_stops("\n\n Denver\nQuestion", ev.QA_STOPS) == "\n\n Denver"
+    assert gen.cut_at_stops("    return 1\n\ndef g", ev.CODE_STOPS) == "    return 1\n"
 
 
 def _patch_generation(monkeypatch, fn):
@@ -264,12 +265,12 @@ def test_truncated_items_are_counted_and_fitting_prompts_kept(lm64):
 def test_generation_batches_are_length_sorted_and_returned_in_order(tiny_llama, monkeypatch):
     prompts = ["a", "the quick brown fox jumps", "xyz", "hello there, general", "ab"]
     widths = []
-    orig = tiny_llama.model.generate
+    orig = gen._greedy_batch
 
-    def spy(*a, **kw):
-        widths.append((kw["input_ids"].shape, int((kw["attention_mask"] == 0).sum())))
-        return orig(*a, **kw)
-    monkeypatch.setattr(tiny_llama.model, "generate", spy)
+    def spy(model, tok, ids, mask, *a):
+        widths.append((ids.shape, int((mask == 0).sum())))
+        return orig(model, tok, ids, mask, *a)
+    monkeypatch.setattr(gen, "_greedy_batch", spy)
     batched = generate_texts(tiny_llama, prompts, max_new_tokens=4, batch_size=2, progress=False)
     monkeypatch.undo()
     single = [generate_texts(tiny_llama, [p], max_new_tokens=4, progress=False)[0]
@@ -305,18 +306,34 @@ def test_smollm2_token_accuracy_in_reported_range(smollm2, data_dir):
 def test_ksd_generate_is_batched_and_keeps_prompt_order(tiny_llama, monkeypatch):
     """KSD's generation goes through the same length-sorted batches (one generate call for
     up to 8 kept prompts, not one per prompt); refusals and answers stay in prompt order."""
-    from skilllens.key_space import KeySpaceDetector
+    from skilllens.unlearning.key_space import KeySpaceDetector
     prompts = ["a", "the quick brown fox", "xyz", "hello there, general", "ab"]
     ksd = KeySpaceDetector()
     monkeypatch.setattr(ksd, "abstains", lambda lm, items: torch.tensor(
         [it.prompt == "xyz" for it in items]))
     calls = []
-    orig = tiny_llama.model.generate
-    monkeypatch.setattr(tiny_llama.model, "generate",
-                        lambda *a, **kw: calls.append(1) or orig(*a, **kw))
+    orig = gen._greedy_batch
+    monkeypatch.setattr(gen, "_greedy_batch", lambda *a: calls.append(1) or orig(*a))
     out = ksd.generate(tiny_llama, prompts, max_new_tokens=4, refusal="NO")
     monkeypatch.undo()
     single = [generate_texts(tiny_llama, [p], max_new_tokens=4, progress=False)[0]
               for p in prompts]
     assert len(calls) == 1
     assert out == [s if p != "xyz" else "NO" for p, s in zip(prompts, single)]
+
+
+def test_greedy_generate_equals_transformers_generate(tiny_llama):
+    """The one generation loop (KV cache, left padding, rows leaving the batch) decodes exactly
+    what ``model.generate(do_sample=False)`` decodes, one prompt at a time."""
+    from transformers import GenerationConfig
+    prompts = ["a", "the quick brown fox jumps", "xyz", "hello there, general", "ab"]
+    model, tok = tiny_llama.model, tiny_llama.tokenizer
+    eos = sorted(gen.eos_ids(model, tok))
+    ours = gen.greedy_generate(model, tok, prompts, max_new_tokens=9, batch_size=3)
+    for p, got in zip(prompts, ours):
+        ids = torch.tensor([tok(p)["input_ids"]])
+        cfg = GenerationConfig(max_new_tokens=9, do_sample=False, eos_token_id=eos,
+                               pad_token_id=tok.pad_token_id)
+        ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             generation_config=cfg)[0, ids.shape[1]:]
+        assert got == tok.decode(ref, skip_special_tokens=True)

@@ -4,9 +4,9 @@ import torch
 
 from skilllens import load_model
 from skilllens.errors import DataError, FingerprintMismatchError, SkillLensError
-from skilllens.finetune import (FineTuneConfig, evaluate_models, finetune, load_finetuned,
+from skilllens.grafting.finetune import (FineTuneConfig, evaluate_models, finetune, load_finetuned,
                                 select_parameters)
-from skilllens.graft_tasks import (build_task, encode_task_items, label_token_ids, score_task,
+from skilllens.grafting.tasks import (build_task, encode_task_items, label_token_ids, score_task,
                                    task_logits, task_loss)
 
 
@@ -67,7 +67,7 @@ def test_save_load_finetuned(lm, task, tmp_path):
     for (n, a), (_, b) in zip(ft.model.named_parameters(), back.model.named_parameters()):
         assert torch.equal(a, b), n
     assert back.trained == ft.trained and back.task_spec["name"] == "synthetic"
-    from skilllens.finetune import train_digest
+    from skilllens.grafting.finetune import train_digest
     assert back.train_digest == ft.train_digest == train_digest(task)  # which items it saw
     with pytest.raises(FingerprintMismatchError):
         load_finetuned(path, load_model("tiny-mistral"))

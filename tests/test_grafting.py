@@ -8,10 +8,10 @@ import torch
 
 from skilllens import load_model
 from skilllens.errors import FingerprintMismatchError, SkillLensError
-from skilllens.finetune import FineTuneConfig, finetune, select_parameters
-from skilllens.graft_metrics import (expected_calibration_error, mask_location, mask_overlap,
+from skilllens.grafting.finetune import FineTuneConfig, finetune, select_parameters
+from skilllens.grafting.metrics import (expected_calibration_error, mask_location, mask_overlap,
                                      overlap_matrix, precision_recall, recovered_fraction)
-from skilllens.graft_tasks import build_task
+from skilllens.grafting.tasks import build_task
 from skilllens.grafting import (GraftError, GraftLocalizer, global_topk_masks, soft_graft,
                                 soft_mask)
 
@@ -96,7 +96,7 @@ def test_ground_truth_sparse_finetune_is_recovered(lm, task):
     assert loc.result_.n_eligible == n_eligible
     assert abs(loc.result_.sparsity - n_true / n_eligible) < 0.2 * n_true / n_eligible
     # the graft behaves like the fine-tuned model on held-out items
-    from skilllens.finetune import evaluate_models
+    from skilllens.grafting.finetune import evaluate_models
     scores = evaluate_models({"ft": ft.lm}, task)
     assert pre_s >= scores["ft"].score - 0.1
 
@@ -181,7 +181,7 @@ def test_workspace_matches_autograd_of_the_soft_graft(l1):
 def test_graft_loss_gradient_matches_reference_chain_rule(lm, task, ft):
     """d loss / d S from the soft graft equals the reference's hand-written chain
     dL/dtheta * (ft - pre) * d gamma / dS evaluated with the soft graft written into the model."""
-    from skilllens.graft_tasks import encode_task_items, task_loss
+    from skilllens.grafting.tasks import encode_task_items, task_loss
 
     names = select_parameters(lm.model)
     pre = {n: p.detach() for n, p in lm.model.named_parameters() if n in names}
@@ -227,7 +227,7 @@ def test_save_load_roundtrip_and_fingerprints(lm, task, ft, tmp_path):
     loc = GraftLocalizer(sparsity=0.01, steps=2, progress=False).fit(lm, ft, task)
     path = tmp_path / "mask.safetensors"
     loc.save(path)
-    from skilllens.artifacts import read_metadata
+    from skilllens.core.artifacts import read_metadata
     meta = read_metadata(path)
     assert meta["fingerprint"]["id"] == lm.fingerprint["id"]
     assert meta["finetuned_fingerprint"]["id"] == ft.lm.fingerprint["id"]
@@ -348,7 +348,7 @@ def test_cli_localize_task_then_finetuned(tmp_path):
 def test_classification_splits_are_label_balanced_and_disjoint(data_dir):
     from collections import Counter
 
-    from skilllens.graft_tasks import build_task
+    from skilllens.grafting.tasks import build_task
     task = build_task("xquad-numeric", str(data_dir), n_train=8, n_dev=8, n_test=64)
     for split, n in ((task.train, 8), (task.dev, 8), (task.test, 64)):
         counts = Counter(it.meta["label"] for it in split)

@@ -4,7 +4,7 @@ import torch
 
 import skilllens
 from skilllens.errors import SiteError
-from skilllens.hooks import Hook, hooks_applied, run_with_hooks
+from skilllens.core.hooks import Hook, hooks_applied, run_with_hooks
 
 pytest.importorskip("transformer_lens")
 pytest.importorskip("nnsight")

@@ -33,8 +33,8 @@ def test_graft_artifact_rejects_swapped_pretrained_and_finetuned(tmp_path):
 
     from skilllens import load_model
     from skilllens.errors import FingerprintMismatchError
-    from skilllens.finetune import FineTuneConfig, finetune
-    from skilllens.graft_tasks import build_task
+    from skilllens.grafting.finetune import FineTuneConfig, finetune
+    from skilllens.grafting.tasks import build_task
     from skilllens.grafting import GraftLocalizer
 
     pre = load_model("tiny-llama")

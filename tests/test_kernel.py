@@ -21,8 +21,8 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from skilllens.errors import SkillLensError  # noqa: E402
-from skilllens.kernels import fused_partials, triton_available  # noqa: E402
-from skilllens.neuron_stats import NeuronStats  # noqa: E402
+from skilllens.stats.kernels import fused_partials, triton_available  # noqa: E402
+from skilllens.stats.neuron_stats import NeuronStats  # noqa: E402
 from skilllens.stats import HistogramSpec, batch_partials, histogram_counts  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

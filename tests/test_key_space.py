@@ -6,8 +6,8 @@ import torch
 from skilllens import load_model
 from skilllens.data import Item
 from skilllens.errors import FingerprintMismatchError, SkillLensError
-from skilllens.evaluation import evaluate
-from skilllens.key_space import KeySpaceDetector, exact_k, search_k
+from skilllens.eval import evaluate
+from skilllens.unlearning.key_space import KeySpaceDetector, exact_k, search_k
 
 
 def _probe(seed=0, n=30, d=50):
@@ -79,11 +79,12 @@ def test_decides_on_the_prompt_only(tiny_llama):
 def test_abstention_happens_before_generation_and_costs_no_generation(tiny_llama):
     lm = tiny_llama
     ksd = KeySpaceDetector(alpha=1.0).fit(lm, PROBES, progress=False)
+    import skilllens.eval.generation as gen
     calls, heads = [], []
-    original = lm.model.generate
+    original = gen._greedy_batch
     handle = lm.model.lm_head.register_forward_hook(lambda *a: heads.append(1))
     try:
-        lm.model.generate = lambda *a, **k: calls.append(1) or original(*a, **k)
+        gen._greedy_batch = lambda *a: calls.append(1) or original(*a)
         out = ksd.generate(lm, [PROBES[0], "zzzz qqqq !!!! ####"], max_new_tokens=3)
         assert out[0] == "I cannot help with that."
         assert len(calls) == int(not ksd.abstains(lm, ["zzzz qqqq !!!! ####"])[0])
@@ -94,7 +95,7 @@ def test_abstention_happens_before_generation_and_costs_no_generation(tiny_llama
         assert heads == []          # the decision pass stops before the LM head; nothing scored
     finally:
         handle.remove()
-        del lm.model.generate
+        gen._greedy_batch = original
 
 
 def test_save_load_and_fingerprint(tiny_llama, tmp_path):

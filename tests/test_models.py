@@ -6,7 +6,7 @@ import torch
 
 import skilllens
 from skilllens.errors import FingerprintMismatchError, ModelSpecError, SkillLensError
-from skilllens.models import fingerprints_match, model_fingerprint
+from skilllens.core.fingerprint import fingerprints_match, model_fingerprint
 
 
 def test_tiny_models_are_deterministic_and_fingerprinted():
@@ -65,7 +65,7 @@ def test_bf16_cast_matches_its_source_but_not_a_changed_copy():
 
 
 def test_artifact_fitted_on_base_rejects_a_finetuned_copy(tmp_path):
-    from skilllens.key_space import KeySpaceDetector
+    from skilllens.unlearning.key_space import KeySpaceDetector
     base = skilllens.load_model("tiny-llama")
     ksd = KeySpaceDetector(alpha=1.0).fit(base, ["2+2=", "3*3=", "7-1="], progress=False)
     path = ksd.save(tmp_path / "ksd.safetensors")
@@ -80,8 +80,8 @@ def test_artifact_fitted_on_base_rejects_a_finetuned_copy(tmp_path):
 
 
 def test_scheme_1_artifacts_are_rejected_and_can_be_restamped(tmp_path):
-    from skilllens.artifacts import _legacy_id, read_metadata, restamp, save_artifact
-    from skilllens.key_space import KeySpaceDetector
+    from skilllens.core.artifacts import _legacy_id, read_metadata, restamp, save_artifact
+    from skilllens.unlearning.key_space import KeySpaceDetector
     lm = skilllens.load_model("tiny-llama")
     old_fp = {"id": _legacy_id(lm), "architecture": "llama", "n_layers": 2}  # no "scheme"
     path = save_artifact(tmp_path / "old.safetensors", {"m": torch.zeros(64), "s": torch.ones(64)},

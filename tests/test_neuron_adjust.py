@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from skilllens import load_model
-from skilllens.collect import StatsCollection
+from skilllens.core.collect import StatsCollection
 from skilllens.errors import FingerprintMismatchError, SkillLensError
-from skilllens.hooks import Hook, hooks_applied
-from skilllens.neuron_adjust import (NeuronAdjuster, adjust_values, selection_scores,
+from skilllens.core.hooks import Hook, hooks_applied
+from skilllens.unlearning.neuron_adjust import (NeuronAdjuster, adjust_values, selection_scores,
                                      top_percent)
-from skilllens.neuron_stats import NeuronStats
+from skilllens.stats.neuron_stats import NeuronStats
 
 
 def _collection(data: dict[int, torch.Tensor], site="gate") -> StatsCollection:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from skilllens.errors import SkillLensError
-from skilllens.neuron_stats import NeuronStats
-from skilllens.quantiles import histogram_quantiles
+from skilllens.stats.neuron_stats import NeuronStats
+from skilllens.stats.quantiles import histogram_quantiles
 from skilllens.stats import Histogram, HistogramSpec, histogram_counts
 
 QS = [0.0, 0.001, 0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 0.999, 1.0]

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from skilllens import sandbox
+from skilllens.sandbox import runner as sandbox
 from skilllens.data import Item, load_skill
 from skilllens.errors import DataError
 from skilllens.sandbox import (SandboxError, check_item, humaneval_program, kernel_layers,

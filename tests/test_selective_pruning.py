@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from skilllens import load_model
-from skilllens.collect import StatsCollection
+from skilllens.core.collect import StatsCollection
 from skilllens.errors import FingerprintMismatchError, SkillLensError
-from skilllens.hooks import Hook, hooks_applied
-from skilllens.neuron_stats import NeuronStats
-from skilllens.selective_pruning import SelectivePruner
+from skilllens.core.hooks import Hook, hooks_applied
+from skilllens.stats.neuron_stats import NeuronStats
+from skilllens.unlearning.selective_pruning import SelectivePruner
 
 
 def _stats(data, site="key"):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from skilllens.neuron_stats import NeuronStats
+from skilllens.stats.neuron_stats import NeuronStats
 from skilllens.stats import (AbsMean, Extrema, Histogram, Moments, PositiveFraction,
                              batch_partials, histogram_counts, HistogramSpec)
 

@@ -6,13 +6,13 @@ import argparse
 import importlib
 import sys
 
-from ..errors import SkillLensError
+from skilllens.errors import SkillLensError
 
 COMMANDS = ["info", "collect", "audit", "localize", "concepts"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from skilllens import __version__
 
     parser = argparse.ArgumentParser(
         prog="skilllens", description="Find where a skill lives in a language model, and remove it.",

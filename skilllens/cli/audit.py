@@ -1,7 +1,7 @@
 """``skilllens audit``: probe, fit and evaluate training-free unlearning methods; write a report."""
 from __future__ import annotations
 
-from .common import add_data_args, formatter
+from skilllens.cli.common import add_data_args, formatter
 
 EXAMPLE = """examples:
   skilllens audit                                   # smollm2-135m, forget gsm8k, keep humaneval,xquad-en
@@ -15,7 +15,7 @@ selected neurons, reproducibility manifest), figures/*.png|svg, report.md and re
 
 
 def add_parser(sub):
-    from ..audit import AuditConfig
+    from skilllens.unlearning.audit import AuditConfig
 
     d = AuditConfig()
     p = sub.add_parser("audit", help="audit skill unlearning methods (KSD, Neuron Adjust, pruning)",
@@ -61,9 +61,9 @@ def add_parser(sub):
 def run(args) -> int:
     import sys
 
-    from ..audit import AuditConfig, default_out, parse_list, run_audit
-    from ..errors import SkillLensError
-    from ..models import resolve_device
+    from skilllens.unlearning.audit import AuditConfig, default_out, parse_list, run_audit
+    from skilllens.errors import SkillLensError
+    from skilllens.core.models import resolve_device
 
     device = str(resolve_device(args.device))
     print(f"device: {device}", file=sys.stderr)

@@ -1,8 +1,8 @@
 """``skilllens collect``: per-neuron statistics of FFN sites over a skill's data."""
 from __future__ import annotations
 
-from ..neuron_stats import ALL_STATS, DEFAULT_STATS
-from .common import add_data_args, add_model_args, formatter, load
+from skilllens.stats.neuron_stats import ALL_STATS, DEFAULT_STATS
+from skilllens.cli.common import add_data_args, add_model_args, formatter, load
 
 EXAMPLE = """examples:
   skilllens collect --data gsm8k --site gate --max-items 64 --out gsm8k_gate.safetensors
@@ -41,8 +41,8 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from ..collect import collect
-    from ..errors import ArtifactError
+    from skilllens.core.collect import collect
+    from skilllens.errors import ArtifactError
 
     if not args.out.endswith(".safetensors"):
         raise ArtifactError(f"--out {args.out} must end in .safetensors")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..models import DEFAULT_MODEL
+from skilllens.core.models import DEFAULT_MODEL
 
 
 def add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -29,7 +29,7 @@ def formatter(prog):
 def load(args):
     import sys
 
-    from ..models import load_model
+    from skilllens.core.models import load_model
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
     print(f"device: {lm.device}", file=sys.stderr)
     return lm

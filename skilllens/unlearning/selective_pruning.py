@@ -1,0 +1,147 @@
+"""Selective Pruning (the baseline of METHODS.md 2b): zero the neurons whose mean |activation|
+on the forget skill is largest relative to the retain skills.
+
+Score per neuron: ``mean|x|_forget / (mean|x|_retain + eps)`` at site ``key`` (the neuron
+coefficients) over all non-padding tokens; the top ``percent`` % (globally or per layer) are set
+to zero during every forward pass inside ``with sp.applied(lm): ...``.
+
+>>> import skilllens
+>>> from skilllens.unlearning.selective_pruning import SelectivePruner
+>>> lm = skilllens.load_model("tiny-llama")
+>>> sp = SelectivePruner(percent=5).fit(lm, ["2+2=4", "3*3=9"], ["the cat", "a dog"],
+...                                     progress=False)
+>>> sp.n_selected
+6
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+
+from skilllens.core.artifacts import check_fingerprint, load_artifact, save_artifact
+from skilllens.data import combine_skills, resolve_skills
+from skilllens.errors import SkillLensError
+from skilllens.core.hooks import Hook, hooks_applied
+from skilllens.unlearning.selection import SCOPES, check_disjoint, check_percent, top_percent
+
+
+def pruning_scores(abs_forget: torch.Tensor, abs_retain: torch.Tensor,
+                   eps: float = 1e-6) -> torch.Tensor:
+    """``abs_forget / (abs_retain + eps)`` (any matching shapes; float64)."""
+    return abs_forget.double() / (abs_retain.double() + eps)
+
+
+class SelectivePruner:
+    """Zero the top ``percent`` % neurons by the forget/retain ratio of mean |activation|."""
+
+    def __init__(self, percent: float = 0.5, site: str = "key", layers=None,
+                 scope: str = "global", tokens: str = "all", eps: float = 1e-6,
+                 batch_size: int = 8, max_length: int = 512):
+        self.percent = check_percent(percent)
+        if scope not in SCOPES:
+            raise SkillLensError(f"unknown scope {scope!r}; use one of {', '.join(SCOPES)}")
+        self.site, self.layers, self.scope, self.tokens = site, layers, scope, tokens
+        self.eps, self.batch_size, self.max_length = float(eps), batch_size, max_length
+        self.selected: dict[int, torch.Tensor] = {}
+        self.scores: torch.Tensor | None = None
+        self.fitted_layers: list[int] = []
+        self.fingerprint: dict | None = None
+        self.meta: dict = {}
+
+    def get_params(self) -> dict:
+        return {"percent": self.percent, "site": self.site, "layers": self.layers,
+                "scope": self.scope, "tokens": self.tokens, "eps": self.eps}
+
+    def fit(self, lm, forget, retain, *, data_dir=None, progress: bool = True,
+            forget_stats=None, retain_stats=None) -> "SelectivePruner":
+        """Collect mean |activation| (stats ``abs``) on both sides and rank. Returns ``self``."""
+        from skilllens.core.collect import collect
+        from skilllens.core.models import load_model
+
+        lm = load_model(lm)
+        f_skill, r_skill = resolve_skills(forget, data_dir), combine_skills(retain, data_dir)
+        check_disjoint(f_skill, r_skill)
+        kw = dict(sites=[self.site], layers=self.layers, tokens=self.tokens,
+                  batch_size=self.batch_size, max_length=self.max_length,
+                  stats=("moments", "abs"), progress=progress)
+        fs = forget_stats or collect(lm, f_skill, **kw)
+        rs = retain_stats or collect(lm, r_skill, **kw)
+        self.meta = {"forget": f_skill.name, "retain": r_skill.name,
+                     "forget_hash": f_skill.digest(), "retain_hash": r_skill.digest(),
+                     "forget_source": f_skill.source, "retain_source": r_skill.source}
+        return self.fit_stats(fs, rs, lm)
+
+    def fit_stats(self, forget_stats, retain_stats, lm=None) -> "SelectivePruner":
+        layers = forget_stats.layers(self.site)
+        if layers != retain_stats.layers(self.site):
+            raise SkillLensError("forget and retain statistics cover different layers; collect "
+                                 "both with the same layers")
+        self.scores = pruning_scores(forget_stats.stacked(self.site, "mean_abs"),
+                                     retain_stats.stacked(self.site, "mean_abs"), self.eps)
+        picked = top_percent(self.scores, self.percent, self.scope)
+        self.fitted_layers = list(layers)
+        self.selected = {layers[r]: idx for r, idx in picked.items()}
+        if lm is not None:
+            self.fingerprint = lm.fingerprint
+        return self
+
+    @property
+    def n_selected(self) -> int:
+        return sum(int(i.numel()) for i in self.selected.values())
+
+    def selected_per_layer(self) -> dict[int, int]:
+        return {l: int(self.selected[l].numel()) if l in self.selected else 0
+                for l in self.fitted_layers}
+
+    def hooks(self, lm) -> list[Hook]:
+        if not self.selected:
+            raise SkillLensError("SelectivePruner is not fitted: call fit(lm, forget, retain) or "
+                                 "SelectivePruner.load(path, model) first")
+        from skilllens.core.models import load_model
+
+        lm = load_model(lm)
+        if self.fingerprint is not None:
+            check_fingerprint({"fingerprint": self.fingerprint}, lm, "this SelectivePruner")
+        on_device = {l: i.to(lm.adapter.site_device(self.site, l))  # each layer's device
+                     for l, i in self.selected.items()}
+
+        def make(idx):
+            def fn(act):
+                out = act.clone()
+                out[..., idx] = 0
+                return out
+            return fn
+
+        return [Hook(self.site, l, make(i)) for l, i in on_device.items()]
+
+    @contextlib.contextmanager
+    def applied(self, lm):
+        """Zero the selected neurons inside the block (reversible: no weight is changed)."""
+        with hooks_applied(lm, self.hooks(lm)):
+            yield self
+
+    def save(self, path: str | os.PathLike) -> Path:
+        if not self.selected:
+            raise SkillLensError("nothing to save: fit the SelectivePruner first")
+        tensors = {"scores": self.scores, **{f"layer{l}.index": i for l, i in self.selected.items()}}
+        meta = {"params": self.get_params(), "fitted_layers": self.fitted_layers, **self.meta}
+        return save_artifact(path, tensors, meta, kind="selective_pruning",
+                             fingerprint=self.fingerprint)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model=None) -> "SelectivePruner":
+        tensors, meta = load_artifact(path, kind="selective_pruning", model=model)
+        obj = cls(**meta["params"])
+        obj.fingerprint, obj.fitted_layers = meta.get("fingerprint"), meta["fitted_layers"]
+        obj.meta = {k: meta[k] for k in ("forget", "retain", "forget_hash", "retain_hash")
+                    if k in meta}
+        obj.scores = tensors["scores"]
+        obj.selected = {l: tensors[f"layer{l}.index"] for l in obj.fitted_layers
+                        if f"layer{l}.index" in tensors}
+        return obj
+
+    def __repr__(self) -> str:
+        return f"SelectivePruner(percent={self.percent}, site={self.site!r}; {self.n_selected} neurons)"
