@@ -26,10 +26,10 @@ sys.path.insert(0, str(REPO))
 
 from skilllens import load_model  # noqa: E402
 from skilllens.grafting.finetune import (FineTuneConfig, evaluate_models, finetune,  # noqa: E402
-                                load_finetuned, train_digest)
+                                         load_finetuned, train_digest)
 from skilllens.grafting.metrics import (mask_count, mask_location, overlap_matrix,  # noqa: E402
-                                     plot_mask_location, plot_overlap_heatmap,
-                                     plot_recovery_curve, recovered_fraction)
+                                        plot_mask_location, plot_overlap_heatmap,
+                                        plot_recovery_curve, recovered_fraction)
 from skilllens.grafting.tasks import build_task  # noqa: E402
 from skilllens.grafting import GraftLocalizer  # noqa: E402
 from skilllens.io import write_json, write_text  # noqa: E402

@@ -6,9 +6,8 @@ The data flow, one subpackage each (see ARCHITECTURE.md): :mod:`skilllens.data` 
 :mod:`skilllens.concepts`) -> :mod:`skilllens.eval` (scores; :mod:`skilllens.sandbox` runs code)
 -> reports and figures drawn from saved results.
 """
-__version__ = "0.1.0"
-
 from skilllens import _compat
+from skilllens._version import __version__
 from skilllens.core.architectures import (Architecture, ModelAdapter, register_architecture,
                                           supported_architectures)
 from skilllens.core.collect import StatsCollection, collect

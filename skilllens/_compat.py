@@ -21,7 +21,7 @@ ALIASES = {
     "partials": "stats.partials", "quantiles": "stats.quantiles",
     "neuron_stats": "stats.neuron_stats", "kernels": "stats.kernels",
     "data_formats": "data.formats", "evaluation": "eval", "scoring": "eval.scoring",
-    "sandbox_child": "sandbox.child", "neuron_adjust": "unlearning.neuron_adjust",
+    "neuron_adjust": "unlearning.neuron_adjust",
     "key_space": "unlearning.key_space", "selective_pruning": "unlearning.selective_pruning",
     "audit": "unlearning.audit", "report": "unlearning.report", "figures": "unlearning.figures",
     "finetune": "grafting.finetune", "graft_tasks": "grafting.tasks",

@@ -27,7 +27,3 @@ class ArtifactError(SkillLensError):
 
 class FingerprintMismatchError(ArtifactError):
     """An artifact was made on another model than the one it is applied to."""
-
-
-class NonFiniteActivationError(SkillLensError):
-    """Activations contained NaN/inf where they cannot be excluded."""

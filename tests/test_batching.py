@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from skilllens.core.batching import (encode_items, encode_prompts, iter_batches, left_padded,
-                                padding_stats, plan_batches)
+                                     padding_stats, plan_batches)
 from skilllens.data import Item, load_skill
 from skilllens.errors import DataError
 from skilllens.core.tokenizers import byte_tokenizer

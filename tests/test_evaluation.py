@@ -11,7 +11,7 @@ import skilllens.eval.generation as gen
 from skilllens.data import Item, Skill, load_skill, sample_skill
 from skilllens.errors import DataError, SkillLensError
 from skilllens.eval import (SkillScore, evaluate, fewshot_prefix, generate_texts, relative,
-                                  teacher_forced)
+                            teacher_forced)
 from skilllens.core.hooks import Hook, hooks_applied
 
 

@@ -5,9 +5,9 @@ import torch
 from skilllens import load_model
 from skilllens.errors import DataError, FingerprintMismatchError, SkillLensError
 from skilllens.grafting.finetune import (FineTuneConfig, evaluate_models, finetune, load_finetuned,
-                                select_parameters)
+                                         select_parameters)
 from skilllens.grafting.tasks import (build_task, encode_task_items, label_token_ids, score_task,
-                                   task_logits, task_loss)
+                                      task_logits, task_loss)
 
 
 @pytest.fixture(autouse=True)

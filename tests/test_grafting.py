@@ -10,10 +10,9 @@ from skilllens import load_model
 from skilllens.errors import FingerprintMismatchError, SkillLensError
 from skilllens.grafting.finetune import FineTuneConfig, finetune, select_parameters
 from skilllens.grafting.metrics import (expected_calibration_error, mask_location, mask_overlap,
-                                     overlap_matrix, precision_recall, recovered_fraction)
+                                        overlap_matrix, precision_recall, recovered_fraction)
 from skilllens.grafting.tasks import build_task
-from skilllens.grafting import (GraftError, GraftLocalizer, global_topk_masks, soft_graft,
-                                soft_mask)
+from skilllens.grafting import GraftError, GraftLocalizer, global_topk_masks, soft_graft, soft_mask
 
 
 @pytest.fixture(autouse=True)

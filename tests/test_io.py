@@ -61,3 +61,70 @@ def test_graft_artifact_rejects_swapped_pretrained_and_finetuned(tmp_path):
     with loc.grafted(pre.model):
         pass
     assert all(torch.equal(p, before[n]) for n, p in pre.model.named_parameters())
+
+
+def _spy_fs(monkeypatch, target):
+    """Record, at every rename/remove call, whether ``target`` exists as a folder."""
+    import os
+    import shutil
+    seen = []
+    for mod, name in ((os, "replace"), (os, "rename"), (shutil, "rmtree")):
+        orig = getattr(mod, name)
+
+        def spy(*a, _orig=orig, _name=name, **k):
+            out = _orig(*a, **k)
+            seen.append((_name, target.is_dir()))
+            return out
+        monkeypatch.setattr(mod, name, spy)
+    return seen
+
+
+def test_atomic_dir_never_leaves_a_moment_without_the_folder(tmp_path, monkeypatch):
+    from skilllens.io import atomic_dir
+    target = tmp_path / "results"
+    target.mkdir()
+    (target / "old.json").write_text("old")
+    seen = _spy_fs(monkeypatch, target)
+    with atomic_dir(target) as tmp:
+        (tmp / "new.json").write_text("new")
+    monkeypatch.undo()
+    assert all(exists for _, exists in seen), seen
+    assert sorted(p.name for p in target.iterdir()) == ["new.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["results"]  # no temp folder left
+
+
+def test_atomic_dir_fallback_and_failure_keep_the_old_folder(tmp_path, monkeypatch):
+    import skilllens.io as sio
+    target = tmp_path / "results"
+    target.mkdir()
+    (target / "old.json").write_text("old")
+    with pytest.raises(RuntimeError):
+        with sio.atomic_dir(target) as tmp:
+            (tmp / "half.json").write_text("half")
+            raise RuntimeError("killed")
+    assert [p.name for p in target.iterdir()] == ["old.json"]
+    monkeypatch.setattr(sio, "_exchange", lambda a, b: False)  # no renameat2: two renames
+    with sio.atomic_dir(target) as tmp:
+        (tmp / "new.json").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["results"]
+
+
+def test_save_figure_is_atomic_and_writes_each_format(tmp_path, monkeypatch):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from skilllens.io import save_figure
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    paths = save_figure(fig, tmp_path / "curve")
+    assert [p.name for p in paths] == ["curve.png", "curve.svg"]
+    assert paths[0].read_bytes()[:4] == b"\x89PNG" and b"<svg" in paths[1].read_bytes()
+    fig, ax = plt.subplots()
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(fig, "savefig", broken)
+    with pytest.raises(OSError):
+        save_figure(fig, tmp_path / "broken")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curve.png", "curve.svg"]

@@ -10,7 +10,7 @@ from skilllens.core.collect import StatsCollection
 from skilllens.errors import FingerprintMismatchError, SkillLensError
 from skilllens.core.hooks import Hook, hooks_applied
 from skilllens.unlearning.neuron_adjust import (NeuronAdjuster, adjust_values, selection_scores,
-                                     top_percent)
+                                                top_percent)
 from skilllens.stats.neuron_stats import NeuronStats
 
 

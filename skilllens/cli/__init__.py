@@ -12,7 +12,7 @@ COMMANDS = ["info", "collect", "audit", "localize", "concepts"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from skilllens import __version__
+    from skilllens._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="skilllens", description="Find where a skill lives in a language model, and remove it.",

@@ -1,7 +1,7 @@
 """``skilllens audit``: probe, fit and evaluate training-free unlearning methods; write a report."""
 from __future__ import annotations
 
-from skilllens.cli.common import add_data_args, formatter
+from skilllens.cli.common import command
 
 EXAMPLE = """examples:
   skilllens audit                                   # smollm2-135m, forget gsm8k, keep humaneval,xquad-en
@@ -18,8 +18,8 @@ def add_parser(sub):
     from skilllens.unlearning.audit import AuditConfig
 
     d = AuditConfig()
-    p = sub.add_parser("audit", help="audit skill unlearning methods (KSD, Neuron Adjust, pruning)",
-                       epilog=EXAMPLE, formatter_class=formatter, description=__doc__)
+    p = command(sub, "audit", "audit skill unlearning methods (KSD, Neuron Adjust, pruning)",
+                __doc__, EXAMPLE, model=False)
     p.add_argument("--model", default=d.model, help=f"model spec (default: {d.model})")
     p.add_argument("--forget", default=d.forget, help=f"skill to forget (default: {d.forget})")
     p.add_argument("--retain", default=",".join(d.retain),
@@ -31,7 +31,6 @@ def add_parser(sub):
     p.add_argument("--eval-items", type=int, default=d.eval_items,
                    help=f"evaluation items per skill (default: {d.eval_items})")
     p.add_argument("--out", default=None, help="output folder (default: audit/DATE-TIME)")
-    add_data_args(p)
     p.add_argument("--metric", default=d.metric,
                    help="token_accuracy (default), nll, exact_match, pass@1, f1, substring")
     p.add_argument("--alpha", type=float, default=d.alpha,

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from skilllens.stats.neuron_stats import ALL_STATS, DEFAULT_STATS
-from skilllens.cli.common import add_data_args, add_model_args, formatter, load
+from skilllens.cli.common import command, load
 
 EXAMPLE = """examples:
   skilllens collect --data gsm8k --site gate --max-items 64 --out gsm8k_gate.safetensors
@@ -14,10 +14,7 @@ mean_abs, frac_pos, n_nonfinite, ...) and JSON metadata (model fingerprint, argu
 
 
 def add_parser(sub):
-    p = sub.add_parser("collect", help="collect per-neuron activation statistics",
-                       epilog=EXAMPLE, formatter_class=formatter, description=__doc__)
-    add_model_args(p)
-    add_data_args(p)
+    p = command(sub, "collect", "collect per-neuron activation statistics", __doc__, EXAMPLE)
     p.add_argument("--data", required=True,
                    help="skill: gsm8k, humaneval, xquad-en..xquad-hi, NAME=PATH, or a .txt/.jsonl file")
     p.add_argument("--site", default="gate", help="gate, up or key (comma-separated for several)")

@@ -26,6 +26,18 @@ def formatter(prog):
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
 
 
+def command(sub, name: str, help: str, doc: str, example: str,
+            model: bool = True) -> argparse.ArgumentParser:
+    """A subcommand's parser: its help, description (the module docstring), examples and the
+    shared ``--model/--device/--dtype`` (unless ``model=False``) and ``--data-dir`` options."""
+    p = sub.add_parser(name, help=help, epilog=example, formatter_class=formatter,
+                       description=doc)
+    if model:
+        add_model_args(p)
+    add_data_args(p)
+    return p
+
+
 def load(args):
     import sys
 

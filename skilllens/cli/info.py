@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from skilllens.cli.common import add_data_args, add_model_args, formatter, load
+from skilllens.cli.common import command, load
 
 EXAMPLE = """examples:
   skilllens info --model smollm2-135m
@@ -17,10 +17,7 @@ ORDER = ("--data-dir DIR, then $SKILLLENS_DATA, then the data packaged with skil
 
 
 def add_parser(sub):
-    p = sub.add_parser("info", help="describe a model's FFN sites (or, with --data, the data)",
-                       epilog=EXAMPLE, formatter_class=formatter, description=__doc__)
-    add_model_args(p)
-    add_data_args(p)
+    p = command(sub, "info", "describe a model's FFN sites (or, with --data, the data)", __doc__, EXAMPLE)
     p.add_argument("--data", action="store_true",
                    help="print where each built-in skill's data comes from (loads no model)")
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -1,7 +1,7 @@
 """``skilllens localize``: find the sparse graft that carries a fine-tuned skill."""
 from __future__ import annotations
 
-from skilllens.cli.common import add_data_args, add_model_args, formatter, load
+from skilllens.cli.common import command, load
 
 EXAMPLE = """examples:
   skilllens localize --model tiny-llama --task synthetic --sparsity 0.01 --out runs/synth
@@ -18,10 +18,7 @@ Writes mask.safetensors, results.json ({"sparsity", "recovered_fraction", "score
 
 
 def add_parser(sub):
-    p = sub.add_parser("localize", help="localize a fine-tuned skill by sparse grafting",
-                       epilog=EXAMPLE, formatter_class=formatter, description=__doc__)
-    add_model_args(p)
-    add_data_args(p)
+    p = command(sub, "localize", "localize a fine-tuned skill by sparse grafting", __doc__, EXAMPLE)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--task", help="built-in task to fine-tune on first")
     src.add_argument("--finetuned", help="finetuned.safetensors written by skilllens")
@@ -58,8 +55,10 @@ def add_parser(sub):
 def run(args) -> int:
     from pathlib import Path
 
-    from skilllens.grafting.finetune import FineTuneConfig, evaluate_models, finetune, load_finetuned
-    from skilllens.grafting.metrics import mask_location, plot_mask_location, plot_scores, recovered_fraction
+    from skilllens.grafting.finetune import (FineTuneConfig, evaluate_models, finetune,
+                                             load_finetuned)
+    from skilllens.grafting.metrics import (mask_location, plot_mask_location, plot_scores,
+                                            recovered_fraction)
     from skilllens.grafting.tasks import build_task
     from skilllens.grafting.localizer import GraftLocalizer
     from skilllens.io import write_json, write_text

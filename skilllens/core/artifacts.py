@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from skilllens.core.architectures import ModelAdapter
-from skilllens.core.fingerprint import (_VOLATILE, FINGERPRINT_SCHEME, STRUCTURE, fingerprints_match,
-                                        model_fingerprint)
+from skilllens.core.fingerprint import (_VOLATILE, FINGERPRINT_SCHEME, STRUCTURE,
+                                        fingerprints_match, model_fingerprint)
 from skilllens.core.loaded_model import LoadedModel
 from skilllens.errors import ArtifactError, FingerprintMismatchError
 from skilllens.io import atomic_path
@@ -29,7 +29,7 @@ def save_artifact(path: str | os.PathLike, tensors: dict[str, torch.Tensor], met
     """Write ``tensors`` + JSON ``meta`` to ``path`` atomically; returns the path."""
     from safetensors.torch import save_file
 
-    from skilllens import __version__
+    from skilllens._version import __version__
 
     path = Path(path)
     if path.suffix != ".safetensors":

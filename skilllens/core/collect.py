@@ -273,7 +273,7 @@ def _agree_histogram_ranges(lm, collected, encoded, batch_size, tokens, backend)
     """Data-parallel runs: every rank sets automatic histogram ranges from its first batch,
     then all ranks take the union (min of ``lo``, max of ``hi``) so that ``all_merge`` can add
     the counts exactly. Ranks without data take part with empty ranges."""
-    from skilllens.core.distributed import agree_histogram_ranges
+    from skilllens.stats.ranks import agree_histogram_ranges
 
     todo = {k: st.histogram for k, st in collected.items()
             if st.histogram is not None and st.histogram.lo is None}

@@ -31,12 +31,14 @@ import torch
 
 from skilllens.core.artifacts import check_fingerprint
 from skilllens.errors import ArtifactError, FingerprintMismatchError
-from skilllens.grafting.finetune import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, FineTuned, select_parameters
+from skilllens.grafting.finetune import (DEFAULT_EXCLUDE, DEFAULT_INCLUDE, FineTuned,
+                                         select_parameters)
 from skilllens.grafting.tasks import GraftTask, encode_task_items, score_task, task_loss
 from skilllens.core.fingerprint import fingerprints_match, model_fingerprint
 from skilllens.core.loaded_model import LoadedModel
 from skilllens.core.models import load_model
-from skilllens.grafting.workspace import GraftError, GraftWorkspace, check_same_shapes, global_topk_masks
+from skilllens.grafting.workspace import (GraftError, GraftWorkspace, check_same_shapes,
+                                          global_topk_masks)
 
 KIND = "graft-mask"
 #: score updates: the reference's plain SGD, Adam, and SGD normalised by the largest gradient

@@ -237,13 +237,6 @@ class NeuronStats:
             s.histogram.load_state_dict({"counts": t["hist"], "lo": t["hist_lo"], "hi": t["hist_hi"]})
         return s
 
-    def warn_if_nonfinite(self, label: str = "") -> int:
-        n = int(self.n_nonfinite.sum())
-        if n:
-            warnings.warn(f"{label}: {n} NaN/inf activations were excluded from the statistics "
-                          f"({int((self.n_nonfinite > 0).sum())} neurons affected)", stacklevel=2)
-        return n
-
     def warn_if_out_of_range(self, label: str = "", limit: float = 0.01) -> float:
         """Warn when more than ``limit`` of some neuron's values fell outside the histogram
         range (they are kept in the under/overflow bins); returns the worst fraction."""

@@ -34,16 +34,23 @@ class Partials(dict):
     uniform_n: int | None = None
 
 
-def _flatten(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def as_rows(x: torch.Tensor, mask: torch.Tensor | None
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x: [..., d]`` as rows ``[N, d]`` and ``mask: [...]`` as a flat bool ``[N]`` (checked
+    against ``x``'s leading shape; None stays None)."""
     if x.dim() == 1:
         x = x[None]
-    d = x.shape[-1]
     if mask is not None:
         if mask.shape != x.shape[:-1]:
             raise SkillLensError(f"mask shape {tuple(mask.shape)} does not match activations "
                                  f"{tuple(x.shape)} (expected {tuple(x.shape[:-1])})")
-        return x[mask.to(torch.bool)].reshape(-1, d)
-    return x.reshape(-1, d)
+        mask = mask.reshape(-1).to(device=x.device, dtype=torch.bool)
+    return x.reshape(-1, x.shape[-1]), mask
+
+
+def _flatten(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    rows, mask = as_rows(x, mask)
+    return rows if mask is None else rows[mask]
 
 
 def histogram_counts(x: torch.Tensor, spec: HistogramSpec, all_finite: bool = False) -> torch.Tensor:

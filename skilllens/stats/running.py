@@ -27,7 +27,6 @@ class _Statistic:
     """Common state handling: subclasses list their tensor ``_fields``."""
 
     _fields: tuple[str, ...] = ()
-    needs_hist = False
 
     def __init__(self, d: int, device=None):
         self.d = int(d)
@@ -178,7 +177,6 @@ class Histogram(_Statistic):
     """
 
     _fields = ("counts", "lo", "hi")
-    needs_hist = True
 
     def __init__(self, d: int, bins: int = 256, lo=None, hi=None, device=None):
         self.bins = int(bins)

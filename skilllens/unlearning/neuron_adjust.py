@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from skilllens.core.artifacts import load_artifact, save_artifact
-from skilllens.data import combine_skills, resolve_skills  # noqa: F401 (combine_skills re-exported)
 from skilllens.errors import SkillLensError
 from skilllens.core.hooks import Hook, hooks_applied
-from skilllens.unlearning.selection import SCOPES, check_disjoint, check_percent, top_percent  # noqa: F401
+from skilllens.unlearning.selection import (SCOPES, check_percent, check_same_layers,
+                                            collect_forget_retain, load_fitted, save_fitted,
+                                            top_percent)
 
 RULES = ("signed", "abs_standardized", "divergence")
 DIVERGENCES = ("sym_kl", "hellinger")
@@ -134,29 +134,17 @@ class NeuronAdjuster:
             forget_stats=None, retain_stats=None) -> "NeuronAdjuster":
         """Collect ``gate`` statistics on ``forget`` and the pooled ``retain`` skills (or take
         precomputed ``StatsCollection``s) and select neurons. Returns ``self``."""
-        from skilllens.core.collect import collect
         from skilllens.core.models import load_model
 
         lm = load_model(lm)
-        f_skill = resolve_skills(forget, data_dir)  # specs: their probe part
-        r_skill = combine_skills(retain, data_dir)
-        check_disjoint(f_skill, r_skill)
-        kw = dict(sites=[self.site], layers=self.layers, tokens=self.tokens,
-                  batch_size=self.batch_size, max_length=self.max_length,
-                  stats=("moments",), progress=progress)
-        fs = forget_stats or collect(lm, f_skill, **kw)
-        rs = retain_stats or collect(lm, r_skill, **kw)
-        self.meta = {"forget": f_skill.name, "retain": r_skill.name,
-                     "forget_hash": f_skill.digest(), "retain_hash": r_skill.digest(),
-                     "forget_source": f_skill.source, "retain_source": r_skill.source}
+        fs, rs = collect_forget_retain(self, lm, forget, retain, ("moments",), data_dir=data_dir,
+                                       progress=progress, forget_stats=forget_stats,
+                                       retain_stats=retain_stats)
         return self.fit_stats(fs, rs, lm)
 
     def fit_stats(self, forget_stats, retain_stats, lm=None) -> "NeuronAdjuster":
         """Select neurons from two ``StatsCollection``s (site ``self.site``)."""
-        layers = forget_stats.layers(self.site)
-        if layers != retain_stats.layers(self.site):
-            raise SkillLensError("forget and retain statistics cover different layers; collect "
-                                 "both with the same layers")
+        layers = check_same_layers(forget_stats, retain_stats, self.site)
         mu_f = forget_stats.stacked(self.site, "mean")
         mu_r = retain_stats.stacked(self.site, "mean")
         # a real standard deviation (sqrt of the variance), floored so no division by zero
@@ -240,19 +228,12 @@ class NeuronAdjuster:
         for l, p in self.params.items():
             for k in ("index", "mu_f", "sd_f", "mu_r", "sd_r"):
                 tensors[f"layer{l}.{k}"] = getattr(p, k)
-        meta = {"params": self.get_params(), "fitted_layers": self.fitted_layers, **self.meta}
-        return save_artifact(path, tensors, meta, kind="neuron_adjust",
-                             fingerprint=self.fingerprint)
+        return save_fitted(self, path, tensors, "neuron_adjust")
 
     @classmethod
     def load(cls, path: str | os.PathLike, model=None) -> "NeuronAdjuster":
         """Load a saved adjuster; with ``model`` its fingerprint must match."""
-        tensors, meta = load_artifact(path, kind="neuron_adjust", model=model)
-        obj = cls(**meta["params"])
-        obj.fingerprint, obj.fitted_layers = meta.get("fingerprint"), meta["fitted_layers"]
-        obj.meta = {k: meta[k] for k in ("forget", "retain", "forget_hash", "retain_hash")
-                    if k in meta}
-        obj.scores = tensors["scores"]
+        obj, tensors = load_fitted(cls, path, "neuron_adjust", model)
         obj.params = {l: _LayerParams(*(tensors[f"layer{l}.{k}"] for k in
                                         ("index", "mu_f", "sd_f", "mu_r", "sd_r")))
                       for l in obj.fitted_layers if f"layer{l}.index" in tensors}

@@ -20,7 +20,7 @@ def manifest(cfg, lm, parts: dict, timing: dict) -> dict:
     import torch
     import transformers
 
-    from skilllens import __version__
+    from skilllens._version import __version__
 
     return {
         "command": " ".join(sys.argv) if sys.argv and "skilllens" in sys.argv[0] else None,

@@ -51,3 +51,59 @@ def check_disjoint(forget: Skill, retain: Skill) -> None:
     if shared:
         raise SkillLensError(f"forget and retain share {len(shared)} items (e.g. "
                              f"{sorted(shared)[0][0]!r}); use different skills")
+
+
+def collect_forget_retain(method, lm, forget, retain, stats: tuple[str, ...], *, data_dir=None,
+                          progress: bool = True, forget_stats=None, retain_stats=None):
+    """The fitting input every statistics-based method shares: ``forget`` (specs: their probe
+    part) and the pooled ``retain`` skills resolved, checked disjoint and collected at
+    ``method.site`` (``stats``), unless precomputed ``StatsCollection``s are given. Sets
+    ``method.meta`` (names, hashes, sources) and returns ``(forget_stats, retain_stats)``."""
+    from skilllens.core.collect import collect
+    from skilllens.data import combine_skills, resolve_skills
+
+    f_skill, r_skill = resolve_skills(forget, data_dir), combine_skills(retain, data_dir)
+    check_disjoint(f_skill, r_skill)
+    kw = dict(sites=[method.site], layers=method.layers, tokens=method.tokens,
+              batch_size=method.batch_size, max_length=method.max_length, stats=stats,
+              progress=progress)
+    fs = forget_stats or collect(lm, f_skill, **kw)
+    rs = retain_stats or collect(lm, r_skill, **kw)
+    method.meta = {"forget": f_skill.name, "retain": r_skill.name,
+                   "forget_hash": f_skill.digest(), "retain_hash": r_skill.digest(),
+                   "forget_source": f_skill.source, "retain_source": r_skill.source}
+    return fs, rs
+
+
+def check_same_layers(forget_stats, retain_stats, site: str) -> list[int]:
+    """The layers both collections cover at ``site`` (an error if they differ)."""
+    layers = forget_stats.layers(site)
+    if layers != retain_stats.layers(site):
+        raise SkillLensError("forget and retain statistics cover different layers; collect "
+                             "both with the same layers")
+    return layers
+
+
+META_KEYS = ("forget", "retain", "forget_hash", "retain_hash")
+
+
+def save_fitted(method, path, tensors: dict, kind: str):
+    """Save a fitted method as an artifact: its tensors, ``get_params()``, fitted layers, meta
+    and the fingerprint of the model it was fitted on."""
+    from skilllens.core.artifacts import save_artifact
+
+    meta = {"params": method.get_params(), "fitted_layers": method.fitted_layers, **method.meta}
+    return save_artifact(path, tensors, meta, kind=kind, fingerprint=method.fingerprint)
+
+
+def load_fitted(cls, path, kind: str, model=None):
+    """``(method, tensors)`` of an artifact written by :func:`save_fitted` (with ``model``, its
+    fingerprint must match)."""
+    from skilllens.core.artifacts import load_artifact
+
+    tensors, meta = load_artifact(path, kind=kind, model=model)
+    obj = cls(**meta["params"])
+    obj.fingerprint, obj.fitted_layers = meta.get("fingerprint"), meta["fitted_layers"]
+    obj.meta = {k: meta[k] for k in META_KEYS if k in meta}
+    obj.scores = tensors["scores"]
+    return obj, tensors

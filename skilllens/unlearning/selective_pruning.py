@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from skilllens.core.artifacts import check_fingerprint, load_artifact, save_artifact
-from skilllens.data import combine_skills, resolve_skills
+from skilllens.core.artifacts import check_fingerprint
 from skilllens.errors import SkillLensError
 from skilllens.core.hooks import Hook, hooks_applied
-from skilllens.unlearning.selection import SCOPES, check_disjoint, check_percent, top_percent
+from skilllens.unlearning.selection import (SCOPES, check_percent, check_same_layers,
+                                            collect_forget_retain, load_fitted, save_fitted,
+                                            top_percent)
 
 
 def pruning_scores(abs_forget: torch.Tensor, abs_retain: torch.Tensor,
@@ -58,27 +59,16 @@ class SelectivePruner:
     def fit(self, lm, forget, retain, *, data_dir=None, progress: bool = True,
             forget_stats=None, retain_stats=None) -> "SelectivePruner":
         """Collect mean |activation| (stats ``abs``) on both sides and rank. Returns ``self``."""
-        from skilllens.core.collect import collect
         from skilllens.core.models import load_model
 
         lm = load_model(lm)
-        f_skill, r_skill = resolve_skills(forget, data_dir), combine_skills(retain, data_dir)
-        check_disjoint(f_skill, r_skill)
-        kw = dict(sites=[self.site], layers=self.layers, tokens=self.tokens,
-                  batch_size=self.batch_size, max_length=self.max_length,
-                  stats=("moments", "abs"), progress=progress)
-        fs = forget_stats or collect(lm, f_skill, **kw)
-        rs = retain_stats or collect(lm, r_skill, **kw)
-        self.meta = {"forget": f_skill.name, "retain": r_skill.name,
-                     "forget_hash": f_skill.digest(), "retain_hash": r_skill.digest(),
-                     "forget_source": f_skill.source, "retain_source": r_skill.source}
+        fs, rs = collect_forget_retain(self, lm, forget, retain, ("moments", "abs"),
+                                       data_dir=data_dir, progress=progress,
+                                       forget_stats=forget_stats, retain_stats=retain_stats)
         return self.fit_stats(fs, rs, lm)
 
     def fit_stats(self, forget_stats, retain_stats, lm=None) -> "SelectivePruner":
-        layers = forget_stats.layers(self.site)
-        if layers != retain_stats.layers(self.site):
-            raise SkillLensError("forget and retain statistics cover different layers; collect "
-                                 "both with the same layers")
+        layers = check_same_layers(forget_stats, retain_stats, self.site)
         self.scores = pruning_scores(forget_stats.stacked(self.site, "mean_abs"),
                                      retain_stats.stacked(self.site, "mean_abs"), self.eps)
         picked = top_percent(self.scores, self.percent, self.scope)
@@ -127,18 +117,11 @@ class SelectivePruner:
         if not self.selected:
             raise SkillLensError("nothing to save: fit the SelectivePruner first")
         tensors = {"scores": self.scores, **{f"layer{l}.index": i for l, i in self.selected.items()}}
-        meta = {"params": self.get_params(), "fitted_layers": self.fitted_layers, **self.meta}
-        return save_artifact(path, tensors, meta, kind="selective_pruning",
-                             fingerprint=self.fingerprint)
+        return save_fitted(self, path, tensors, "selective_pruning")
 
     @classmethod
     def load(cls, path: str | os.PathLike, model=None) -> "SelectivePruner":
-        tensors, meta = load_artifact(path, kind="selective_pruning", model=model)
-        obj = cls(**meta["params"])
-        obj.fingerprint, obj.fitted_layers = meta.get("fingerprint"), meta["fitted_layers"]
-        obj.meta = {k: meta[k] for k in ("forget", "retain", "forget_hash", "retain_hash")
-                    if k in meta}
-        obj.scores = tensors["scores"]
+        obj, tensors = load_fitted(cls, path, "selective_pruning", model)
         obj.selected = {l: tensors[f"layer{l}.index"] for l in obj.fitted_layers
                         if f"layer{l}.index" in tensors}
         return obj

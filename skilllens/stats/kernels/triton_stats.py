@@ -30,7 +30,8 @@ import triton
 import triton.language as tl
 
 from skilllens.errors import SkillLensError
-from skilllens.stats.partials import PARTIAL_KEYS, HistogramSpec, _empty_partials, float64_partials
+from skilllens.stats.partials import (PARTIAL_KEYS, HistogramSpec, _empty_partials, as_rows,
+                                      float64_partials)
 
 # rows of the partial buffer
 _CNT, _SHIFT, _MEAN, _M2, _MIN, _MAX, _ABS, _POS, _BAD = range(9)
@@ -181,15 +182,10 @@ def fused_partials(x: torch.Tensor, mask: torch.Tensor | None = None,
     x = x.detach()
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
         x = x.to(torch.float32)
-    if x.dim() == 1:
-        x = x[None]
-    d = x.shape[-1]
+    x2, mask = as_rows(x, mask)
+    d = x2.shape[1]
     if mask is not None:
-        if mask.shape != x.shape[:-1]:
-            raise SkillLensError(f"mask shape {tuple(mask.shape)} does not match activations "
-                                 f"{tuple(x.shape)} (expected {tuple(x.shape[:-1])})")
-        mask = mask.reshape(-1).to(device=x.device, dtype=torch.bool).to(torch.uint8)
-    x2 = x.reshape(-1, d)
+        mask = mask.to(torch.uint8)
     n = x2.shape[0]
     if x2.dtype == torch.float64:
         return float64_partials(x2, mask, hist)
