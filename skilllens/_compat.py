@@ -11,13 +11,14 @@ import importlib
 import importlib.abc
 import importlib.util
 import sys
+import types
 import warnings
 
 #: old module under ``skilllens`` -> its new home
 ALIASES = {
     "architectures": "core.architectures", "models": "core.models",
     "tokenizers": "core.tokenizers", "cache": "core.cache", "hooks": "core.hooks",
-    "batching": "core.batching", "artifacts": "core.artifacts", "distributed": "core.distributed",
+    "batching": "core.batching", "collect": "core.collect", "artifacts": "core.artifacts", "distributed": "core.distributed",
     "partials": "stats.partials", "quantiles": "stats.quantiles",
     "neuron_stats": "stats.neuron_stats", "kernels": "stats.kernels",
     "data_formats": "data.formats", "evaluation": "eval", "scoring": "eval.scoring",
@@ -40,6 +41,17 @@ def new_name(old: str) -> str | None:
     return "skilllens." + ALIASES[head] + ("." + tail if tail else "")
 
 
+class AliasModule(types.ModuleType):
+    """A forwarding module; callable where the package attribute it shadows was a function
+    (``import skilllens.collect`` rebinds ``skilllens.collect``, which must stay callable)."""
+
+    def __call__(self, *args, **kwargs):
+        fn = self.__dict__.get("_shadowed")
+        if fn is None:
+            raise TypeError(f"module {self.__name__!r} is not callable")
+        return fn(*args, **kwargs)
+
+
 class AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Finds old paths; loads each as a forwarding module."""
 
@@ -49,7 +61,12 @@ class AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return importlib.util.spec_from_loader(name, self)
 
     def create_module(self, spec):
-        return None
+        module = AliasModule(spec.name)
+        parent, _, child = spec.name.rpartition(".")
+        shadowed = getattr(sys.modules.get(parent), child, None)
+        if callable(shadowed) and not isinstance(shadowed, types.ModuleType):
+            module._shadowed = shadowed
+        return module
 
     def exec_module(self, module):
         new = new_name(module.__name__)

@@ -149,3 +149,11 @@ def test_public_api_paths_named_by_the_docs():
     assert callable(skilllens.load_skill) and callable(skilllens.evaluate)
     for name in skilllens.__all__:
         assert getattr(skilllens, name) is not None
+
+
+def test_importing_the_old_collect_module_keeps_skilllens_collect_callable():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import skilllens.collect as old
+    assert old.StatsCollection is importlib.import_module("skilllens.core.collect").StatsCollection
+    assert callable(skilllens.collect)
