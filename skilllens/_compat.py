@@ -63,7 +63,7 @@ class AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def create_module(self, spec):
         module = AliasModule(spec.name)
         parent, _, child = spec.name.rpartition(".")
-        shadowed = getattr(sys.modules.get(parent), child, None)
+        shadowed = getattr(sys.modules.get(parent), "__dict__", {}).get(child)
         if callable(shadowed) and not isinstance(shadowed, types.ModuleType):
             module._shadowed = shadowed
         return module
