@@ -267,9 +267,10 @@ def test_generation_batches_are_length_sorted_and_returned_in_order(tiny_llama, 
     widths = []
     orig = gen._greedy_batch
 
-    def spy(model, tok, ids, mask, *a):
-        widths.append((ids.shape, int((mask == 0).sum())))
-        return orig(model, tok, ids, mask, *a)
+    def spy(model, tok, seqs, *a):
+        T = max(len(s) for s in seqs)
+        widths.append(((len(seqs), T), sum(T - len(s) for s in seqs)))
+        return orig(model, tok, seqs, *a)
     monkeypatch.setattr(gen, "_greedy_batch", spy)
     batched = generate_texts(tiny_llama, prompts, max_new_tokens=4, batch_size=2, progress=False)
     monkeypatch.undo()
@@ -337,3 +338,27 @@ def test_greedy_generate_equals_transformers_generate(tiny_llama):
         ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                              generation_config=cfg)[0, ids.shape[1]:]
         assert got == tok.decode(ref, skip_special_tokens=True)
+
+
+def test_greedy_generate_continues_prefixes_and_tells_row_edits_the_live_rows(tiny_llama):
+    """Continuing after the first k generated ids gives the same ids as generating from
+    scratch; ``row_edit.set_rows`` always receives the prompt indices of the live rows."""
+    model, tok = tiny_llama.model, tiny_llama.tokenizer
+    prompts = ["a", "the quick brown fox jumps", "xyz", "hello there, general"]
+    texts, ids = gen.greedy_generate(model, tok, prompts, max_new_tokens=8, batch_size=4,
+                                     return_ids=True)
+
+    class Rows:
+        seen: list = []
+
+        def set_rows(self, idx):
+            self.seen.append(list(idx))
+    rows = Rows()
+    again, ids2 = gen.greedy_generate(model, tok, prompts, max_new_tokens=8, batch_size=4,
+                                      prefixes=[i[:3] for i in ids], row_edit=rows,
+                                      return_ids=True)
+    assert (again, ids2) == (texts, ids)
+    assert sorted(rows.seen[0]) == [0, 1, 2, 3] and all(set(s) <= set(rows.seen[0])
+                                                        for s in rows.seen)
+    with pytest.raises(Exception, match="prefix"):
+        gen.greedy_generate(model, tok, prompts, max_new_tokens=3, prefixes=[[1, 2, 3]] * 4)

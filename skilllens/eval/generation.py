@@ -57,52 +57,77 @@ def _prefill_kwargs(model) -> dict:
 
 
 @torch.no_grad()
-def _greedy_batch(model, tok, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
-                  stops: tuple[str, ...], eos: set[int]) -> list[str]:
+def _greedy_batch(model, tok, seqs: list[list[int]], rows_global: list[int], pad: int,
+                  max_new_tokens: int, stops: tuple[str, ...], eos: set[int],
+                  prefixes: list[list[int]], row_edit=None) -> list[list[int]]:
+    """Generated ids of each ``seqs[i] + prefixes[i]`` (left-padded into one batch; the prefix
+    counts towards ``max_new_tokens`` and the stop rule), an ending EOS kept last."""
     from transformers import DynamicCache
 
     dev = next(model.parameters()).device
+    full = [s + p for s, p in zip(seqs, prefixes)]
+    ids, mask = left_padded(full, range(len(full)), pad)
     ids, mask = ids.to(dev), mask.to(dev)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
-    rows = list(range(ids.shape[0]))  # live row -> batch index
-    new: list[list[int]] = [[] for _ in rows]
+    rows = list(range(len(seqs)))  # live row -> batch index
+    new: list[list[int]] = [list(p) for p in prefixes]
     eos_t = torch.tensor(sorted(eos), device=dev) if eos else None
+    if row_edit is not None:
+        row_edit.set_rows([rows_global[i] for i in rows])
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                 use_cache=True, **_prefill_kwargs(model))
-    for step in range(max_new_tokens):
+    while True:
         nxt = out.logits[:, -1].argmax(-1)  # [live]
         done = torch.isin(nxt, eos_t).tolist() if eos_t is not None else [False] * len(rows)
-        toks = nxt.tolist()
         keep = []
-        for r, i in enumerate(rows):
-            if done[r]:
+        for r, (i, t) in enumerate(zip(rows, nxt.tolist())):
+            new[i].append(t)
+            if done[r] or len(new[i]) >= max_new_tokens:
                 continue
-            new[i].append(toks[r])
             if stops and cut_at_stops(text := tok.decode(new[i], skip_special_tokens=True),
                                       stops) != text:
                 continue
             keep.append(r)
-        if not keep or step == max_new_tokens - 1:
+        if not keep:
             break
         if len(keep) < len(rows):
             sel = torch.tensor(keep, device=dev)
             cache.batch_select_indices(sel)
             mask, pos, nxt = mask[sel], pos[sel], nxt[sel]
             rows = [rows[r] for r in keep]
+            if row_edit is not None:
+                row_edit.set_rows([rows_global[i] for i in rows])
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
         pos = pos[:, -1:] + 1
         out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
                     past_key_values=cache, use_cache=True)
-    return [cut_at_stops(tok.decode(n, skip_special_tokens=True), stops) for n in new]
+    return new
+
+
+def ids_to_text(tok, ids: list[int], eos: set[int], stops=()) -> str:
+    """The text of generated ``ids``: an ending EOS dropped, cut before the first stop string."""
+    if ids and ids[-1] in eos:
+        ids = ids[:-1]
+    return cut_at_stops(tok.decode(ids, skip_special_tokens=True), stops)
 
 
 def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64,
                     stops=(), batch_size: int = 8, max_length: int | None = None,
-                    progress: bool = False, desc: str = "generate") -> list[str]:
+                    progress: bool = False, desc: str = "generate", *,
+                    prefixes: list[list[int]] | None = None, row_edit=None,
+                    return_ids: bool = False):
     """Greedy continuations of ``prompts``, one string each (cut before the first stop string,
     leading whitespace kept). ``max_length`` (default: the model's context) bounds prompt +
-    new tokens; longer prompts keep BOS and their end."""
+    new tokens; longer prompts keep BOS and their end.
+
+    ``prefixes[i]``: token ids already generated for prompt ``i`` (e.g. the part of an earlier
+    answer an edited model is known to reproduce); generation continues after them and they
+    count towards ``max_new_tokens`` and the stop rule. ``row_edit``: an object whose
+    ``set_rows(prompt_indices)`` is called before every forward whose live rows changed, so
+    each row can carry its own intervention (``concepts.fastscore.RowMasks``).
+    ``return_ids``: return ``(texts, ids)``, ``ids[i]`` the generated ids (prefix included,
+    an ending EOS kept)."""
     from tqdm.auto import tqdm
 
     if not prompts:
@@ -114,20 +139,24 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 
     if limit - max_new_tokens < 1:
         raise DataError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt in "
                         f"{limit} positions; use fewer new tokens or a longer max_length")
+    prefixes = [list(p) for p in prefixes] if prefixes is not None else [[] for _ in prompts]
+    if len(prefixes) != len(prompts) or any(len(p) >= max_new_tokens for p in prefixes):
+        raise DataError("give one prefix per prompt, each shorter than max_new_tokens")
+    eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id
     if pad is None:
-        pad = next(iter(sorted(eos_ids(model, tokenizer))), 0)
+        pad = min(eos) if eos else 0
     stops = tuple(s for s in stops if s)
-    eos = eos_ids(model, tokenizer)
     enc, _ = encode_prompts(tokenizer, prompts, limit - max_new_tokens)
-    texts = [""] * len(prompts)
-    chunks = plan_batches([len(e) for e in enc], batch_size)
+    out: list[list[int]] = [[] for _ in prompts]
+    chunks = plan_batches([len(e) + len(p) for e, p in zip(enc, prefixes)], batch_size)
     for chunk in tqdm(chunks, desc=desc, disable=not progress, leave=False):
-        ids, att = left_padded(enc, chunk, pad)
-        for i, t in zip(chunk, _greedy_batch(model, tokenizer, ids, att, max_new_tokens, stops,
-                                             eos)):
-            texts[i] = t
-    return texts
+        got = _greedy_batch(model, tokenizer, [enc[i] for i in chunk], chunk, pad,
+                            max_new_tokens, stops, eos, [prefixes[i] for i in chunk], row_edit)
+        for i, g in zip(chunk, got):
+            out[i] = g
+    texts = [ids_to_text(tokenizer, g, eos, stops) for g in out]
+    return (texts, out) if return_ids else texts
 
 
 def generate_texts(lm, prompts: list[str], *, max_new_tokens: int = 64, stops=(),
