@@ -169,18 +169,19 @@ def test_selection_never_sees_held_out_answers(monkeypatch, data_dir):
     lm = load_model("tiny-llama")
     cs = load_concepts(None, data_dir, limit=1)
     seen = {"tf": [], "score": []}
-    orig_init, orig_score = TeacherForced.__init__, validate.BehaviourSuite.score
+    orig_init, orig_score = TeacherForced.__init__, validate.BehaviourSuite.score_edits
 
-    def tf_init(self, lm_, prompts, answers, **kw):
-        seen["tf"].append(list(prompts))
-        orig_init(self, lm_, prompts, answers, **kw)
+    def tf_init(self, lm_, prompts, answers, *a, **kw):
+        if kw.get("answer_ids") is None:  # a selector's scorer, not a suite's verifier
+            seen["tf"].append(list(prompts))
+        orig_init(self, lm_, prompts, answers, *a, **kw)
 
-    def score(self, lm_, sets=None, with_logprob=True):
-        seen["score"].append(list(sets or self.held_out_sets))
-        return orig_score(self, lm_, sets, with_logprob)
+    def score(self, lm_, jobs, batch_size=None):
+        seen["score"].append([s for j in jobs for s in j.sets])
+        return orig_score(self, lm_, jobs, batch_size)
 
     monkeypatch.setattr(TeacherForced, "__init__", tf_init)
-    monkeypatch.setattr(validate.BehaviourSuite, "score", score)
+    monkeypatch.setattr(validate.BehaviourSuite, "score_edits", score)
     s = ExperimentSettings(n_candidates=2, n_attr=2, max_vectors=3, max_new_tokens=3,
                            n_unrelated=6, n_questions=4)
     with warnings.catch_warnings():
@@ -190,7 +191,7 @@ def test_selection_never_sees_held_out_answers(monkeypatch, data_dir):
     held = {f"Question: {cs[0].questions[i]}\n Answer:" for i in r["split"]["concept_qa"]["held_out"]}
     assert len(held) == 2 and all(not held & set(p) for p in seen["tf"])
     first_held = next(i for i, x in enumerate(seen["score"]) if "concept_qa" in x)
-    assert all(x[0].endswith("@sel") for x in seen["score"][:first_held])
+    assert first_held > 0 and all(y.endswith("@sel") for x in seen["score"][:first_held] for y in x)
     assert r["concept_qa"]["n"] == 2 and r["unrelated_qa"]["n"] == 3
     assert r["selection"]["concept_qa"]["n"] == 2 and r["selection"]["unrelated_qa"]["n"] == 3
     assert 1 <= len(r["vectors"]) <= 3 and (r["layer"], r["index"]) == tuple(r["vectors"][0])

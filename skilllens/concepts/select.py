@@ -83,7 +83,7 @@ class SetSelector:
     def __init__(self, method: str = "zero", sigma: float = 0.1, seed: int = 0, n_attr: int = 12,
                  max_vectors: int = 8, lam: float = 1.0, min_gain: float = 0.005,
                  min_unrelated_agreement: float = 0.9, batch_size: int = 32, patience: int = 4,
-                 max_answer_tokens: int = 32, n_unrelated_tf: int = 12):
+                 max_answer_tokens: int = 32, n_unrelated_tf: int = 12, min_layer: int = 0):
         if max_vectors < 1:
             raise DataError("max_vectors must be at least 1")
         if n_attr < 0:
@@ -93,6 +93,7 @@ class SetSelector:
         self.min_gain, self.min_unrelated_agreement = float(min_gain), float(min_unrelated_agreement)
         self.batch_size, self.patience = int(batch_size), int(patience)
         self.max_answer_tokens, self.n_unrelated_tf = int(max_answer_tokens), int(n_unrelated_tf)
+        self.min_layer = int(min_layer)  # vectors of earlier layers never enter the pool
 
     def _change(self, lm, vectors, tf_c: TeacherForced, tf_u: TeacherForced) -> dict:
         """Drops and agreements of the concept and unrelated answers, ``vectors`` ablated."""
@@ -111,9 +112,13 @@ class SetSelector:
         u_p, u_a = unrelated_qa
         tf_u = TeacherForced(lm, u_p[: self.n_unrelated_tf], u_a[: self.n_unrelated_tf], **kw).fit()
         attr = tf_c.attribution() - tf_u.attribution()
+        if self.min_layer >= attr.shape[0]:
+            raise DataError(f"min_layer={self.min_layer} excludes every layer ({attr.shape[0]})")
+        attr[: self.min_layer] = float("-inf")
         pool: dict[tuple[int, int], str] = {}
         for c in vocab_candidates:
-            pool[(c.layer, c.index)] = "vocab"
+            if c.layer >= self.min_layer:
+                pool[(c.layer, c.index)] = "vocab"
         if self.n_attr:
             for flat in attr.flatten().topk(self.n_attr).indices.tolist():
                 key = divmod(flat, attr.shape[1])

@@ -1,0 +1,80 @@
+"""Teacher-forced verification + per-row-mask batched generation (concepts/fastscore.py) gives
+the same greedy answers as regenerating every prompt under each edit, on a tiny random Llama."""
+import pytest
+import torch
+
+from skilllens import load_model
+from skilllens.concepts import BehaviourSuite, Concept, ablated
+from skilllens.concepts import fastscore
+from skilllens.concepts.fastscore import EditJob, RowMasks
+from skilllens.concepts.generation import QA_STOP, greedy_generate
+
+
+@pytest.fixture()
+def lm():
+    return load_model("tiny-llama")
+
+
+def concept(nq=6, nu=10):
+    return Concept("Zed", "zzz qqq zq " * 40, [f"What is zq number {i}?" for i in range(nq)],
+                   [f"Unrelated question {i} about {'x ' * i}?" for i in range(nu)])
+
+
+def zero_job(lm, vectors, sets):
+    return EditJob(lambda: ablated(lm, vectors, "zero"), min(a for a, _ in vectors), sets,
+                   [tuple(v) for v in vectors])
+
+
+def test_row_masks_equal_weight_zeroing(lm):
+    prompts = ["Question: a?\n Answer:", "Question: b b b?\n Answer:", "Hi there"]
+    sets = [[(0, 3), (1, 5)], [], [(1, 7)]]
+    with ablated(lm, sets[0], "zero"):
+        ref0 = greedy_generate(lm.model, lm.tokenizer, prompts[:1], 8)
+    ref1 = greedy_generate(lm.model, lm.tokenizer, prompts[1:2], 8)
+    with ablated(lm, sets[2], "zero"):
+        ref2 = greedy_generate(lm.model, lm.tokenizer, prompts[2:], 8)
+    rm = RowMasks(lm, sets)
+    with rm.applied():
+        got = greedy_generate(lm.model, lm.tokenizer, prompts, 8, row_edit=rm)
+    assert got == ref0 + ref1 + ref2
+    assert not any(h for m in lm.model.modules() for h in m._forward_pre_hooks.values())
+
+
+def test_prefix_continuation_equals_full_generation(lm):
+    prompts = ["Question: a?\n Answer:", "Question: b b b?\n Answer:"]
+    texts, ids = greedy_generate(lm.model, lm.tokenizer, prompts, 10, return_ids=True)
+    again = greedy_generate(lm.model, lm.tokenizer, prompts, 10, prefixes=[ids[0][:4], ids[1][:1]])
+    assert again == texts
+
+
+@pytest.mark.parametrize("method", ["zero", "noise"])
+def test_score_edits_equals_regenerating_each_edit(lm, method, monkeypatch):
+    c = concept()
+    suite = BehaviourSuite(c, max_new_tokens=12, batch_size=4, held_out=0.5).fit(lm)
+    n_layers, d_ff = lm.adapter.n_layers, lm.adapter.d_ff
+    g = torch.Generator().manual_seed(0)
+    edits = [[(n_layers - 1, int(i)) for i in torch.randperm(d_ff, generator=g)[:k]]
+             for k in (1, d_ff // 4, d_ff // 2)] + [[(0, 1), (n_layers - 1, 2)]]
+    sets = ["concept_qa", "unrelated_qa@sel"]
+    jobs = [zero_job(lm, e, sets) if method == "zero" else
+            EditJob(lambda e=e: ablated(lm, e, "noise", 0.5, 0), min(a for a, _ in e), sets)
+            for e in edits]
+    calls = []
+    real = fastscore.greedy_generate
+    monkeypatch.setattr(fastscore, "greedy_generate",
+                        lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    fast = suite.score_edits(lm, jobs)
+    changed, total = 0, 0
+    for e, f in zip(edits, fast):
+        with ablated(lm, e, method, 0.5, 0):
+            slow = suite.score(lm, sets, with_logprob=True)
+        for s in sets:
+            assert f.answers[s] == slow.answers[s], (e, s)
+            assert f.text[s].bleu == pytest.approx(slow.text[s].bleu)
+            changed += sum(a != b for a, b in zip(f.answers[s], suite.original_[s]))
+            total += len(f.answers[s])
+        assert f.logprob_drop.keys() == slow.logprob_drop.keys()
+    assert 0 < changed < total  # some answers changed, some did not
+    assert sum(calls) < total  # rows whose answer is verified unchanged were not regenerated
+    if method == "zero":
+        assert len(calls) <= -(-sum(calls) // 4)  # all edits share the generation batches
