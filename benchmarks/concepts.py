@@ -61,14 +61,22 @@ def main(argv=None) -> dict:
     lines = ["| concept | vectors | held-out concept BLEU | held-out unrelated BLEU | control concept BLEU "
              "| control unrelated BLEU | selection concept / unrelated BLEU | target | seconds |",
              "|---|---|---|---|---|---|---|---|---|"]
+    def f(x):
+        return "-" if x is None else f"{x:.3f}"
+
     for r in rows:
         sel = r.get("selection") or {}
-        sc = sel.get("concept_qa", {}).get("bleu", float("nan"))
-        su = (sel.get("unrelated_qa") or {}).get("bleu", float("nan"))
-        lines.append(f"| {r['concept']} | {' '.join(f'{a}/{b}' for a, b in r['vectors'])} | "
+        sc = sel.get("concept_qa", {}).get("bleu")
+        su = (sel.get("unrelated_qa") or {}).get("bleu")
+        ctrl = r.get("control") or {}
+        vecs = " ".join(f"{a}/{b}" for a, b in r["vectors"]) if r.get("found", True) else \
+            "none found (" + " ".join(f"{a}/{b}" for a, b in r.get("greedy_vectors", [])) + \
+            f": selection unrelated BLEU {max(t['unrelated_qa']['bleu'] for t in r['size_choice']):.3f})"
+        lines.append(f"| {r['concept']} | {vecs} | "
                      f"{r['concept_qa']['bleu']:.3f} | {r['unrelated_qa']['bleu']:.3f} | "
-                     f"{r['control']['concept_qa']['bleu']:.3f} | {r['control']['unrelated_qa']['bleu']:.3f} | "
-                     f"{sc:.3f} / {su:.3f} | {'**yes**' if target_reached(r) else 'no'} | {r['seconds']} |")
+                     f"{f(ctrl.get('concept_qa', {}).get('bleu'))} | "
+                     f"{f(ctrl.get('unrelated_qa', {}).get('bleu'))} | "
+                     f"{f(sc)} / {f(su)} | {'**yes**' if target_reached(r) else 'no'} | {r['seconds']} |")
     stages: dict[str, float] = {}
     for r in rows:
         for k, v in r.get("timing", {}).items():
@@ -83,7 +91,9 @@ def main(argv=None) -> dict:
                                  "bound" if load0[0] > 1.0 else " (no other job running at the start)")
             + ".\n\n"
             f"Wall time **{wall:.0f} s** ({wall / 60:.1f} min) for {len(rows)} concepts: model load + "
-            f"vocabulary search {res['meta']['search_seconds']:.0f} s; summed per stage: "
+            f"vocabulary search {res['meta']['search_seconds']:.0f} s; original answers "
+            f"({res['meta']['original_prompts']} distinct prompts, generated once) "
+            f"{res['meta']['originals_seconds']:.0f} s; summed per concept stage: "
             + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items())
             + f". Target (held-out concept BLEU <= 0.6, unrelated >= 0.9, control at least 0.3 "
               f"higher): **{hit} of {len(rows)}**. Results: `{os.path.relpath(args.out, ROOT)}/`.\n\n"

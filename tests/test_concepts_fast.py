@@ -78,3 +78,33 @@ def test_score_edits_equals_regenerating_each_edit(lm, method, monkeypatch):
     assert sum(calls) < total  # rows whose answer is verified unchanged were not regenerated
     if method == "zero":
         assert len(calls) <= -(-sum(calls) // 4)  # all edits share the generation batches
+
+
+def test_no_vector_found_is_reported_not_kept(data_dir, tmp_path):
+    """A set that keeps no size above min_unrelated_bleu on the selection half is reported as
+    'no vector found' (empty, found: false, a reason), with the unedited model's scores."""
+    import json
+    import warnings
+
+    from skilllens.concepts import load_concepts
+    from skilllens.concepts.experiment import ExperimentSettings, run_concepts, target_reached
+    from skilllens.concepts.report import write_report
+
+    lm = load_model("tiny-llama")
+    cs = load_concepts(None, data_dir, limit=1)
+    kw = dict(n_candidates=2, n_attr=3, max_vectors=3, max_new_tokens=4, n_unrelated=6,
+              n_questions=4, min_layer=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bad = run_concepts(lm, cs, ExperimentSettings(min_unrelated_bleu=1.01, **kw), progress=False)
+        good = run_concepts(lm, cs, ExperimentSettings(min_unrelated_bleu=0.0, **kw), progress=False)
+    r = bad["concepts"][0]
+    assert r["found"] is False and r["vectors"] == [] and "min_unrelated_bleu" in r["reason"]
+    assert r["concept_qa"]["bleu"] == 1.0 and "control" not in r and not target_reached(r)
+    assert r["greedy_vectors"] and all(not t["chosen"] for t in r["size_choice"])
+    g = good["concepts"][0]
+    assert g["found"] is True and g["vectors"] == g["greedy_vectors"] and "control" in g
+    for row in (r, g):  # min_layer: nothing from layer 0 enters the pool
+        assert all(s["layer"] >= 1 for s in row["screening"])
+    write_report(bad, tmp_path / "bad")
+    json.loads((tmp_path / "bad" / "results.json").read_text())

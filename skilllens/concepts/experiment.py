@@ -305,6 +305,8 @@ def target_reached(row: dict, max_concept_bleu: float = 0.6, min_unrelated_bleu:
                    min_margin: float = 0.3) -> bool:
     """The issue's target for one concept, on held-out answers: concept-QA BLEU <= 0.6,
     unrelated >= 0.9 and (when a control was run) control concept BLEU - concept BLEU >= 0.3."""
+    if not row.get("found", True):
+        return False
     ok = row["concept_qa"]["bleu"] <= max_concept_bleu and \
         row["unrelated_qa"]["bleu"] >= min_unrelated_bleu
     if "control" in row:
