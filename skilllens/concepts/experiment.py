@@ -34,7 +34,7 @@ from .fastscore import EditJob
 from .metrics import intrinsic_scores, text_scores
 from .needle import Needle
 from .search import ConceptSearch
-from .select import SetSelector, ablated, random_control
+from .select import SetSelector, ablated, random_control, selection_model
 from .unlearn import FineTuneUnlearner
 from .validate import AnswerCache, BehaviourScores, BehaviourSuite
 from .vocab import top_tokens
@@ -59,6 +59,7 @@ class ExperimentSettings:
     min_unrelated_agreement: float = 0.9
     max_backtrack: int = 2
     min_layer: int = 1
+    select_dtype: str = "float32"
     min_unrelated_bleu: float = 0.9
     control: bool = True
     max_new_tokens: int = 100
@@ -198,7 +199,8 @@ def _not_found(suite: BehaviourSuite, trace: list, s: ExperimentSettings) -> dic
         f"{s.min_unrelated_bleu}); held-out scores are those of the unedited model"), **same}
 
 
-def _concept_row(lm, c: Concept, suite, search, s: ExperimentSettings, fixed, progress) -> dict:
+def _concept_row(lm, c: Concept, suite, search, s: ExperimentSettings, fixed, progress,
+                 sel_lm=None) -> dict:
     cands = search.candidates_[c.name][: s.n_candidates] if search is not None else []
     cands = [x for x in cands if x.layer >= s.min_layer]
     selection, trace, clock = None, [], {}
@@ -209,7 +211,7 @@ def _concept_row(lm, c: Concept, suite, search, s: ExperimentSettings, fixed, pr
         sel = SetSelector(s.ablation, s.sigma, s.seed, s.n_attr, s.max_vectors, s.lam, s.min_gain,
                           s.min_unrelated_agreement, min(s.batch_size, 32), min_layer=s.min_layer)
         c_sel, u_sel = suite.sel("concept_qa"), suite.sel("unrelated_qa")
-        selection = sel.select(lm, (suite.prompts[c_sel], suite.original_[c_sel]),
+        selection = sel.select(sel_lm or lm, (suite.prompts[c_sel], suite.original_[c_sel]),
                                (suite.prompts[u_sel], suite.original_[u_sel]), cands)
         clock["select"] = time.perf_counter() - t
         vectors, trace = choose_size(lm, suite, selection.vectors, s)
@@ -274,6 +276,8 @@ def run_concepts(lm, concepts: list[Concept], settings: ExperimentSettings | Non
         search = ConceptSearch(k=s.k_search, n_candidates=s.n_candidates).fit(lm, concepts,
                                                                                progress=progress)
     search_s = time.perf_counter() - t0
+    sel_lm = selection_model(lm, s.select_dtype) if vectors is None or \
+        any(c.name not in vectors for c in concepts) else None
     t1 = time.perf_counter()
     suites = [BehaviourSuite(c, s.max_new_tokens, s.n_unrelated, s.n_questions, s.n_completions,
                              s.probes, s.batch_size, s.seed, s.held_out) for c in concepts]
@@ -289,7 +293,7 @@ def run_concepts(lm, concepts: list[Concept], settings: ExperimentSettings | Non
         fixed = (vectors or {}).get(c.name)
         if fixed is not None and isinstance(fixed[0], int):
             fixed = [fixed]
-        row = _concept_row(lm, c, suite, search, s, fixed, progress)
+        row = _concept_row(lm, c, suite, search, s, fixed, progress, sel_lm)
         row["timing"] = {"verifier": round(t_fit, 1), **row["timing"]}
         row["seconds"] = round(time.perf_counter() - tc, 1)
         rows.append(row)
