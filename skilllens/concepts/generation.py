@@ -68,6 +68,17 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+def _takes_logits_to_keep(model) -> bool:
+    """Whether ``model.forward`` can skip the vocabulary projection of all but the last
+    position (the prefill then costs one head row per prompt, not one per token)."""
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 @torch.no_grad()
 def _greedy_batch(model, tok, seqs: list[list[int]], prefixes: list[list[int]],
                   max_new_tokens: int, stop: tuple[str, ...], eos: set[int],
@@ -93,8 +104,9 @@ def _greedy_batch(model, tok, seqs: list[list[int]], prefixes: list[list[int]],
     glob = rows_global if rows_global is not None else rows
     if row_edit is not None:
         row_edit.set_rows([glob[i] for i in rows])
+    keep_kw = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                use_cache=True)
+                use_cache=True, **keep_kw)
     while True:
         nxt = out.logits[:, -1].argmax(-1)  # [live]
         done = torch.isin(nxt, eos_t) if eos_t is not None else torch.zeros_like(nxt, dtype=torch.bool)
