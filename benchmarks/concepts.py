@@ -70,8 +70,9 @@ def main(argv=None) -> dict:
         su = (sel.get("unrelated_qa") or {}).get("bleu")
         ctrl = r.get("control") or {}
         vecs = " ".join(f"{a}/{b}" for a, b in r["vectors"]) if r.get("found", True) else \
-            "none found (" + " ".join(f"{a}/{b}" for a, b in r.get("greedy_vectors", [])) + \
-            f": selection unrelated BLEU {max(t['unrelated_qa']['bleu'] for t in r['size_choice']):.3f})"
+            ("none found (" + " ".join(f"{a}/{b}" for a, b in r.get("greedy_vectors", [])) +
+             f": selection unrelated BLEU {max(t['unrelated_qa']['bleu'] for t in r['size_choice']):.3f})"
+             if r.get("size_choice") else "none found (no candidate passes the greedy rule)")
         lines.append(f"| {r['concept']} | {vecs} | "
                      f"{r['concept_qa']['bleu']:.3f} | {r['unrelated_qa']['bleu']:.3f} | "
                      f"{f(ctrl.get('concept_qa', {}).get('bleu'))} | "

@@ -93,7 +93,7 @@ def test_no_vector_found_is_reported_not_kept(data_dir, tmp_path):
     lm = load_model("tiny-llama")
     cs = load_concepts(None, data_dir, limit=1)
     kw = dict(n_candidates=2, n_attr=3, max_vectors=3, max_new_tokens=4, n_unrelated=6,
-              n_questions=4, min_layer=1)
+              n_questions=4, min_layer=1, min_gain=-1.0, min_unrelated_agreement=0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bad = run_concepts(lm, cs, ExperimentSettings(min_unrelated_bleu=1.01, **kw), progress=False)
@@ -106,5 +106,11 @@ def test_no_vector_found_is_reported_not_kept(data_dir, tmp_path):
     assert g["found"] is True and g["vectors"] == g["greedy_vectors"] and "control" in g
     for row in (r, g):  # min_layer: nothing from layer 0 enters the pool
         assert all(s["layer"] >= 1 for s in row["screening"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        strict = run_concepts(lm, cs, ExperimentSettings(**{**kw, "min_gain": 5.0}), progress=False)
+    n = strict["concepts"][0]  # the greedy rule accepts nothing: no size check, no fallback
+    assert n["found"] is False and n["greedy_vectors"] == [] and "greedy rule" in n["reason"]
     write_report(bad, tmp_path / "bad")
+    assert "No vector found" in (tmp_path / "bad" / "report.md").read_text()
     json.loads((tmp_path / "bad" / "results.json").read_text())

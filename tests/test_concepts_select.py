@@ -140,6 +140,15 @@ def test_greedy_set_rule(monkeypatch, lm):
     top2 = SetSelector(n_attr=0, max_vectors=2, min_gain=0.01).select(lm, qa, qa, cands)
     assert top2.vectors == [(1, 0), (1, 1)] and len(top2.steps) == 2
     assert isinstance(sel.screened[0], Screened) and json.dumps(sel.to_dict())
+    # (1,3) alone breaks the unrelated floor: rejected from its screening, no set pass for it
+    calls = []
+    monkeypatch.setattr(SetSelector, "_change", lambda self, lm_, v, a, b: calls.append(list(v))
+                        or fake(self, lm_, v, a, b))
+    SetSelector(n_attr=0, max_vectors=5, min_gain=0.01).select(lm, qa, qa, cands)
+    assert not any((1, 3) in v for v in calls if len(v) > 1)
+    # nothing passes: an empty set ("no vector found"), not the best rejected vector
+    none = SetSelector(n_attr=0, max_vectors=5, min_gain=0.5).select(lm, qa, qa, cands)
+    assert none.vectors == [] and not any(st["accepted"] for st in none.steps)
 
 
 def test_random_control_is_layer_matched_and_disjoint(lm):
@@ -183,7 +192,8 @@ def test_selection_never_sees_held_out_answers(monkeypatch, data_dir):
     monkeypatch.setattr(TeacherForced, "__init__", tf_init)
     monkeypatch.setattr(validate.BehaviourSuite, "score_edits", score)
     s = ExperimentSettings(n_candidates=2, n_attr=2, max_vectors=3, max_new_tokens=3,
-                           n_unrelated=6, n_questions=4)
+                           n_unrelated=6, n_questions=4, min_gain=-1.0, min_unrelated_agreement=0.0,
+                           min_unrelated_bleu=0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = run_concepts(lm, cs, s, progress=False)

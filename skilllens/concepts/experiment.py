@@ -190,13 +190,19 @@ def choose_size(lm, suite: BehaviourSuite, vectors, s: ExperimentSettings) -> tu
 def _not_found(suite: BehaviourSuite, trace: list, s: ExperimentSettings) -> dict:
     """Row fields when no set passes the size check: the unedited model's held-out scores
     (BLEU 1: nothing removed), ``found: false`` and the reason."""
-    best = max((t["unrelated_qa"]["bleu"] for t in trace), default=float("nan"))
     same = {k: text_scores(suite.original_[k], suite.original_[k]).to_dict()
             for k in suite.held_out_sets}
-    return {"found": False, "reason": (
-        f"no vector set keeps the selection unrelated answers (best selection unrelated BLEU "
-        f"{best:.3f} over sizes {[t['size'] for t in trace]} < min_unrelated_bleu "
-        f"{s.min_unrelated_bleu}); held-out scores are those of the unedited model"), **same}
+    if not trace:
+        why = (f"no candidate passes the greedy rule on the selection questions (gain >= "
+               f"min_gain {s.min_gain} with unrelated greedy agreement >= "
+               f"{s.min_unrelated_agreement})")
+    else:
+        best = max(t["unrelated_qa"]["bleu"] for t in trace)
+        why = (f"no vector set keeps the selection unrelated answers (best selection unrelated "
+               f"BLEU {best:.3f} over sizes {[t['size'] for t in trace]} < min_unrelated_bleu "
+               f"{s.min_unrelated_bleu})")
+    return {"found": False, "reason": why + "; held-out scores are those of the unedited model",
+            **same}
 
 
 def _concept_row(lm, c: Concept, suite, search, s: ExperimentSettings, fixed, progress,
@@ -214,7 +220,8 @@ def _concept_row(lm, c: Concept, suite, search, s: ExperimentSettings, fixed, pr
         selection = sel.select(sel_lm or lm, (suite.prompts[c_sel], suite.original_[c_sel]),
                                (suite.prompts[u_sel], suite.original_[u_sel]), cands)
         clock["select"] = time.perf_counter() - t
-        vectors, trace = choose_size(lm, suite, selection.vectors, s)
+        vectors, trace = choose_size(lm, suite, selection.vectors, s) if selection.vectors \
+            else ([], [])
         clock["size_check"] = time.perf_counter() - t - clock["select"]
     through = search.through_norm if search is not None else True
     row = {"concept": c.name, "found": bool(vectors), "vectors": [list(v) for v in vectors],

@@ -13,7 +13,9 @@
    tie-break: the mean log-prob alone misses near-ties that flip greedy answers).
 3. *Greedy set.* In order of screened gain, a vector joins the set when the set's gain (all its
    vectors ablated together) rises by at least ``min_gain`` and ``g_u >= min_unrelated_agreement``;
-   at most ``max_vectors``, stopping after ``patience`` rejections in a row.
+   at most ``max_vectors``, stopping after ``patience`` rejections in a row. A vector whose own
+   ``g_u`` is below ``min_unrelated_agreement`` is rejected without a pass. If none is accepted
+   the set is empty (reported as "no vector found").
 
 Teacher forcing scores the first ``max_answer_tokens`` (32) tokens of each original answer and
 at most ``n_unrelated_tf`` (12) of the selection unrelated questions (CPU time); the set size is
@@ -136,6 +138,12 @@ class SetSelector:
             if len(chosen) >= self.max_vectors or misses >= self.patience:
                 break
             trial = chosen + [(s.layer, s.index)]
+            if s.unrelated_agreement < self.min_unrelated_agreement:
+                # alone it already changes the unrelated answers: never joins (no pass needed)
+                steps.append({"vector": [s.layer, s.index], "accepted": False,
+                              "reason": "own unrelated agreement below the limit"})
+                misses += 1
+                continue
             ch = asdict(s) if not chosen else self._change(lm, trial, tf_c, tf_u)
             ok = ch["gain"] >= best + self.min_gain and \
                 ch["unrelated_agreement"] >= self.min_unrelated_agreement
@@ -146,9 +154,7 @@ class SetSelector:
                 chosen, best, misses = trial, ch["gain"], 0
             else:
                 misses += 1
-        if not chosen:  # nothing passes: keep the best single vector, flagged in the trace
-            chosen = [(screened[0].layer, screened[0].index)]
-            steps.append({"vector": list(chosen[0]), "fallback": True})
+        # nothing passes: an empty set ("no vector found"), not the best of the rejected ones
         return Selection(chosen, screened, steps)
 
 
