@@ -136,7 +136,9 @@ def test_greedy_set_rule(monkeypatch, lm):
     assert [st["accepted"] for st in sel.steps] == [True, True, True, True, False, False]
     patient = SetSelector(n_attr=0, max_vectors=5, min_gain=0.01, patience=1,
                           min_unrelated_agreement=0.995).select(lm, qa, qa, cands)
-    assert patient.vectors == [(1, 0)] and len(patient.steps) == 2  # (1,1) misses: stop
+    # floor 0.995: (1,1) and (1,3) fail it alone (skipped, not misses); (1,2) misses: stop
+    assert patient.vectors == [(1, 0), (0, 4), (0, 5)]
+    assert [st.get("reason", "") != "" for st in patient.steps] == [False, True, False, False, True, False]
     top2 = SetSelector(n_attr=0, max_vectors=2, min_gain=0.01).select(lm, qa, qa, cands)
     assert top2.vectors == [(1, 0), (1, 1)] and len(top2.steps) == 2
     assert isinstance(sel.screened[0], Screened) and json.dumps(sel.to_dict())

@@ -14,7 +14,8 @@
 3. *Greedy set.* In order of screened gain, a vector joins the set when the set's gain (all its
    vectors ablated together) rises by at least ``min_gain`` and ``g_u >= min_unrelated_agreement``;
    at most ``max_vectors``, stopping after ``patience`` rejections in a row. A vector whose own
-   ``g_u`` is below ``min_unrelated_agreement`` is rejected without a pass. If none is accepted
+   ``g_u`` is below ``min_unrelated_agreement`` is rejected without a pass (and does not count
+   towards ``patience``: generic early-layer vectors would otherwise end the search). If none is accepted
    the set is empty (reported as "no vector found").
 
 Teacher forcing scores the first ``max_answer_tokens`` (32) tokens of each original answer and
@@ -142,8 +143,7 @@ class SetSelector:
                 # alone it already changes the unrelated answers: never joins (no pass needed)
                 steps.append({"vector": [s.layer, s.index], "accepted": False,
                               "reason": "own unrelated agreement below the limit"})
-                misses += 1
-                continue
+                continue  # not a miss: patience counts only vectors that were tried in the set
             ch = asdict(s) if not chosen else self._change(lm, trial, tf_c, tf_u)
             ok = ch["gain"] >= best + self.min_gain and \
                 ch["unrelated_agreement"] >= self.min_unrelated_agreement
