@@ -27,7 +27,9 @@ def zero_job(lm, vectors, sets):
 
 def test_row_masks_equal_weight_zeroing(lm):
     prompts = ["Question: a?\n Answer:", "Question: b b b?\n Answer:", "Hi there"]
-    sets = [[(0, 3), (1, 5)], [], [(1, 7)]]
+    half = lm.adapter.d_ff // 2
+    sets = [[(1, i) for i in range(half)] + [(0, 5)], [], [(1, i) for i in range(half, 2 * half)]]
+    clean = greedy_generate(lm.model, lm.tokenizer, prompts, 8)
     with ablated(lm, sets[0], "zero"):
         ref0 = greedy_generate(lm.model, lm.tokenizer, prompts[:1], 8)
     ref1 = greedy_generate(lm.model, lm.tokenizer, prompts[1:2], 8)
@@ -37,6 +39,7 @@ def test_row_masks_equal_weight_zeroing(lm):
     with rm.applied():
         got = greedy_generate(lm.model, lm.tokenizer, prompts, 8, row_edit=rm)
     assert got == ref0 + ref1 + ref2
+    assert ref0 != clean[:1] and ref2 != clean[2:]  # the edits matter, so a wrong row would show
     assert not any(h for m in lm.model.modules() for h in m._forward_pre_hooks.values())
 
 
