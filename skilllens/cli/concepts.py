@@ -16,7 +16,9 @@ EXAMPLE = """examples:
 Each concept's questions and unrelated questions are split (seeded, --held-out of each into the
 held-out part): vectors are chosen on the selection part, and the reported BLEU / ROUGE-L
 (results.json concepts[].concept_qa / unrelated_qa) are on the held-out part, next to a
-layer-matched random control of the same size.
+layer-matched random control of the same size. A concept whose set changes the selection
+unrelated answers (BLEU < --min-unrelated-bleu at every size tried), or where no candidate passes
+the greedy rule, is reported as "no vector found" (found: false, reason) rather than kept.
 
 A concept file (JSON or YAML) holds one concept or a list, each with fields name, text (its
 article), questions, unrelated_questions (optional: completions, translated_questions); the

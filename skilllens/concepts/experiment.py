@@ -3,18 +3,26 @@ search -> choose a vector set on the *selection* questions -> score on the *held
 
 Per concept (``held_out`` = 0.5 by default; the split is seeded and recorded in ``results.json``):
 
-1. The unedited model's greedy answers to every question are generated once (cached by prompt
-   across concepts; greedy, prompt ``"Question: {q}\\n Answer:"``, stop at the answer's end).
+1. The unedited model's greedy answers to every question of every concept are generated once,
+   all prompts together (greedy, prompt ``"Question: {q}\\n Answer:"``, stop at the answer's
+   end); each prompt set gets a teacher-forced verifier (:mod:`.fastscore`).
 2. :class:`.select.SetSelector` builds a pool (vocabulary-projection candidates + attribution
-   candidates), screens it by teacher-forced log-prob drops and greedily builds a set of at most
-   ``max_vectors`` vectors, all on the selection questions.
-3. Size check by generation, also on the selection questions: with the greedy set ablated the
-   selection answers are regenerated; while unrelated BLEU < ``min_unrelated_bleu`` the last-added
-   vector is dropped (at most ``max_backtrack`` times). These are the ``selection`` numbers.
+   candidates, layers >= ``min_layer``), screens it by teacher-forced greedy agreement and log-prob
+   drops and greedily builds a set of at most ``max_vectors`` vectors, all on the selection
+   questions; if no candidate passes, the concept gets "no vector found".
+3. Size check by generation, also on the selection questions: the selection answers are
+   regenerated with the greedy set and with its last ``1..max_backtrack`` vectors dropped (one
+   batch); the largest size whose unrelated BLEU is >= ``min_unrelated_bleu`` is kept. If none is,
+   the concept gets "no vector found" (``found: false``, ``reason``, the unedited model's
+   scores). These are the ``selection`` numbers.
 4. Headline: ``method`` on the chosen set, BLEU / ROUGE-L of the *held-out* concept and unrelated
    answers (``concept_qa``, ``unrelated_qa``); the selection numbers sit beside them
    (``selection``). Control: a layer-matched random set of the same size, same method, held-out
-   answers (``control``). ``compare`` methods (Needle, GA, NPO) are scored on the same set.
+   answers (``control``), scored in the same batch. ``compare`` methods (Needle, GA, NPO) are
+   scored on the same set.
+
+Every edited answer equals regenerating the prompt under the edit: :func:`.fastscore.score_edits`
+regenerates only answers whose original tokens the edited model no longer reproduces.
 
 :func:`run_concepts` returns a plain dict (``{"concepts": [...], "settings": {...}, "meta": ...}``)
 that :func:`skilllens.concepts.report.write_report` writes as ``results.json``, figures, report.
