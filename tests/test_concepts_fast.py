@@ -7,7 +7,7 @@ from skilllens import load_model
 from skilllens.concepts import BehaviourSuite, Concept, ablated
 from skilllens.concepts import fastscore
 from skilllens.concepts.fastscore import EditJob, RowMasks
-from skilllens.concepts.generation import QA_STOP, greedy_generate
+from skilllens.concepts.generation import greedy_generate
 
 
 @pytest.fixture()
