@@ -15,8 +15,12 @@ the answer token at each of those ``k`` positions. :func:`score_edits` therefore
    column); other edits (noise, project, Needle, GA, NPO) are applied one at a time.
 
 The answers equal those of regenerating every prompt under each edit (tested against the plain
-path on a tiny random model); the log-prob drops come from the same teacher-forced pass (mean
-log-prob per token of the original generated ids, stop token included).
+path on a tiny random model) up to floating point: a teacher-forced pass and a KV-cache decode
+sum in different orders, so an exact near-tie of two logits could resolve differently (as it can
+between two batch compositions of plain generation). Where the *unedited* model's own
+teacher-forced argmax leaves its generated tokens, verification stops there and generation takes
+over. The log-prob drops come from the same teacher-forced pass (mean log-prob per token of the
+original generated ids, stop token included).
 """
 from __future__ import annotations
 
