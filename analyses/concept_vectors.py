@@ -82,11 +82,12 @@ def main(argv=None) -> dict:
                                           "unrelated_bleu": round(r["unrelated_qa"]["bleu"], 4),
                                           "control_bleu": round(r["control"]["concept_qa"]["bleu"], 4)
                                           if "control" in r else None,
+                                          "found": r.get("found", True),
                                           "hit": target_reached(r)} for r in res_a["concepts"]}}
     write_json(out / "summary.json", summary)
     if not args.skip_b and args.compare_concepts:
         order = [r["concept"] for r in hits] + [r["concept"] for r in res_a["concepts"]
-                                                 if not target_reached(r)]
+                                                 if not target_reached(r) and r["vectors"]]
         names = order[: args.compare_concepts]
         sub = [c for c in concepts if c.name in names]
         vecs = {r["concept"]: [tuple(v) for v in r["vectors"]] for r in res_a["concepts"]}

@@ -32,7 +32,13 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=None, help="torch threads (torch's default)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "concepts-default"))
     p.add_argument("--no-append", action="store_true", help="do not append to RESULTS.md")
+    p.add_argument("--compare-from", default=None, metavar="RESULTS_JSON",
+                   help="instead of the default run: score zero ablation, Needle, GA and NPO on the "
+                        "vectors a previous run found (held-out answers), e.g. "
+                        "benchmarks/results/concepts-default/results.json")
     args = p.parse_args(argv)
+    if args.compare_from:
+        return compare(args, argv)
 
     import torch
 
@@ -61,14 +67,23 @@ def main(argv=None) -> dict:
     lines = ["| concept | vectors | held-out concept BLEU | held-out unrelated BLEU | control concept BLEU "
              "| control unrelated BLEU | selection concept / unrelated BLEU | target | seconds |",
              "|---|---|---|---|---|---|---|---|---|"]
+    def f(x):
+        return "-" if x is None else f"{x:.3f}"
+
     for r in rows:
         sel = r.get("selection") or {}
-        sc = sel.get("concept_qa", {}).get("bleu", float("nan"))
-        su = (sel.get("unrelated_qa") or {}).get("bleu", float("nan"))
-        lines.append(f"| {r['concept']} | {' '.join(f'{a}/{b}' for a, b in r['vectors'])} | "
+        sc = sel.get("concept_qa", {}).get("bleu")
+        su = (sel.get("unrelated_qa") or {}).get("bleu")
+        ctrl = r.get("control") or {}
+        vecs = " ".join(f"{a}/{b}" for a, b in r["vectors"]) if r.get("found", True) else \
+            ("none found (" + " ".join(f"{a}/{b}" for a, b in r.get("greedy_vectors", [])) +
+             f": selection unrelated BLEU {max(t['unrelated_qa']['bleu'] for t in r['size_choice']):.3f})"
+             if r.get("size_choice") else "none found (no candidate passes the greedy rule)")
+        lines.append(f"| {r['concept']} | {vecs} | "
                      f"{r['concept_qa']['bleu']:.3f} | {r['unrelated_qa']['bleu']:.3f} | "
-                     f"{r['control']['concept_qa']['bleu']:.3f} | {r['control']['unrelated_qa']['bleu']:.3f} | "
-                     f"{sc:.3f} / {su:.3f} | {'**yes**' if target_reached(r) else 'no'} | {r['seconds']} |")
+                     f"{f(ctrl.get('concept_qa', {}).get('bleu'))} | "
+                     f"{f(ctrl.get('unrelated_qa', {}).get('bleu'))} | "
+                     f"{f(sc)} / {f(su)} | {'**yes**' if target_reached(r) else 'no'} | {r['seconds']} |")
     stages: dict[str, float] = {}
     for r in rows:
         for k, v in r.get("timing", {}).items():
@@ -83,11 +98,66 @@ def main(argv=None) -> dict:
                                  "bound" if load0[0] > 1.0 else " (no other job running at the start)")
             + ".\n\n"
             f"Wall time **{wall:.0f} s** ({wall / 60:.1f} min) for {len(rows)} concepts: model load + "
-            f"vocabulary search {res['meta']['search_seconds']:.0f} s; summed per stage: "
+            f"vocabulary search {res['meta']['search_seconds']:.0f} s; original answers "
+            f"({res['meta']['original_prompts']} distinct prompts, generated once) "
+            f"{res['meta']['originals_seconds']:.0f} s; summed per concept stage: "
             + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items())
             + f". Target (held-out concept BLEU <= 0.6, unrelated >= 0.9, control at least 0.3 "
               f"higher): **{hit} of {len(rows)}**. Results: `{os.path.relpath(args.out, ROOT)}/`.\n\n"
             + "\n".join(lines) + "\n")
+    print(text)
+    if not args.no_append:
+        from skilllens.io import write_text
+        path = ROOT / "benchmarks" / "RESULTS.md"
+        write_text(path, path.read_text() + text)
+    return res
+
+
+def compare(args, argv) -> dict:
+    """Item 4 of issue 14: intrinsic vs behavioural change of Needle / GA / NPO on the chosen
+    vectors, next to zeroing them, on the held-out questions (same split and originals)."""
+    import json
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from skilllens import load_model
+    from skilllens.concepts import load_concepts
+    from skilllens.concepts.experiment import ExperimentSettings, run_concepts
+    from skilllens.concepts.report import write_report
+
+    prev = json.loads(Path(args.compare_from).read_text())
+    found = {r["concept"]: [tuple(v) for v in r["vectors"]] for r in prev["concepts"] if r["vectors"]}
+    out = args.out if "concepts-default" not in args.out else \
+        str(ROOT / "benchmarks" / "results" / "concepts-compare")
+    load0, t0 = os.getloadavg(), time.perf_counter()
+    lm = load_model(args.model)
+    concepts = load_concepts(None, args.data_dir, names=list(found))
+    res = run_concepts(lm, concepts, ExperimentSettings(compare=("needle", "ga", "npo"),
+                                                        n_candidates=0), progress=False,
+                       vectors=found)
+    wall, load1 = time.perf_counter() - t0, os.getloadavg()
+    res["meta"].update(wall_seconds=round(wall, 1), vectors_from=args.compare_from)
+    write_report(res, out)
+    lines = ["| concept | vectors | method | held-out concept BLEU | held-out unrelated BLEU | "
+             "cosine | L2 | Jaccard top-200 | concept log-prob drop |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["concepts"]:
+        for m, e in [("zero", r)] + list(r.get("comparison", {}).items()):
+            i = e["intrinsic"]
+            lines.append(f"| {r['concept']} | {' '.join(f'{a}/{b}' for a, b in r['vectors'])} | {m} | "
+                         f"{e['concept_qa']['bleu']:.3f} | {e['unrelated_qa']['bleu']:.3f} | "
+                         f"{i['cosine']:.3f} | {i['l2']:.3f} | {i['jaccard_top']:.3f} | "
+                         f"{e['logprob_drop'].get('concept_qa', float('nan')):.3f} |")
+    cmd = "python benchmarks/concepts.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = (f"\n## Concept vectors: zero ablation vs Needle / GA / NPO on the chosen vectors — "
+            f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}\n\n"
+            f"Command: `{cmd.strip()}` ({torch.get_num_threads()} torch threads; load average before "
+            f"{load0[0]:.1f}, after {load1[0]:.1f}); wall time {wall:.0f} s. The vectors are those "
+            f"the default run found ({len(found)} concepts); every number is on the held-out "
+            f"questions (same split, originals and stop rule); Needle / GA / NPO use the defaults "
+            f"(5 steps; GA/NPO lr 1e-5 on the FFN output weights, Needle lr 1e-2 on the vector). "
+            f"Results: `{os.path.relpath(out, ROOT)}/`.\n\n" + "\n".join(lines) + "\n")
     print(text)
     if not args.no_append:
         from skilllens.io import write_text

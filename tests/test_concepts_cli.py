@@ -13,6 +13,7 @@ def test_cli_tiny_end_to_end(tmp_path, data_dir):
     rc = main(["concepts", "--model", "tiny-llama", "--data-dir", str(data_dir), "--max-concepts", "2",
                "--max-new-tokens", "3", "--unrelated", "4", "--questions", "4", "--candidates", "2",
                "--attr-candidates", "2", "--max-vectors", "2", "--compare", "needle,npo", "--steps", "1", "--completions", "1",
+               "--min-gain", "-1", "--min-unrelated-agreement", "0", "--min-unrelated-bleu", "0",
                "--probes", "role_play", "--no-progress", "--out", str(out)])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())

@@ -136,10 +136,21 @@ def test_greedy_set_rule(monkeypatch, lm):
     assert [st["accepted"] for st in sel.steps] == [True, True, True, True, False, False]
     patient = SetSelector(n_attr=0, max_vectors=5, min_gain=0.01, patience=1,
                           min_unrelated_agreement=0.995).select(lm, qa, qa, cands)
-    assert patient.vectors == [(1, 0)] and len(patient.steps) == 2  # (1,1) misses: stop
+    # floor 0.995: (1,1) and (1,3) fail it alone (skipped, not misses); (1,2) misses: stop
+    assert patient.vectors == [(1, 0), (0, 4), (0, 5)]
+    assert [st.get("reason", "") != "" for st in patient.steps] == [False, True, False, False, True, False]
     top2 = SetSelector(n_attr=0, max_vectors=2, min_gain=0.01).select(lm, qa, qa, cands)
     assert top2.vectors == [(1, 0), (1, 1)] and len(top2.steps) == 2
     assert isinstance(sel.screened[0], Screened) and json.dumps(sel.to_dict())
+    # (1,3) alone breaks the unrelated floor: rejected from its screening, no set pass for it
+    calls = []
+    monkeypatch.setattr(SetSelector, "_change", lambda self, lm_, v, a, b: calls.append(list(v))
+                        or fake(self, lm_, v, a, b))
+    SetSelector(n_attr=0, max_vectors=5, min_gain=0.01).select(lm, qa, qa, cands)
+    assert not any((1, 3) in v for v in calls if len(v) > 1)
+    # nothing passes: an empty set ("no vector found"), not the best rejected vector
+    none = SetSelector(n_attr=0, max_vectors=5, min_gain=0.5).select(lm, qa, qa, cands)
+    assert none.vectors == [] and not any(st["accepted"] for st in none.steps)
 
 
 def test_random_control_is_layer_matched_and_disjoint(lm):
@@ -169,20 +180,22 @@ def test_selection_never_sees_held_out_answers(monkeypatch, data_dir):
     lm = load_model("tiny-llama")
     cs = load_concepts(None, data_dir, limit=1)
     seen = {"tf": [], "score": []}
-    orig_init, orig_score = TeacherForced.__init__, validate.BehaviourSuite.score
+    orig_init, orig_score = TeacherForced.__init__, validate.BehaviourSuite.score_edits
 
-    def tf_init(self, lm_, prompts, answers, **kw):
-        seen["tf"].append(list(prompts))
-        orig_init(self, lm_, prompts, answers, **kw)
+    def tf_init(self, lm_, prompts, answers, *a, **kw):
+        if kw.get("answer_ids") is None:  # a selector's scorer, not a suite's verifier
+            seen["tf"].append(list(prompts))
+        orig_init(self, lm_, prompts, answers, *a, **kw)
 
-    def score(self, lm_, sets=None, with_logprob=True):
-        seen["score"].append(list(sets or self.held_out_sets))
-        return orig_score(self, lm_, sets, with_logprob)
+    def score(self, lm_, jobs, batch_size=None):
+        seen["score"].append([s for j in jobs for s in j.sets])
+        return orig_score(self, lm_, jobs, batch_size)
 
     monkeypatch.setattr(TeacherForced, "__init__", tf_init)
-    monkeypatch.setattr(validate.BehaviourSuite, "score", score)
+    monkeypatch.setattr(validate.BehaviourSuite, "score_edits", score)
     s = ExperimentSettings(n_candidates=2, n_attr=2, max_vectors=3, max_new_tokens=3,
-                           n_unrelated=6, n_questions=4)
+                           n_unrelated=6, n_questions=4, min_gain=-1.0, min_unrelated_agreement=0.0,
+                           min_unrelated_bleu=0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = run_concepts(lm, cs, s, progress=False)
@@ -190,7 +203,7 @@ def test_selection_never_sees_held_out_answers(monkeypatch, data_dir):
     held = {f"Question: {cs[0].questions[i]}\n Answer:" for i in r["split"]["concept_qa"]["held_out"]}
     assert len(held) == 2 and all(not held & set(p) for p in seen["tf"])
     first_held = next(i for i, x in enumerate(seen["score"]) if "concept_qa" in x)
-    assert all(x[0].endswith("@sel") for x in seen["score"][:first_held])
+    assert first_held > 0 and all(y.endswith("@sel") for x in seen["score"][:first_held] for y in x)
     assert r["concept_qa"]["n"] == 2 and r["unrelated_qa"]["n"] == 3
     assert r["selection"]["concept_qa"]["n"] == 2 and r["selection"]["unrelated_qa"]["n"] == 3
     assert 1 <= len(r["vectors"]) <= 3 and (r["layer"], r["index"]) == tuple(r["vectors"][0])

@@ -114,8 +114,9 @@ class ConceptAblation(ColumnEdit):
         self.method, self.sigma, self.seed = method, float(sigma), int(seed)
         self.direction_: torch.Tensor | None = None
 
-    def fit(self, lm) -> "ConceptAblation":
-        """Compute the edit from the model's current weights (a copy; the model is unchanged)."""
+    def fit(self, lm, fingerprint: bool = True) -> "ConceptAblation":
+        """Compute the edit from the model's current weights (a copy; the model is unchanged).
+        ``fingerprint=False`` skips hashing the weights (only needed to :meth:`save` it)."""
         self.layer, self.index = check_index(lm, self.layer, self.index)
         v = value_vector(lm, self.layer, self.index)
         self.original_ = v.clone()
@@ -132,7 +133,7 @@ class ConceptAblation(ColumnEdit):
                                 f"project out; choose another vector or method")
             self.direction_ = (v.double() / n).to(v.device)
             self.new_vector_ = torch.zeros_like(v)  # v minus its own projection
-        self.fingerprint_ = getattr(lm, "fingerprint", None)
+        self.fingerprint_ = getattr(lm, "fingerprint", None) if fingerprint else None
         return self
 
     @contextlib.contextmanager

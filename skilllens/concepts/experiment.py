@@ -3,18 +3,26 @@ search -> choose a vector set on the *selection* questions -> score on the *held
 
 Per concept (``held_out`` = 0.5 by default; the split is seeded and recorded in ``results.json``):
 
-1. The unedited model's greedy answers to every question are generated once (cached by prompt
-   across concepts; greedy, prompt ``"Question: {q}\\n Answer:"``, stop at the answer's end).
+1. The unedited model's greedy answers to every question of every concept are generated once,
+   all prompts together (greedy, prompt ``"Question: {q}\\n Answer:"``, stop at the answer's
+   end); each prompt set gets a teacher-forced verifier (:mod:`.fastscore`).
 2. :class:`.select.SetSelector` builds a pool (vocabulary-projection candidates + attribution
-   candidates), screens it by teacher-forced log-prob drops and greedily builds a set of at most
-   ``max_vectors`` vectors, all on the selection questions.
-3. Size check by generation, also on the selection questions: with the greedy set ablated the
-   selection answers are regenerated; while unrelated BLEU < ``min_unrelated_bleu`` the last-added
-   vector is dropped (at most ``max_backtrack`` times). These are the ``selection`` numbers.
+   candidates, layers >= ``min_layer``), screens it by teacher-forced greedy agreement and log-prob
+   drops and greedily builds a set of at most ``max_vectors`` vectors, all on the selection
+   questions; if no candidate passes, the concept gets "no vector found".
+3. Size check by generation, also on the selection questions: the selection answers are
+   regenerated with the greedy set and with its last ``1..max_backtrack`` vectors dropped (one
+   batch); the largest size whose unrelated BLEU is >= ``min_unrelated_bleu`` is kept. If none is,
+   the concept gets "no vector found" (``found: false``, ``reason``, the unedited model's
+   scores). These are the ``selection`` numbers.
 4. Headline: ``method`` on the chosen set, BLEU / ROUGE-L of the *held-out* concept and unrelated
    answers (``concept_qa``, ``unrelated_qa``); the selection numbers sit beside them
    (``selection``). Control: a layer-matched random set of the same size, same method, held-out
-   answers (``control``). ``compare`` methods (Needle, GA, NPO) are scored on the same set.
+   answers (``control``), scored in the same batch. ``compare`` methods (Needle, GA, NPO) are
+   scored on the same set.
+
+Every edited answer equals regenerating the prompt under the edit: :func:`.fastscore.score_edits`
+regenerates only answers whose original tokens the edited model no longer reproduces.
 
 :func:`run_concepts` returns a plain dict (``{"concepts": [...], "settings": {...}, "meta": ...}``)
 that :func:`skilllens.concepts.report.write_report` writes as ``results.json``, figures, report.
@@ -30,10 +38,11 @@ from tqdm.auto import tqdm
 from ..errors import DataError
 from .ablation import METHODS as ABLATIONS
 from .data import Concept
-from .metrics import intrinsic_scores
+from .fastscore import EditJob
+from .metrics import intrinsic_scores, text_scores
 from .needle import Needle
 from .search import ConceptSearch
-from .select import SetSelector, ablated, random_control
+from .select import SetSelector, ablated, random_control, selection_model
 from .unlearn import FineTuneUnlearner
 from .validate import AnswerCache, BehaviourScores, BehaviourSuite
 from .vocab import top_tokens
@@ -57,6 +66,8 @@ class ExperimentSettings:
     min_gain: float = 0.005
     min_unrelated_agreement: float = 0.9
     max_backtrack: int = 2
+    min_layer: int = 1
+    select_dtype: str = "float32"
     min_unrelated_bleu: float = 0.9
     control: bool = True
     max_new_tokens: int = 100
@@ -83,6 +94,8 @@ class ExperimentSettings:
             raise DataError(f"held_out must be in (0, 1) (got {self.held_out}); e.g. --held-out 0.5")
         if self.max_new_tokens < 1 or self.n_candidates < 0 or self.max_vectors < 1:
             raise DataError("max_new_tokens and max_vectors must be at least 1, candidates >= 0")
+        if self.min_layer < 0:
+            raise DataError(f"min_layer must be >= 0 (got {self.min_layer})")
         if self.n_candidates == 0 and self.n_attr == 0:
             raise DataError("no candidate source: set --candidates or --attr-candidates above 0")
         return self
@@ -94,32 +107,32 @@ class ExperimentSettings:
 
 
 def _edit(lm, concept: Concept, method: str, vectors, s: ExperimentSettings, progress: bool):
-    """A context manager applying ``method`` to ``vectors`` (fitted first where needed)."""
+    """Fit ``method`` on ``vectors`` where needed; returns an :class:`.fastscore.EditJob`
+    (no sets yet) whose ``apply()`` writes the edit, and the fitting losses."""
     if method in ABLATIONS:
-        return ablated(lm, vectors, method, s.sigma, s.seed)
+        job = EditJob(lambda: ablated(lm, vectors, method, s.sigma, s.seed),
+                      min(a for a, _ in vectors), [],
+                      list(vectors) if method == "zero" else None)
+        return job, []
     if method == "needle":  # one Needle per vector, each fitted on the clean model
         edits = [Needle(layer, index, s.sigma, s.unlearn_steps, s.needle_lr, 0.01, s.seq_len,
                         s.max_chunks, seed=s.seed + k).fit(lm, concept, progress=progress)
                  for k, (layer, index) in enumerate(vectors)]
+        low = min(a for a, _ in vectors)
     else:
         edits = [FineTuneUnlearner(method, s.scope, s.unlearn_steps, s.unlearn_lr,
                                    seq_len=s.seq_len, max_chunks=s.max_chunks,
                                    seed=s.seed).fit(lm, concept, progress=progress)]
-    stack = contextlib.ExitStack()
-    for e in edits:
-        stack.enter_context(e.applied(lm))
-    return _Losses(stack, [x for e in edits for x in getattr(e, "losses_", [])])
+        low = 0  # fine-tuning may change every layer
 
+    @contextlib.contextmanager
+    def apply():
+        with contextlib.ExitStack() as stack:
+            for e in edits:
+                stack.enter_context(e.applied(lm))
+            yield lm
 
-class _Losses(contextlib.AbstractContextManager):
-    def __init__(self, stack, losses):
-        self.stack, self.losses_ = stack, losses
-
-    def __enter__(self):
-        return self.stack.__enter__()
-
-    def __exit__(self, *exc):
-        return self.stack.__exit__(*exc)
+    return EditJob(apply, low, []), [x for e in edits for x in getattr(e, "losses_", [])]
 
 
 def _mean_intrinsic(items: list[dict]) -> dict:
@@ -128,15 +141,21 @@ def _mean_intrinsic(items: list[dict]) -> dict:
 
 
 def evaluate_edit(lm, concept: Concept, suite: BehaviourSuite, method: str, vectors,
-                  s: ExperimentSettings, progress: bool = False) -> dict:
+                  s: ExperimentSettings, progress: bool = False, extra: list | None = None) -> dict:
     """Fit ``method`` on ``vectors``, apply it, score the held-out sets and the intrinsic change
-    of every vector (``intrinsic`` = the mean over vectors, ``intrinsic_per_vector``)."""
+    of every vector (``intrinsic`` = the mean over vectors, ``intrinsic_per_vector``).
+    ``extra``: more :class:`.fastscore.EditJob` scored in the same batch (their
+    :class:`.validate.BehaviourScores` are appended to the list)."""
     t0 = time.perf_counter()
     vectors = [tuple(v) for v in vectors]
-    edit = _edit(lm, concept, method, vectors, s, progress)
-    with edit:
-        beh: BehaviourScores = suite.score(lm, suite.held_out_sets)
+    job, losses = _edit(lm, concept, method, vectors, s, progress)
+    job.sets = list(suite.held_out_sets)
+    with job.apply():
         edited = [lm.adapter.value_vectors(a)[b].detach().clone() for a, b in vectors]
+    scored = suite.score_edits(lm, [job] + list(extra or []))
+    beh: BehaviourScores = scored[0]
+    if extra is not None:
+        extra[:] = scored[1:]
     per = [intrinsic_scores(lm, lm.adapter.value_vectors(a)[b].detach().clone(), e,
                             concept.text).to_dict() for (a, b), e in zip(vectors, edited)]
     out = {"method": method, **{k: v.to_dict() for k, v in beh.text.items()},
@@ -146,80 +165,111 @@ def evaluate_edit(lm, concept: Concept, suite: BehaviourSuite, method: str, vect
         if name in out:
             out[name]["logprob_before"] = float(suite.original_logprob_[name].nanmean())
             out[name]["logprob_after"] = out[name]["logprob_before"] - beh.logprob_drop.get(name, 0.0)
-    if getattr(edit, "losses_", None):
-        out["losses"] = [round(x, 4) for x in edit.losses_]
+    if losses:
+        out["losses"] = [round(x, 4) for x in losses]
     out["sample_answers"] = {k: list(zip(suite.original_[k][:3], v[:3]))
                              for k, v in beh.answers.items()}
     return out
 
 
 def choose_size(lm, suite: BehaviourSuite, vectors, s: ExperimentSettings) -> tuple[list, list]:
-    """Regenerate the *selection* answers with the greedy set ablated; while the selection
-    unrelated BLEU is below ``min_unrelated_bleu``, drop the last-added vector and retry (at most
-    ``max_backtrack`` times; the best unrelated BLEU is kept if none passes). Returns the chosen
-    vectors and one trace entry per tried size."""
-    trace = []
-    for k in range(len(vectors), max(0, len(vectors) - s.max_backtrack - 1), -1):
-        with ablated(lm, vectors[:k], s.ablation, s.sigma, s.seed):
-            beh = suite.score(lm, [suite.sel("concept_qa"), suite.sel("unrelated_qa")],
-                              with_logprob=False)
-        trace.append({"size": k, "concept_qa": beh.text[suite.sel("concept_qa")].to_dict(),
-                      "unrelated_qa": beh.text[suite.sel("unrelated_qa")].to_dict(),
-                      "chosen": False})
-        if trace[-1]["unrelated_qa"]["bleu"] >= s.min_unrelated_bleu:
-            break
-    best = trace[-1] if trace[-1]["unrelated_qa"]["bleu"] >= s.min_unrelated_bleu else \
-        max(trace, key=lambda t: t["unrelated_qa"]["bleu"])
-    best["chosen"] = True
-    return list(vectors[:best["size"]]), trace
+    """Regenerate the *selection* answers with the greedy set ablated and with its last-added
+    ``1..max_backtrack`` vectors dropped (all sizes in one batch); the largest size whose
+    selection unrelated BLEU is >= ``min_unrelated_bleu`` is chosen. If none is, nothing is
+    chosen (an empty list: "no vector found"; keeping a set that breaks unrelated answers would
+    report damage as removal). Returns the chosen vectors and one trace entry per tried size."""
+    sets = [suite.sel("concept_qa"), suite.sel("unrelated_qa")]
+    sizes = list(range(len(vectors), max(0, len(vectors) - s.max_backtrack - 1), -1))
+    jobs = []
+    for k in sizes:
+        job, _ = _edit(lm, suite.concept, s.ablation, list(vectors[:k]), s, False)
+        job.sets = sets
+        jobs.append(job)
+    trace = [{"size": k, "concept_qa": b.text[sets[0]].to_dict(),
+              "unrelated_qa": b.text[sets[1]].to_dict(), "chosen": False}
+             for k, b in zip(sizes, suite.score_edits(lm, jobs))]
+    ok = [t for t in trace if t["unrelated_qa"]["bleu"] >= s.min_unrelated_bleu]
+    if not ok:
+        return [], trace
+    ok[0]["chosen"] = True
+    return list(vectors[:ok[0]["size"]]), trace
 
 
-def _concept_row(lm, c: Concept, suite, search, s: ExperimentSettings, fixed, progress) -> dict:
+def _not_found(suite: BehaviourSuite, trace: list, s: ExperimentSettings) -> dict:
+    """Row fields when no set passes the size check: the unedited model's held-out scores
+    (BLEU 1: nothing removed), ``found: false`` and the reason."""
+    same = {k: text_scores(suite.original_[k], suite.original_[k]).to_dict()
+            for k in suite.held_out_sets}
+    if not trace:
+        why = (f"no candidate passes the greedy rule on the selection questions (gain >= "
+               f"min_gain {s.min_gain} with unrelated greedy agreement >= "
+               f"{s.min_unrelated_agreement})")
+    else:
+        best = max(t["unrelated_qa"]["bleu"] for t in trace)
+        why = (f"no vector set keeps the selection unrelated answers (best selection unrelated "
+               f"BLEU {best:.3f} over sizes {[t['size'] for t in trace]} < min_unrelated_bleu "
+               f"{s.min_unrelated_bleu})")
+    return {"found": False, "reason": why + "; held-out scores are those of the unedited model",
+            **same}
+
+
+def _concept_row(lm, c: Concept, suite, search, s: ExperimentSettings, fixed, progress,
+                 sel_lm=None) -> dict:
     cands = search.candidates_[c.name][: s.n_candidates] if search is not None else []
+    cands = [x for x in cands if x.layer >= s.min_layer]
     selection, trace, clock = None, [], {}
     t = time.perf_counter()
     if fixed is not None:  # vectors chosen before (e.g. by a validation run)
         vectors = [tuple(v) for v in fixed]
     else:
         sel = SetSelector(s.ablation, s.sigma, s.seed, s.n_attr, s.max_vectors, s.lam, s.min_gain,
-                          s.min_unrelated_agreement, min(s.batch_size, 32))
+                          s.min_unrelated_agreement, min(s.batch_size, 32), min_layer=s.min_layer)
         c_sel, u_sel = suite.sel("concept_qa"), suite.sel("unrelated_qa")
-        selection = sel.select(lm, (suite.prompts[c_sel], suite.original_[c_sel]),
+        selection = sel.select(sel_lm or lm, (suite.prompts[c_sel], suite.original_[c_sel]),
                                (suite.prompts[u_sel], suite.original_[u_sel]), cands)
         clock["select"] = time.perf_counter() - t
-        vectors, trace = choose_size(lm, suite, selection.vectors, s)
+        vectors, trace = choose_size(lm, suite, selection.vectors, s) if selection.vectors \
+            else ([], [])
         clock["size_check"] = time.perf_counter() - t - clock["select"]
-    t = time.perf_counter()
-    main = evaluate_edit(lm, c, suite, s.method, vectors, s, progress)
-    clock["held_out"] = time.perf_counter() - t
     through = search.through_norm if search is not None else True
-    row = {"concept": c.name, "vectors": [list(v) for v in vectors],
-           "layer": vectors[0][0], "index": vectors[0][1],
-           "top_tokens": top_tokens(lm, vectors[0][0], vectors[0][1], 20, through_norm=through),
+    row = {"concept": c.name, "found": bool(vectors), "vectors": [list(v) for v in vectors],
+           "layer": vectors[0][0] if vectors else None, "index": vectors[0][1] if vectors else None,
+           "top_tokens": top_tokens(lm, vectors[0][0], vectors[0][1], 20, through_norm=through)
+           if vectors else [],
            "vector_tokens": [top_tokens(lm, a, b, 8, through_norm=through) for a, b in vectors],
-           "split": suite.split_record(s.seed, s.held_out),
-           **{k: v for k, v in main.items() if k != "method"},
-           "method": s.method, "sigma": s.sigma, "reference": c.reference,
-           "candidates": [{"layer": x.layer, "index": x.index, "score": x.score,
-                           "top_tokens": x.top_tokens[:10]} for x in cands],
-           "original_answers": {k: v[:3] for k, v in suite.original_.items()}}
+           "split": suite.split_record(s.seed, s.held_out)}
+    t = time.perf_counter()
+    ctrl_job, ctrl_vecs = [], []
+    if vectors and s.control:
+        ctrl_vecs = random_control(lm, vectors, s.seed)
+        job, _ = _edit(lm, c, s.method if s.method in ABLATIONS else s.ablation, ctrl_vecs, s, False)
+        job.sets = ["concept_qa", "unrelated_qa"]
+        ctrl_job = [job]
+    if vectors:
+        main = evaluate_edit(lm, c, suite, s.method, vectors, s, progress, extra=ctrl_job)
+        row.update({k: v for k, v in main.items() if k != "method"})
+    else:
+        row.update(_not_found(suite, trace, s))
+    clock["held_out"] = time.perf_counter() - t
+    row.update({"method": s.method, "sigma": s.sigma, "reference": c.reference,
+                "candidates": [{"layer": x.layer, "index": x.index, "score": x.score,
+                                "top_tokens": x.top_tokens[:10]} for x in cands],
+                "original_answers": {k: v[:3] for k, v in suite.original_.items()}})
     chosen = next((t for t in trace if t["chosen"]), None)
     if chosen is not None:
         row["selection"] = {"concept_qa": chosen["concept_qa"], "unrelated_qa": chosen["unrelated_qa"]}
+    if trace:
         row["size_choice"] = trace
     if selection is not None:
         row["screening"] = [x.to_dict() for x in selection.screened]
         row["greedy"] = selection.steps
-    if s.control:
-        t = time.perf_counter()
-        ctrl = random_control(lm, vectors, s.seed)
-        with ablated(lm, ctrl, s.method if s.method in ABLATIONS else s.ablation, s.sigma, s.seed):
-            beh = suite.score(lm, ["concept_qa", "unrelated_qa"], with_logprob=False)
-        row["control"] = {"vectors": [list(v) for v in ctrl],
+        row["greedy_vectors"] = [list(v) for v in selection.vectors]
+    if ctrl_job:
+        beh = ctrl_job[0]
+        row["control"] = {"vectors": [list(v) for v in ctrl_vecs],
                           **{k: v.to_dict() for k, v in beh.text.items()}}
         row["control_margin"] = row["control"]["concept_qa"]["bleu"] - row["concept_qa"]["bleu"]
-        clock["control"] = time.perf_counter() - t
-    if s.compare:
+    if s.compare and vectors:
         t = time.perf_counter()
         row["comparison"] = {m: evaluate_edit(lm, c, suite, m, vectors, s) for m in s.compare}
         clock["compare"] = time.perf_counter() - t
@@ -241,23 +291,31 @@ def run_concepts(lm, concepts: list[Concept], settings: ExperimentSettings | Non
         search = ConceptSearch(k=s.k_search, n_candidates=s.n_candidates).fit(lm, concepts,
                                                                                progress=progress)
     search_s = time.perf_counter() - t0
-    cache = AnswerCache()
+    sel_lm = selection_model(lm, s.select_dtype) if vectors is None or \
+        any(c.name not in vectors for c in concepts) else None
+    t1 = time.perf_counter()
+    suites = [BehaviourSuite(c, s.max_new_tokens, s.n_unrelated, s.n_questions, s.n_completions,
+                             s.probes, s.batch_size, s.seed, s.held_out) for c in concepts]
+    cache = AnswerCache()  # every original answer at once: full generation batches
+    n_prompts = cache.prefetch(lm, [p for su in suites for ps in su.prompts.values() for p in ps],
+                               s.max_new_tokens, s.batch_size, progress, suites[0].stop)
+    orig_s = time.perf_counter() - t1
     rows = []
-    for c in tqdm(concepts, desc="concepts", disable=not progress):
+    for c, suite in tqdm(list(zip(concepts, suites)), desc="concepts", disable=not progress):
         tc = time.perf_counter()
-        suite = BehaviourSuite(c, s.max_new_tokens, s.n_unrelated, s.n_questions, s.n_completions,
-                               s.probes, s.batch_size, s.seed, s.held_out).fit(lm, cache)
-        t_orig = time.perf_counter() - tc
+        suite.fit(lm, cache)
+        t_fit = time.perf_counter() - tc
         fixed = (vectors or {}).get(c.name)
         if fixed is not None and isinstance(fixed[0], int):
             fixed = [fixed]
-        row = _concept_row(lm, c, suite, search, s, fixed, progress)
-        row["timing"] = {"originals": round(t_orig, 1), **row["timing"]}
+        row = _concept_row(lm, c, suite, search, s, fixed, progress, sel_lm)
+        row["timing"] = {"verifier": round(t_fit, 1), **row["timing"]}
         row["seconds"] = round(time.perf_counter() - tc, 1)
         rows.append(row)
     meta = {"model": getattr(lm, "name", "model"), "fingerprint": lm.fingerprint.get("id"),
             "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""),
-            "search_seconds": round(search_s, 1), "seconds": round(time.perf_counter() - t0, 1)}
+            "search_seconds": round(search_s, 1), "originals_seconds": round(orig_s, 1),
+            "original_prompts": n_prompts, "seconds": round(time.perf_counter() - t0, 1)}
     return {"concepts": rows, "settings": {**asdict(s), "probes": list(s.probes),
                                            "compare": list(s.compare)}, "meta": meta}
 
@@ -266,6 +324,8 @@ def target_reached(row: dict, max_concept_bleu: float = 0.6, min_unrelated_bleu:
                    min_margin: float = 0.3) -> bool:
     """The issue's target for one concept, on held-out answers: concept-QA BLEU <= 0.6,
     unrelated >= 0.9 and (when a control was run) control concept BLEU - concept BLEU >= 0.3."""
+    if not row.get("found", True):
+        return False
     ok = row["concept_qa"]["bleu"] <= max_concept_bleu and \
         row["unrelated_qa"]["bleu"] >= min_unrelated_bleu
     if "control" in row:

@@ -39,6 +39,7 @@ class Answers:
     texts: list[str]
     dtype: str
     max_new_tokens: int
+    ids: list[list[int]] | None = None  # generated token ids (a final EOS kept)
 
 
 def max_positions(lm, default: int = 4096) -> int:
@@ -67,56 +68,96 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+def _takes_logits_to_keep(model) -> bool:
+    """Whether ``model.forward`` can skip the vocabulary projection of all but the last
+    position (the prefill then costs one head row per prompt, not one per token)."""
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 @torch.no_grad()
-def _greedy_batch(model, tok, prompts: list[str], max_new_tokens: int, stop: tuple[str, ...],
-                  eos: set[int], max_length: int) -> list[str]:
+def _greedy_batch(model, tok, seqs: list[list[int]], prefixes: list[list[int]],
+                  max_new_tokens: int, stop: tuple[str, ...], eos: set[int],
+                  row_edit=None, rows_global: list[int] | None = None) -> list[list[int]]:
+    """Greedy continuation of token sequences ``seqs`` (prompt ids), left-padded into one batch.
+    ``prefixes[i]`` are tokens already generated for row ``i`` (they count towards
+    ``max_new_tokens`` and the stop rule). Returns each row's generated ids (prefix included);
+    a row that ended at an EOS token has that token last."""
     from transformers import DynamicCache
 
     dev = next(model.parameters()).device
-    enc = tok(prompts, return_tensors="pt", padding=True, truncation=True,
-              max_length=max_length).to(dev)
-    ids, mask = enc["input_ids"], enc["attention_mask"]
+    full = [s + p for s, p in zip(seqs, prefixes)]
+    T = max(len(x) for x in full)
+    pad = tok.pad_token_id
+    ids = torch.tensor([[pad] * (T - len(x)) + x for x in full], dtype=torch.long, device=dev)
+    mask = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in full], dtype=torch.long,
+                        device=dev)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
-    rows = list(range(len(prompts)))  # live row -> prompt index
-    new: list[list[int]] = [[] for _ in prompts]
+    rows = list(range(len(seqs)))  # live row -> input index
+    new: list[list[int]] = [list(p) for p in prefixes]
     eos_t = torch.tensor(sorted(eos), device=dev) if eos else None
+    glob = rows_global if rows_global is not None else rows
+    if row_edit is not None:
+        row_edit.set_rows([glob[i] for i in rows])
+    keep_kw = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                use_cache=True)
-    for step in range(max_new_tokens):
+                use_cache=True, **keep_kw)
+    while True:
         nxt = out.logits[:, -1].argmax(-1)  # [live]
         done = torch.isin(nxt, eos_t) if eos_t is not None else torch.zeros_like(nxt, dtype=torch.bool)
         keep = []
         for r, i in enumerate(rows):
+            new[i].append(int(nxt[r]))
             if done[r]:
                 continue
-            new[i].append(int(nxt[r]))
+            if len(new[i]) >= max_new_tokens:
+                continue
             if stop and _cut(tok.decode(new[i], skip_special_tokens=True), stop)[1]:
                 continue
             keep.append(r)
-        if not keep or step == max_new_tokens - 1:
+        if not keep:
             break
         if len(keep) < len(rows):
             sel = torch.tensor(keep, device=dev)
             cache.batch_select_indices(sel)
             mask, pos, nxt = mask[sel], pos[sel], nxt[sel]
             rows = [rows[r] for r in keep]
+            if row_edit is not None:
+                row_edit.set_rows([glob[i] for i in rows])
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
         pos = pos[:, -1:] + 1
         out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
                     past_key_values=cache, use_cache=True)
-    texts = [tok.decode(n, skip_special_tokens=True) for n in new]
-    return [_cut(t, stop)[0].strip() for t in texts]
+    return new
+
+
+def ids_to_text(tok, ids: list[int], eos: set[int], stop: tuple[str, ...]) -> str:
+    """The answer text of generated ``ids``: EOS dropped, cut at the first stop string, stripped."""
+    if ids and ids[-1] in eos:
+        ids = ids[:-1]
+    return _cut(tok.decode(ids, skip_special_tokens=True), stop)[0].strip()
 
 
 def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 100,
                     stop: tuple[str, ...] = (), batch_size: int = 64,
-                    progress: bool = False) -> list[str]:
+                    progress: bool = False, prefixes: list[list[int]] | None = None,
+                    row_edit=None, return_ids: bool = False):
     """Greedy continuations of ``prompts`` (one string each, stop string excluded, stripped).
 
     Left-padded batches of up to ``batch_size`` prompts (longest first), KV cache, early stop
     per row at EOS or at a ``stop`` string (checked on the newly decoded text); a batch ends when
-    all its rows have stopped or after ``max_new_tokens`` tokens."""
+    all its rows have stopped or after ``max_new_tokens`` tokens.
+
+    ``prefixes`` (token ids per prompt): continue after tokens already generated (e.g. the
+    verified common prefix of an original answer); they count towards ``max_new_tokens``.
+    ``row_edit``: an object whose ``set_rows(prompt_indices)`` is called whenever the live rows
+    change (per-row edits, :class:`.rowedit.RowMasks`). ``return_ids``: also return the
+    generated ids (prefix included, a final EOS kept)."""
     if not prompts:
         raise DataError("no prompts to generate from")
     if max_new_tokens < 1:
@@ -132,31 +173,31 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 
     if tokenizer.pad_token_id is None:
         raise DataError("the tokenizer has no pad token; set tokenizer.pad_token = "
                         "tokenizer.eos_token before generating in batches")
+    prefixes = [list(p) for p in prefixes] if prefixes is not None else [[] for _ in prompts]
+    if len(prefixes) != len(prompts) or any(len(p) >= max_new_tokens for p in prefixes):
+        raise DataError("need one prefix per prompt, each shorter than max_new_tokens")
     stop = tuple(s for s in stop if s)
     eos = _eos_ids(model, tokenizer)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    out = [""] * len(prompts)
-    side, trunc = tokenizer.padding_side, getattr(tokenizer, "truncation_side", "right")
-    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
-    try:
-        for s in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress,
-                      leave=False):
-            idx = order[s:s + batch_size]
-            texts = _greedy_batch(model, tokenizer, [prompts[i] for i in idx], max_new_tokens,
-                                  stop, eos, ctx - max_new_tokens)
-            for i, t in zip(idx, texts):
-                out[i] = t
-    finally:
-        tokenizer.padding_side, tokenizer.truncation_side = side, trunc
-    return out
+    seqs = [x[-(ctx - max_new_tokens):] for x in tokenizer(list(prompts))["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: -(len(seqs[i]) + len(prefixes[i])))
+    out_ids: list[list[int]] = [[] for _ in prompts]
+    for s in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress,
+                  leave=False):
+        idx = order[s:s + batch_size]
+        got = _greedy_batch(model, tokenizer, [seqs[i] for i in idx], [prefixes[i] for i in idx],
+                            max_new_tokens, stop, eos, row_edit, idx)
+        for i, g in zip(idx, got):
+            out_ids[i] = g
+    texts = [ids_to_text(tokenizer, g, eos, stop) for g in out_ids]
+    return (texts, out_ids) if return_ids else texts
 
 
 def generate(lm, prompts: list[str], max_new_tokens: int = 100, batch_size: int = 64,
              progress: bool = False, stop: tuple[str, ...] = ()) -> Answers:
     """:func:`greedy_generate` on a loaded model; returns :class:`Answers`."""
-    texts = greedy_generate(lm.model, lm.tokenizer, prompts, max_new_tokens, stop, batch_size,
-                            progress)
-    return Answers(list(prompts), texts, _dtype(lm), max_new_tokens)
+    texts, ids = greedy_generate(lm.model, lm.tokenizer, prompts, max_new_tokens, stop,
+                                 batch_size, progress, return_ids=True)
+    return Answers(list(prompts), texts, _dtype(lm), max_new_tokens, ids)
 
 
 def generate_answers(lm, questions: list[str], max_new_tokens: int = 100, batch_size: int = 64,

@@ -88,7 +88,7 @@ def plot_results(results: dict, out: str | os.PathLike) -> list[str]:
                 vals = []
                 for r in rows:
                     e = r if m == results["settings"]["method"] else r.get("comparison", {}).get(m)
-                    if e is None:
+                    if e is None or "intrinsic" not in e:  # no comparison / no vector found
                         vals.append(float("nan"))
                     else:
                         vals.append(e["intrinsic"]["cosine"] if key == "cosine" else e[key]["bleu"])
@@ -134,6 +134,8 @@ def report_markdown(results: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         vecs = " ".join(f"{a}/{b}" for a, b in r.get("vectors", [[r["layer"], r["index"]]]))
+        if not r.get("found", True):
+            vecs = "none found (unedited scores)"
         sel, ctrl = r.get("selection", {}), r.get("control")
         lines.append(f"| {r['concept']} | {vecs} | {_toks(r['top_tokens'], 6)} | "
                      f"{r['concept_qa']['bleu']:.3f} | {r['concept_qa']['rougeL']:.3f} | "
@@ -165,6 +167,8 @@ def report_markdown(results: dict) -> str:
                   "| concept | method | concept BLEU | unrelated BLEU | completions BLEU | cosine | "
                   "L2 | Jaccard top-200 | article share after |", "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
+            if "comparison" not in r:
+                continue
             for m, e in [(s["method"], r)] + list(r.get("comparison", {}).items()):
                 comp = e.get("completions", {}).get("bleu")
                 i = e["intrinsic"]
@@ -182,6 +186,10 @@ def report_markdown(results: dict) -> str:
             for m, e in [(s["method"], r)] + list(r.get("comparison", {}).items()):
                 lines.append(f"| {r['concept']} | {m} | " + " | ".join(
                     f"{e[p]['bleu']:.3f}" if p in e else "-" for p in probes) + " |")
+    missing = [r for r in rows if not r.get("found", True)]
+    if missing:
+        lines += ["", "## No vector found", ""] + [f"- {r['concept']}: {r['reason']}"
+                                                   for r in missing]
     lines += ["", "Figures: `top_tokens.png`, `layers.png`, `before_after.png`"
               + (", `comparison.png`" if any("comparison" in r for r in rows) else "") + "."]
     return "\n".join(lines) + "\n"

@@ -13,7 +13,10 @@
    tie-break: the mean log-prob alone misses near-ties that flip greedy answers).
 3. *Greedy set.* In order of screened gain, a vector joins the set when the set's gain (all its
    vectors ablated together) rises by at least ``min_gain`` and ``g_u >= min_unrelated_agreement``;
-   at most ``max_vectors``, stopping after ``patience`` rejections in a row.
+   at most ``max_vectors``, stopping after ``patience`` rejections in a row. A vector whose own
+   ``g_u`` is below ``min_unrelated_agreement`` is rejected without a pass (and does not count
+   towards ``patience``: generic early-layer vectors would otherwise end the search). If none is accepted
+   the set is empty (reported as "no vector found").
 
 Teacher forcing scores the first ``max_answer_tokens`` (32) tokens of each original answer and
 at most ``n_unrelated_tf`` (12) of the selection unrelated questions (CPU time); the set size is
@@ -42,7 +45,7 @@ def ablated(lm, vectors, method: str = "zero", sigma: float = 0.1, seed: int = 0
     with contextlib.ExitStack() as stack:
         for k, (layer, index) in enumerate(vectors):
             stack.enter_context(ConceptAblation(layer, index, method, sigma, seed + k)
-                                .fit(lm).applied(lm))
+                                .fit(lm, fingerprint=False).applied(lm))
         yield lm
 
 
@@ -83,7 +86,7 @@ class SetSelector:
     def __init__(self, method: str = "zero", sigma: float = 0.1, seed: int = 0, n_attr: int = 12,
                  max_vectors: int = 8, lam: float = 1.0, min_gain: float = 0.005,
                  min_unrelated_agreement: float = 0.9, batch_size: int = 32, patience: int = 4,
-                 max_answer_tokens: int = 32, n_unrelated_tf: int = 12):
+                 max_answer_tokens: int = 32, n_unrelated_tf: int = 12, min_layer: int = 0):
         if max_vectors < 1:
             raise DataError("max_vectors must be at least 1")
         if n_attr < 0:
@@ -93,6 +96,7 @@ class SetSelector:
         self.min_gain, self.min_unrelated_agreement = float(min_gain), float(min_unrelated_agreement)
         self.batch_size, self.patience = int(batch_size), int(patience)
         self.max_answer_tokens, self.n_unrelated_tf = int(max_answer_tokens), int(n_unrelated_tf)
+        self.min_layer = int(min_layer)  # vectors of earlier layers never enter the pool
 
     def _change(self, lm, vectors, tf_c: TeacherForced, tf_u: TeacherForced) -> dict:
         """Drops and agreements of the concept and unrelated answers, ``vectors`` ablated."""
@@ -111,9 +115,13 @@ class SetSelector:
         u_p, u_a = unrelated_qa
         tf_u = TeacherForced(lm, u_p[: self.n_unrelated_tf], u_a[: self.n_unrelated_tf], **kw).fit()
         attr = tf_c.attribution() - tf_u.attribution()
+        if self.min_layer >= attr.shape[0]:
+            raise DataError(f"min_layer={self.min_layer} excludes every layer ({attr.shape[0]})")
+        attr[: self.min_layer] = float("-inf")
         pool: dict[tuple[int, int], str] = {}
         for c in vocab_candidates:
-            pool[(c.layer, c.index)] = "vocab"
+            if c.layer >= self.min_layer:
+                pool[(c.layer, c.index)] = "vocab"
         if self.n_attr:
             for flat in attr.flatten().topk(self.n_attr).indices.tolist():
                 key = divmod(flat, attr.shape[1])
@@ -131,6 +139,11 @@ class SetSelector:
             if len(chosen) >= self.max_vectors or misses >= self.patience:
                 break
             trial = chosen + [(s.layer, s.index)]
+            if s.unrelated_agreement < self.min_unrelated_agreement:
+                # alone it already changes the unrelated answers: never joins (no pass needed)
+                steps.append({"vector": [s.layer, s.index], "accepted": False,
+                              "reason": "own unrelated agreement below the limit"})
+                continue  # not a miss: patience counts only vectors that were tried in the set
             ch = asdict(s) if not chosen else self._change(lm, trial, tf_c, tf_u)
             ok = ch["gain"] >= best + self.min_gain and \
                 ch["unrelated_agreement"] >= self.min_unrelated_agreement
@@ -141,10 +154,27 @@ class SetSelector:
                 chosen, best, misses = trial, ch["gain"], 0
             else:
                 misses += 1
-        if not chosen:  # nothing passes: keep the best single vector, flagged in the trace
-            chosen = [(screened[0].layer, screened[0].index)]
-            steps.append({"vector": list(chosen[0]), "fallback": True})
+        # nothing passes: an empty set ("no vector found"), not the best of the rejected ones
         return Selection(chosen, screened, steps)
+
+
+def selection_model(lm, dtype: str = "float32"):
+    """The model the selector scores on: ``lm`` itself for its own dtype, else a copy in
+    ``dtype`` (e.g. ``bfloat16``: ~3x faster teacher-forced passes on CPUs with bf16 units).
+    Only the *choice* uses it; every reported answer is generated by ``lm``."""
+    import copy
+
+    from ..architectures import ModelAdapter
+    from ..models import LoadedModel
+
+    want = getattr(torch, dtype, None)
+    if not isinstance(want, torch.dtype) or not want.is_floating_point:
+        raise DataError(f"unknown select dtype {dtype!r}; use float32 or bfloat16")
+    if next(lm.model.parameters()).dtype == want:
+        return lm
+    m = copy.deepcopy(lm.model).to(want).eval()
+    return LoadedModel(m, lm.tokenizer, ModelAdapter(m, lm.adapter.arch),
+                       f"{getattr(lm, 'name', 'model')}-{dtype}")
 
 
 def random_control(lm, vectors, seed: int = 0) -> list[tuple[int, int]]:

@@ -46,18 +46,26 @@ class TeacherForced:
     ...     drop = tf.drop(min_layer=edit.layer)
     """
 
-    def __init__(self, lm, prompts: list[str], answers: list[str], batch_size: int = 32,
-                 max_answer_tokens: int | None = None):
-        if len(prompts) != len(answers) or not prompts:
+    def __init__(self, lm, prompts: list[str], answers: list[str] | None, batch_size: int = 32,
+                 max_answer_tokens: int | None = None, answer_ids: list[list[int]] | None = None):
+        n_ans = len(answer_ids) if answer_ids is not None else len(answers or [])
+        if len(prompts) != n_ans or not prompts:
             raise DataError(f"need as many answers as prompts (got {len(prompts)} prompts, "
-                            f"{len(answers)} answers) and at least one")
+                            f"{n_ans} answers) and at least one")
         self.lm, self.batch_size = lm, int(batch_size)
         tok = lm.tokenizer
         p_ids = tok(list(prompts), add_special_tokens=True)["input_ids"]
-        a_ids = [tok(" " + a, add_special_tokens=False)["input_ids"][:max_answer_tokens]
-                 if a.strip() else [] for a in answers]
+        if answer_ids is not None:  # token ids as generated (e.g. with the final EOS / stop token)
+            a_ids = [list(a)[:max_answer_tokens] for a in answer_ids]
+        else:
+            a_ids = [tok(" " + a, add_special_tokens=False)["input_ids"][:max_answer_tokens]
+                     if a.strip() else [] for a in answers]
         self.seqs = [(p + a)[-1024:] for p, a in zip(p_ids, a_ids)]
         self.n_answer = [min(len(a), len(s) - 1) for a, s in zip(a_ids, self.seqs)]
+        self.targets_ = torch.full((len(a_ids), max(self.n_answer + [1])), -1, dtype=torch.long)
+        for i, (s, n) in enumerate(zip(self.seqs, self.n_answer)):
+            if n:
+                self.targets_[i, :n] = torch.tensor(s[len(s) - n:])
         self.batches: list[dict] = []
         self.base_: torch.Tensor | None = None
         self.shortcut_ = False
@@ -133,6 +141,7 @@ class TeacherForced:
             b["outs"] = outs
             self._reduce(b, res.logits[b["rows"], b["pos"]], full, am)
         self.base_, self.base_argmax_ = self._finish(full), am
+        self.base_match_ = self._prefix(am == self.targets_)
         self.shortcut_ = True
         try:
             check = self.logprob(len(blocks) - 1)
@@ -142,11 +151,30 @@ class TeacherForced:
         self.shortcut_ = ok
         return self
 
+    def _prefix(self, hit: torch.Tensor) -> torch.Tensor:
+        """Length of the leading run of ``True`` per row, capped at the answer length: ``[n]``."""
+        run = torch.cumprod(hit.long(), 1).sum(1)
+        return torch.minimum(run, torch.tensor(self.n_answer, dtype=torch.long))
+
+    def matched(self, min_layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-answer mean token log-prob and the number of leading answer tokens that greedy
+        decoding under the current weights reproduces (argmax == the answer token), capped where
+        the unedited model's own teacher-forced argmax first differs from the answer (a
+        floating-point near-tie between generation and teacher forcing): ``([n], [n] long)``."""
+        total, am = self._run(min_layer)
+        k = torch.minimum(self._prefix(am == self.targets_), self.base_match_)
+        return self._finish(total), k
+
     @torch.no_grad()
     def scores(self, min_layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Under the model's current weights, assuming nothing below ``min_layer`` was edited:
         per-answer mean token log-prob and greedy agreement (share of the answer before the first
         position where the greedy choice differs from the unedited model's), both ``[n]`` float64 (NaN when empty)."""
+        total, am = self._run(min_layer)
+        return self._finish(total), self._agreement(am)
+
+    @torch.no_grad()
+    def _run(self, min_layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.batches:
             raise DataError("TeacherForced is not fitted; call .fit() on the unedited model")
         blocks = self.lm.adapter.blocks
@@ -169,7 +197,7 @@ class TeacherForced:
             finally:
                 for j, blk in enumerate(saved):
                     blocks[j] = blk
-        return self._finish(total), self._agreement(am)
+        return total, am
 
     def logprob(self, min_layer: int = 0) -> torch.Tensor:
         """Per-answer mean token log-prob (see :meth:`scores`): ``[n]``."""

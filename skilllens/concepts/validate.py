@@ -23,28 +23,43 @@ from .data import Concept
 from .generation import QA_STOP, Answers, answer_logprob, generate, qa_prompts
 from .metrics import TextScores, text_scores
 from .split import Split, split_indices
+from .teacher import TeacherForced
 
 SEL = "@sel"
 
 
 class AnswerCache:
-    """Original-model answers keyed by (prompt, max_new_tokens, stop, dtype): shared across
-    concepts, filled only from unedited models (the caller's responsibility; see
-    BehaviourSuite.fit)."""
+    """Original-model answers (text and generated ids) keyed by (prompt, max_new_tokens, stop,
+    dtype): shared across concepts, filled only from unedited models (the caller's
+    responsibility; see BehaviourSuite.fit). Fill it for many prompts at once
+    (:meth:`prefetch`) so that the generation batches are full."""
 
     def __init__(self):
-        self.store: dict[tuple, str] = {}
+        self.store: dict[tuple, tuple[str, list[int]]] = {}
 
-    def get_or_generate(self, lm, prompts: list[str], max_new_tokens: int, batch_size: int,
-                        progress: bool = False, stop: tuple = QA_STOP) -> list[str]:
+    def _key(self, lm, max_new_tokens, stop):
         dtype = str(next(lm.model.parameters()).dtype).replace("torch.", "")
-        key = (max_new_tokens, tuple(stop), dtype)
+        return (max_new_tokens, tuple(stop), dtype)
+
+    def prefetch(self, lm, prompts: list[str], max_new_tokens: int, batch_size: int,
+                 progress: bool = False, stop: tuple = QA_STOP) -> int:
+        """Generate the answers of the prompts not cached yet; returns how many were generated."""
+        key = self._key(lm, max_new_tokens, stop)
         missing = [p for p in dict.fromkeys(prompts) if (p,) + key not in self.store]
         if missing:
             ans = generate(lm, missing, max_new_tokens, batch_size, progress, stop)
-            for p, a in zip(missing, ans.texts):
-                self.store[(p,) + key] = a
-        return [self.store[(p,) + key] for p in prompts]
+            for p, a, i in zip(missing, ans.texts, ans.ids):
+                self.store[(p,) + key] = (a, i)
+        return len(missing)
+
+    def get_or_generate(self, lm, prompts: list[str], max_new_tokens: int, batch_size: int,
+                        progress: bool = False, stop: tuple = QA_STOP,
+                        with_ids: bool = False):
+        self.prefetch(lm, prompts, max_new_tokens, batch_size, progress, stop)
+        key = self._key(lm, max_new_tokens, stop)
+        got = [self.store[(p,) + key] for p in prompts]
+        texts = [t for t, _ in got]
+        return (texts, [list(i) for _, i in got]) if with_ids else texts
 
 
 def probe_prompts(concept: Concept, probe: str, context_chars: int = 2000,
@@ -123,6 +138,8 @@ class BehaviourSuite:
             self.prompts[p] = probe_prompts(concept, p, indices=q_idx)
         self.original_: dict[str, list[str]] = {}
         self.original_logprob_: dict[str, torch.Tensor] = {}
+        self.original_ids_: dict[str, list[list[int]]] = {}
+        self.verifiers_: dict[str, TeacherForced] = {}
         self.dtype_: str | None = None
 
     def sel(self, name: str) -> str:
@@ -141,18 +158,33 @@ class BehaviourSuite:
                 **{k: v.to_dict() for k, v in self.split_.items()},
                 "unrelated_questions": self.unrelated_questions}
 
-    def fit(self, lm, cache: AnswerCache | None = None, progress: bool = False) -> "BehaviourSuite":
-        """Record the unedited model's answers (call outside any ``applied`` block)."""
+    def fit(self, lm, cache: AnswerCache | None = None, progress: bool = False,
+            verify: bool = True, tf_batch: int = 8) -> "BehaviourSuite":
+        """Record the unedited model's answers (call outside any ``applied`` block) and, with
+        ``verify``, a teacher-forced verifier per prompt set for :meth:`score_edits`
+        (``original_logprob_`` then comes from it: the mean log-prob per token of the original
+        generated ids; without ``verify``, of the re-tokenised answer text)."""
         cache = cache or AnswerCache()
+        cache.prefetch(lm, [p for ps in self.prompts.values() for p in ps], self.max_new_tokens,
+                       self.batch_size, progress, self.stop)
         for name, prompts in self.prompts.items():
-            self.original_[name] = cache.get_or_generate(lm, prompts, self.max_new_tokens,
-                                                         self.batch_size, progress, self.stop)
+            self.original_[name], self.original_ids_[name] = cache.get_or_generate(
+                lm, prompts, self.max_new_tokens, self.batch_size, progress, self.stop, True)
         for name in self.prompts:
+            if verify:
+                self.verifiers_[name] = TeacherForced(lm, self.prompts[name], None, tf_batch,
+                                                      answer_ids=self.original_ids_[name]).fit()
             if name.split("@")[0] in ("concept_qa", "unrelated_qa"):
-                self.original_logprob_[name] = answer_logprob(lm, self.prompts[name],
-                                                              self.original_[name])
+                self.original_logprob_[name] = self.verifiers_[name].base_ if verify else \
+                    answer_logprob(lm, self.prompts[name], self.original_[name])
         self.dtype_ = str(next(lm.model.parameters()).dtype).replace("torch.", "")
         return self
+
+    def score_edits(self, lm, jobs, batch_size: int | None = None) -> list["BehaviourScores"]:
+        """Score several edits at once (:func:`.fastscore.score_edits`: teacher-forced
+        verification, then generation only where an answer changes)."""
+        from .fastscore import score_edits
+        return score_edits(lm, self, jobs, batch_size)
 
     def _check(self, lm):
         if self.dtype_ is None:
@@ -167,7 +199,8 @@ class BehaviourSuite:
         self._check(lm)
         out = {}
         for name in sets:
-            now = answer_logprob(lm, self.prompts[name], self.original_[name])
+            now = self.verifiers_[name].logprob(0) if name in self.verifiers_ else \
+                answer_logprob(lm, self.prompts[name], self.original_[name])
             ok = ~torch.isnan(now) & ~torch.isnan(self.original_logprob_[name])
             out[name] = float((self.original_logprob_[name][ok] - now[ok]).mean()) if ok.any() else 0.0
         return out
