@@ -64,6 +64,8 @@ class AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         module = AliasModule(spec.name)
         parent, _, child = spec.name.rpartition(".")
         shadowed = getattr(sys.modules.get(parent), "__dict__", {}).get(child)
+        if isinstance(shadowed, AliasModule):  # imported before: keep what it forwarded to
+            shadowed = shadowed.__dict__.get("_shadowed")
         if callable(shadowed) and not isinstance(shadowed, types.ModuleType):
             module._shadowed = shadowed
         return module

@@ -116,6 +116,14 @@ def save_figure(fig, path: str | os.PathLike, formats=("png", "svg"), dpi: int =
     return out
 
 
+class JsonRecord:
+    """Mixin for result dataclasses: :meth:`to_dict` is their plain, JSON-ready form."""
+
+    def to_dict(self) -> dict:
+        import dataclasses
+        return dataclasses.asdict(self)
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
     """Atomically write ``obj`` as indented JSON."""
     with atomic_path(path) as tmp:

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from skilllens import load_model
-from skilllens.concepts import (AnswerCache, BehaviourSuite, Concept, ConceptAblation, ConceptSearch,
-                                FineTuneUnlearner, Needle, VocabProjection, answer_logprob,
-                                generate, intrinsic_scores, load_concepts, project_values,
-                                text_scores, token_weights)
+from skilllens.concepts import (AnswerCache, BehaviourSuite, Concept, ConceptAblation,
+                                ConceptSearch, FineTuneUnlearner, Needle, VocabProjection,
+                                answer_logprob, generate, intrinsic_scores, load_concepts,
+                                project_values, text_scores, token_weights)
 from skilllens.concepts.metrics import bleu_scores, cosine, jaccard, rouge_l_scores
-from skilllens.errors import DataError, FingerprintMismatchError, SiteError
+from skilllens.errors import ArtifactError, DataError, FingerprintMismatchError, SiteError
 
 
 @pytest.fixture()
@@ -214,6 +214,10 @@ def test_ablation_save_load(tmp_path, lm):
     assert torch.equal(b.direction_, a.direction_)
     with pytest.raises(FingerprintMismatchError):
         ConceptAblation.load(tmp_path / "a.safetensors", load_model("tiny-gpt2"))
+    quick = ConceptAblation(1, 4, "zero").fit(lm, fingerprint=False)  # in-memory use only
+    with pytest.raises(ArtifactError, match="fingerprint"):
+        quick.save(tmp_path / "q.safetensors")
+    assert not (tmp_path / "q.safetensors").exists()
 
 
 # ---------------------------------------------------------------- Needle / fine-tuning unlearning

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from skilllens import load_model
-from skilllens.concepts import (BehaviourSuite, Concept, ConceptAblation, SetSelector, TeacherForced,
-                                ablated, answer_logprob, greedy_generate, random_control,
-                                split_indices)
+from skilllens.concepts import (BehaviourSuite, Concept, ConceptAblation, SetSelector,
+                                TeacherForced, ablated, answer_logprob, greedy_generate,
+                                random_control, split_indices)
 from skilllens.concepts.select import Screened
 from skilllens.errors import DataError
 

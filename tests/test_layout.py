@@ -156,4 +156,10 @@ def test_importing_the_old_collect_module_keeps_skilllens_collect_callable():
         warnings.simplefilter("ignore", DeprecationWarning)
         import skilllens.collect as old
     assert old.StatsCollection is importlib.import_module("skilllens.core.collect").StatsCollection
-    assert callable(skilllens.collect)
+    import sys
+    sys.modules.pop("skilllens.collect")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import skilllens.collect  # noqa: F401  (a second import, as after a module reload)
+    lm = skilllens.load_model("tiny-llama")
+    assert skilllens.collect(lm, ["a b", "c d"], sites="gate", progress=False).layers("gate")

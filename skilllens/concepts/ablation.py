@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import load_artifact, save_artifact
-from ..errors import ArtifactError, SiteError
-from .vocab import check_index
+from skilllens.core.artifacts import load_artifact, save_artifact
+from skilllens.errors import ArtifactError, SiteError
+from skilllens.concepts.vocab import check_index
 
 METHODS = ("noise", "zero", "project")
 
@@ -74,10 +74,19 @@ class ColumnEdit:
     def _meta(self) -> dict:
         return {"layer": self.layer, "index": self.index}
 
+    def _tensors(self) -> dict:
+        return {"new_vector": self.new_vector_, "original": self.original_}
+
     def save(self, path: str | os.PathLike) -> Path:
+        """Safetensors artifact stamped with the fingerprint of the model it was fitted on."""
         self._check_fitted()
-        return save_artifact(path, {"new_vector": self.new_vector_, "original": self.original_},
-                             self._meta(), kind=self.kind, fingerprint=self.fingerprint_)
+        if self.fingerprint_ is None:
+            raise ArtifactError("this edit has no model fingerprint (fitted with "
+                                "fingerprint=False, or on a bare module); fit it on a loaded "
+                                "model with fingerprint=True before saving, so that loading it "
+                                "onto another model is refused")
+        return save_artifact(path, self._tensors(), self._meta(), kind=self.kind,
+                             fingerprint=self.fingerprint_)
 
     @classmethod
     def _from_meta(cls, meta: dict) -> "ColumnEdit":
@@ -89,9 +98,13 @@ class ColumnEdit:
         obj = cls._from_meta(meta)
         obj.new_vector_, obj.original_ = t["new_vector"], t["original"]
         obj.fingerprint_ = meta.get("fingerprint")
+        obj._restore(t)
         if model is not None and hasattr(model, "device"):
             obj.new_vector_ = obj.new_vector_.to(model.device)
         return obj
+
+    def _restore(self, tensors: dict) -> None:
+        """Subclasses read their extra saved tensors here."""
 
 
 class ConceptAblation(ColumnEdit):
@@ -167,22 +180,15 @@ class ConceptAblation(ColumnEdit):
     def _meta(self) -> dict:
         return {**super()._meta(), "method": self.method, "sigma": self.sigma, "seed": self.seed}
 
-    def save(self, path: str | os.PathLike) -> Path:
-        self._check_fitted()
-        t = {"new_vector": self.new_vector_, "original": self.original_}
+    def _tensors(self) -> dict:
+        t = super()._tensors()
         if self.direction_ is not None:
             t["direction"] = self.direction_
-        return save_artifact(path, t, self._meta(), kind=self.kind, fingerprint=self.fingerprint_)
+        return t
 
     @classmethod
     def _from_meta(cls, meta: dict) -> "ConceptAblation":
         return cls(meta["layer"], meta["index"], meta["method"], meta["sigma"], meta["seed"])
 
-    @classmethod
-    def load(cls, path: str | os.PathLike, model=None) -> "ConceptAblation":
-        t, meta = load_artifact(path, kind=cls.kind, model=model)
-        obj = cls._from_meta(meta)
-        obj.new_vector_, obj.original_ = t["new_vector"], t["original"]
-        obj.direction_ = t.get("direction")
-        obj.fingerprint_ = meta.get("fingerprint")
-        return obj
+    def _restore(self, tensors: dict) -> None:
+        self.direction_ = tensors.get("direction")

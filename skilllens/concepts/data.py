@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import DataError
+from skilllens.io import JsonRecord
+from skilllens.errors import DataError
 
 DEV_FILE = "conceptvectors/llama2-7b_concepts_dev.json"
 CV_FIELDS = ("Concept", "QA", "unrelated_QA", "wikipedia_content")
@@ -26,7 +27,7 @@ USER_FIELDS = ("name", "text", "questions", "unrelated_questions")
 
 
 @dataclass
-class Concept:
+class Concept(JsonRecord):
     """One concept. ``reference`` holds the published (layer, index) when known (LLaMA-2-7B)."""
 
     name: str
@@ -49,9 +50,6 @@ class Concept:
         if not self.text or not self.text.strip():
             raise DataError(f"concept {self.name!r} has an empty 'text' (its article); the "
                             f"search and the unlearning methods need it")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _need(obj, keys, where: str) -> None:
@@ -92,7 +90,7 @@ def from_user_entry(entry: dict, where: str = "concept") -> Concept:
 def _read(path: Path):
     if not path.exists():
         raise DataError(f"concept file {path} does not exist")
-    from ..data import plain_name, read_text
+    from skilllens.data import plain_name, read_text
     raw = read_text(path)  # plain, .gz or .xz
     if Path(plain_name(path)).suffix in (".yaml", ".yml"):
         try:
@@ -118,7 +116,7 @@ def load_concepts(path: str | os.PathLike | None = None, data_dir: str | os.Path
     ``$SKILLLENS_DATA``, the packaged data; see :mod:`skilllens.data`). ``names`` keeps only
     those concepts (in that order)."""
     if path is None:
-        from ..data import find_data_file
+        from skilllens.data import find_data_file
         found = find_data_file(DEV_FILE, data_dir)
         if found is None:
             raise DataError(f"no concepts given and {DEV_FILE} is in no data folder: pass "

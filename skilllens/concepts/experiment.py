@@ -35,17 +35,17 @@ from dataclasses import asdict, dataclass
 
 from tqdm.auto import tqdm
 
-from ..errors import DataError
-from .ablation import METHODS as ABLATIONS
-from .data import Concept
-from .fastscore import EditJob
-from .metrics import intrinsic_scores, text_scores
-from .needle import Needle
-from .search import ConceptSearch
-from .select import SetSelector, ablated, random_control, selection_model
-from .unlearn import FineTuneUnlearner
-from .validate import AnswerCache, BehaviourScores, BehaviourSuite
-from .vocab import top_tokens
+from skilllens.errors import DataError
+from skilllens.concepts.ablation import METHODS as ABLATIONS
+from skilllens.concepts.data import Concept
+from skilllens.concepts.fastscore import EditJob
+from skilllens.concepts.metrics import intrinsic_scores, text_scores
+from skilllens.concepts.needle import Needle
+from skilllens.concepts.search import ConceptSearch
+from skilllens.concepts.select import SetSelector, ablated, random_control, selection_model
+from skilllens.concepts.unlearn import FineTuneUnlearner
+from skilllens.concepts.validate import AnswerCache, BehaviourScores, BehaviourSuite
+from skilllens.concepts.vocab import top_tokens
 
 ALL_METHODS = ABLATIONS + ("needle", "ga", "npo")
 
@@ -54,28 +54,37 @@ ALL_METHODS = ABLATIONS + ("needle", "ga", "npo")
 class ExperimentSettings:
     """Knobs of :func:`run_concepts` (defaults: the CLI's default run)."""
 
+    # the edit that is scored, and the split
     method: str = "zero"
     sigma: float = 0.1
     seed: int = 0
     held_out: float = 0.5
+    # candidate pool (vocabulary projection + attribution), layers >= min_layer
     k_search: int = 50
     n_candidates: int = 5
     n_attr: int = 12
+    min_layer: int = 1
+
+    # greedy set on the selection half
     max_vectors: int = 8
     lam: float = 1.0
     min_gain: float = 0.005
     min_unrelated_agreement: float = 0.9
-    max_backtrack: int = 2
-    min_layer: int = 1
     select_dtype: str = "float32"
+
+    # size check by regeneration; random control
+    max_backtrack: int = 2
     min_unrelated_bleu: float = 0.9
     control: bool = True
+    # prompts and generation
     max_new_tokens: int = 100
     n_questions: int | None = None
     n_unrelated: int | None = None
     n_completions: int = 0
     probes: tuple = ()
     batch_size: int = 64
+
+    # behavioural comparison (Needle, GA, NPO)
     compare: tuple = ()
     unlearn_steps: int = 5
     unlearn_lr: float = 1e-5

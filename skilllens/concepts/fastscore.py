@@ -30,9 +30,10 @@ from typing import Callable
 
 import torch
 
-from ..errors import DataError
-from .generation import greedy_generate
-from .metrics import text_scores
+from skilllens.core.hooks import Hook, hooks_applied
+from skilllens.errors import DataError
+from skilllens.concepts.generation import greedy_generate
+from skilllens.concepts.metrics import BehaviourScores, text_scores
 
 
 class RowMasks:
@@ -57,24 +58,20 @@ class RowMasks:
 
     @contextlib.contextmanager
     def applied(self):
-        ad = self.lm.adapter
-
-        def hook(layer):
-            def pre(_m, inp):
+        """The masks as edits of the ``key`` site (the down projection's input) of each layer,
+        through the library's one hook mechanism (:func:`skilllens.core.hooks.hooks_applied`)."""
+        def edit(layer):
+            def fn(x):
                 if self.live is None:
                     raise DataError("RowMasks: set_rows was not called before the forward pass")
                 m = self.masks[layer][self.live]
-                x = inp[0]
-                return (x * m.view(m.shape[0], *([1] * (x.dim() - 2)), m.shape[1]),) + inp[1:]
-            return pre
+                return x * m.view(m.shape[0], *([1] * (x.dim() - 2)), m.shape[1])
+            return fn
 
-        hs = [ad._module(layer, ad.arch.value).register_forward_pre_hook(hook(layer))
-              for layer in self.masks]
         try:
-            yield self
+            with hooks_applied(self.lm, [Hook("key", layer, edit(layer)) for layer in self.masks]):
+                yield self
         finally:
-            for h in hs:
-                h.remove()
             self.live = None
 
 
@@ -93,7 +90,6 @@ class EditJob:
 def score_edits(lm, suite, jobs: list[EditJob], batch_size: int | None = None) -> list:
     """:class:`.validate.BehaviourScores` of every job (text scores against the originals, the
     answers, and teacher-forced log-prob drops of the concept / unrelated sets)."""
-    from .validate import BehaviourScores
 
     suite._check(lm)
     for j in jobs:

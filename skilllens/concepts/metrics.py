@@ -7,21 +7,19 @@ scored only the last 10 of 50 unrelated answers).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import DataError
+from skilllens.io import JsonRecord
+from skilllens.errors import DataError
 
 
 @dataclass
-class TextScores:
+class TextScores(JsonRecord):
     bleu: float
     rougeL: float
     n: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _pairs(preds: list[str], refs: list[str]):
@@ -58,7 +56,7 @@ def text_scores(preds: list[str], refs: list[str]) -> TextScores:
 
 
 @dataclass
-class IntrinsicScores:
+class IntrinsicScores(JsonRecord):
     """How much an edit moved a concept vector (original ``v`` -> edited ``v'``)."""
 
     cosine: float
@@ -67,9 +65,6 @@ class IntrinsicScores:
     article_share_before: float
     article_share_after: float
     k: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -101,7 +96,7 @@ def article_share(tokenizer, ids, keys: set[str]) -> float:
 def intrinsic_scores(lm, original: torch.Tensor, edited: torch.Tensor, article: str,
                      k: int = 200, through_norm: bool = False) -> IntrinsicScores:
     """Cosine, L2, Jaccard of the top-``k`` token sets and article share before/after."""
-    from .vocab import top_token_ids
+    from skilllens.concepts.vocab import top_token_ids
 
     ids_a = top_token_ids(lm, 0, 0, k, through_norm, vector=original).tolist()
     ids_b = top_token_ids(lm, 0, 0, k, through_norm, vector=edited).tolist()
@@ -110,3 +105,19 @@ def intrinsic_scores(lm, original: torch.Tensor, edited: torch.Tensor, article: 
                            float((original.double() - edited.double()).norm()),
                            jaccard(ids_a, ids_b), article_share(lm.tokenizer, ids_a, keys),
                            article_share(lm.tokenizer, ids_b, keys), k)
+
+
+@dataclass
+class BehaviourScores:
+    """Scores of one edit on one concept: per prompt set, text scores and log-prob drops."""
+
+    text: dict[str, TextScores]
+    logprob_drop: dict[str, float] = field(default_factory=dict)
+    answers: dict[str, list[str]] = field(default_factory=dict)
+
+    def to_dict(self, with_answers: bool = False) -> dict:
+        d = {"text": {k: v.to_dict() for k, v in self.text.items()},
+             "logprob_drop": dict(self.logprob_drop)}
+        if with_answers:
+            d["answers"] = self.answers
+        return d

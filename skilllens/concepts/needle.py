@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import DataError
-from .ablation import ColumnEdit, value_vector
-from .data import Concept
-from .training import article_chunks, ga_loss, sequence_logprob
-from .vocab import check_index
+from skilllens.errors import DataError
+from skilllens.concepts.ablation import ColumnEdit, value_vector
+from skilllens.concepts.data import Concept
+from skilllens.concepts.training import article_chunks, ga_loss, sequence_logprob
+from skilllens.concepts.vocab import check_index
 
 
 def _column_grad(lm, layer: int, index: int, grad: torch.Tensor) -> torch.Tensor:

@@ -5,16 +5,11 @@ import json
 import os
 from pathlib import Path
 
-from ..io import write_json, write_text
+from skilllens.io import save_figure, write_json, write_text
 
 
 def _save(fig, out: Path, name: str) -> list[str]:
-    paths = []
-    for ext in ("png", "svg"):
-        p = out / f"{name}.{ext}"
-        fig.savefig(p, dpi=110, bbox_inches="tight")
-        paths.append(str(p))
-    return paths
+    return [str(p) for p in save_figure(fig, out / name, dpi=110)]
 
 
 def plot_results(results: dict, out: str | os.PathLike) -> list[str]:
@@ -113,7 +108,7 @@ def _b(d: dict | None, key: str = "bleu") -> str:
 
 def report_markdown(results: dict) -> str:
     """A Markdown summary of the results (held-out numbers first, selection beside them)."""
-    from .experiment import target_reached
+    from skilllens.concepts.experiment import target_reached
 
     s, rows = results["settings"], results["concepts"]
     hit = sum(target_reached(r) for r in rows)

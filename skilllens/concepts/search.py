@@ -44,19 +44,20 @@ import math
 import os
 import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..artifacts import load_artifact, save_artifact
-from ..errors import DataError
-from .data import Concept
-from .vocab import VocabProjection, decode_tokens, project_values
+from skilllens.core.artifacts import load_artifact, save_artifact
+from skilllens.io import JsonRecord
+from skilllens.errors import DataError
+from skilllens.concepts.data import Concept
+from skilllens.concepts.vocab import VocabProjection, decode_tokens, project_values
 
 
 @dataclass
-class Candidate:
+class Candidate(JsonRecord):
     """One ranked value vector for a concept."""
 
     concept: str
@@ -65,9 +66,6 @@ class Candidate:
     score: float
     coverage: float
     top_tokens: list[str]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def vocab_keys(tokenizer, vocab_size: int) -> list[str]:

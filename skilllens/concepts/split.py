@@ -8,20 +8,18 @@ name, the set's name and the number of questions, so it is reproducible and reco
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from ..errors import DataError
+from skilllens.io import JsonRecord
+from skilllens.errors import DataError
 
 
 @dataclass
-class Split:
+class Split(JsonRecord):
     """Indices of the selection and held-out questions of one prompt set."""
 
     selection: list[int]
     held_out: list[int]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def split_indices(n: int, held_out: float = 0.5, seed: int = 0, key: str = "") -> Split:

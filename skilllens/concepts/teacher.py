@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import DataError
+from skilllens.core.hooks import Hook, hooks_applied
+from skilllens.errors import DataError
 
 
 class _Stub(nn.Module):
@@ -229,16 +230,13 @@ class TeacherForced:
         for b in self.batches:
             acts: list[torch.Tensor] = []
 
-            def grab(_m, inp):
-                acts.append(inp[0])
-
             def leaf(_m, _i, o):
                 return o.detach().requires_grad_(True)
 
-            hooks = [ad._module(layer, ad.arch.value).register_forward_pre_hook(grab)
-                     for layer in range(ad.n_layers)] + [emb.register_forward_hook(leaf)]
+            hooks = [emb.register_forward_hook(leaf)]  # gradients start at the embeddings
+            reads = [Hook("key", layer, acts.append) for layer in range(ad.n_layers)]
             try:
-                with torch.enable_grad():
+                with torch.enable_grad(), hooks_applied(self.lm, reads):
                     res = model(input_ids=b["ids"], attention_mask=b["mask"], use_cache=False)
                     lp = torch.log_softmax(res.logits[b["rows"], b["pos"]].float(), -1)
                     lp = lp.gather(-1, b["tgt"][:, None])[:, 0]

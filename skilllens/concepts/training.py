@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import DataError
+from skilllens.errors import DataError
 
 
 def article_chunks(tokenizer, text: str, seq_len: int = 128, max_chunks: int | None = 8) -> torch.Tensor:

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..artifacts import load_artifact, save_artifact
-from ..errors import ArtifactError, DataError
-from .data import Concept
-from .training import article_chunks, ga_loss, npo_loss, sequence_logprob
+from skilllens.core.artifacts import load_artifact, save_artifact
+from skilllens.errors import ArtifactError, DataError
+from skilllens.concepts.data import Concept
+from skilllens.concepts.training import article_chunks, ga_loss, npo_loss, sequence_logprob
 
 UNLEARN_METHODS = ("ga", "npo")
 SCOPES = ("full", "ffn_out")
@@ -117,7 +117,7 @@ class FineTuneUnlearner:
 
     def edited_vector(self, lm, layer: int, index: int) -> torch.Tensor:
         """Value vector ``(layer, index)`` as training left it ``[d_model]``."""
-        from .ablation import value_vector
+        from skilllens.concepts.ablation import value_vector
         with self.applied(lm):
             return value_vector(lm, layer, index)
 

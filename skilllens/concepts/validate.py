@@ -13,17 +13,18 @@ the original answers became (cheap: one forward pass, used to screen candidates)
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import DataError
-from .data import Concept
-from .generation import QA_STOP, Answers, answer_logprob, generate, qa_prompts
-from .metrics import TextScores, text_scores
-from .split import Split, split_indices
-from .teacher import TeacherForced
+from skilllens.errors import DataError
+from skilllens.concepts.data import Concept
+from skilllens.concepts.generation import QA_STOP, Answers, answer_logprob, generate, qa_prompts
+from skilllens.concepts.fastscore import score_edits
+from skilllens.concepts.metrics import BehaviourScores, text_scores
+from skilllens.concepts.split import Split, split_indices
+from skilllens.concepts.teacher import TeacherForced
 
 SEL = "@sel"
 
@@ -85,22 +86,6 @@ def probe_prompts(concept: Concept, probe: str, context_chars: int = 2000,
             tq = [tq[i] for i in indices]
         return qa_prompts(tq)
     raise DataError(f"unknown probe {probe!r}; use in_context, role_play or translated:LANG")
-
-
-@dataclass
-class BehaviourScores:
-    """Scores of one edit on one concept: per prompt set, text scores and log-prob drops."""
-
-    text: dict[str, TextScores]
-    logprob_drop: dict[str, float] = field(default_factory=dict)
-    answers: dict[str, list[str]] = field(default_factory=dict)
-
-    def to_dict(self, with_answers: bool = False) -> dict:
-        d = {"text": {k: v.to_dict() for k, v in self.text.items()},
-             "logprob_drop": dict(self.logprob_drop)}
-        if with_answers:
-            d["answers"] = self.answers
-        return d
 
 
 class BehaviourSuite:
@@ -183,7 +168,6 @@ class BehaviourSuite:
     def score_edits(self, lm, jobs, batch_size: int | None = None) -> list["BehaviourScores"]:
         """Score several edits at once (:func:`.fastscore.score_edits`: teacher-forced
         verification, then generation only where an answer changes)."""
-        from .fastscore import score_edits
         return score_edits(lm, self, jobs, batch_size)
 
     def _check(self, lm):
@@ -248,7 +232,7 @@ def screen_candidates(lm, suite: BehaviourSuite, candidates, method: str = "zero
 
     ``sets=("concept_qa",)`` screens on the concept's questions only (5x cheaper with 10 concept
     and 50 unrelated questions); unrelated answers are then checked by generation afterwards."""
-    from .ablation import ConceptAblation
+    from skilllens.concepts.ablation import ConceptAblation
 
     sets = tuple(sets)
     if "concept_qa" not in sets:

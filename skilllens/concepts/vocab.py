@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..artifacts import load_artifact, save_artifact
-from ..errors import SiteError
+from skilllens.core.artifacts import load_artifact, save_artifact
+from skilllens.errors import SiteError
 
 
 def _adapter(lm):

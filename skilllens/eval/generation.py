@@ -52,7 +52,12 @@ def context_length(model, default: int = 4096) -> int:
 
 
 def _prefill_kwargs(model) -> dict:
-    params = inspect.signature(model.forward).parameters
+    """Logits of the last position only on the prefill, where the model allows it (the prompt's
+    other positions would cost one vocabulary projection each)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
     return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
 

@@ -39,9 +39,10 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
+from skilllens.io import JsonRecord
 from skilllens.errors import SkillLensError
 
 TAIL = 2000
@@ -56,7 +57,7 @@ class SandboxError(SkillLensError):
 
 
 @dataclass
-class SandboxResult:
+class SandboxResult(JsonRecord):
     """Outcome of one sandboxed run; ``passed`` is True only for exit status 0 within limits."""
 
     passed: bool
@@ -66,9 +67,6 @@ class SandboxResult:
     stderr: str
     duration_s: float
     isolation: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @property
     def reason(self) -> str:
