@@ -24,7 +24,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from skilllens import figures  # noqa: E402
+from skilllens.unlearning import figures  # noqa: E402
 
 
 def tradeoff(results: list[dict], out: Path) -> str | None:

@@ -20,10 +20,10 @@ import time
 import torch
 
 import skilllens
-from skilllens import scoring
 from skilllens.core.batching import encode_items, encode_prompts, padding_stats
 from skilllens.data import load_skill, sample_skill
-from skilllens.eval import MAX_NEW_TOKENS, _kind, evaluate, fewshot_prefix
+from skilllens.eval import MAX_NEW_TOKENS, evaluate, fewshot_prefix, scoring
+from skilllens.eval.evaluation import _kind
 from skilllens.io import write_json
 
 
