@@ -41,7 +41,9 @@ from skilllens.data import load_skill, sample_skill  # noqa: E402
 from skilllens.core.hooks import Hook, run_with_hooks  # noqa: E402
 from skilllens.stats.neuron_stats import DEFAULT_STATS  # noqa: E402
 
-RESULTS = Path(__file__).resolve().with_name("RESULTS.md")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _record import command, record  # noqa: E402
+
 
 
 def _sync(device):
@@ -132,17 +134,14 @@ def main(argv=None):
                      f"{cpu_best[k]:,.0f} | {rc} |")
     machine = (torch.cuda.get_device_name() if lm.device.type == "cuda" else
                f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()})")
-    cmd = "python benchmarks/collect.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    cmd = command(__file__, argv)
     text = (f"\n## Statistics throughput vs bare forward, {datetime.datetime.now():%Y-%m-%d %H:%M}"
             f", {machine}\n\ntorch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"{next(lm.model.parameters()).dtype}; command: `{cmd.strip()}`; {len(skill)} GSM8K "
+            f"{next(lm.model.parameters()).dtype}; command: `{cmd}`; {len(skill)} GSM8K "
             f"question+answer texts, {n_tok} tokens; sites gate and key at all "
             f"{lm.adapter.n_layers} layers; {args.repeats} interleaved repetitions; load average "
             f"{load0[0]:.2f} before, {load1[0]:.2f} after.\n\n" + "\n".join(lines) + "\n")
-    print(text)
-    if not args.no_append:
-        with RESULTS.open("a") as f:
-            f.write(text)
+    record(text, append=not args.no_append)
 
 
 if __name__ == "__main__":

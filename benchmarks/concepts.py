@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _record import command, record  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -88,10 +90,10 @@ def main(argv=None) -> dict:
     for r in rows:
         for k, v in r.get("timing", {}).items():
             stages[k] = stages.get(k, 0.0) + v
-    cmd = "python benchmarks/concepts.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    cmd = command(__file__, argv)
     text = (f"\n## Concept vectors, default run (held-out split) — "
             f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}\n\n"
-            f"Machine: {machine}. Command (repository root): `{cmd.strip()}` (= `skilllens concepts "
+            f"Machine: {machine}. Command (repository root): `{cmd}` (= `skilllens concepts "
             f"--out {Path(args.out).name}` with its defaults). Load average (1/5/15 min) before "
             f"{load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f}, after {load1[0]:.1f}/{load1[1]:.1f}/"
             f"{load1[2]:.1f}" + (": other jobs shared the CPU, so the wall time is an upper "
@@ -105,11 +107,7 @@ def main(argv=None) -> dict:
             + f". Target (held-out concept BLEU <= 0.6, unrelated >= 0.9, control at least 0.3 "
               f"higher): **{hit} of {len(rows)}**. Results: `{os.path.relpath(args.out, ROOT)}/`.\n\n"
             + "\n".join(lines) + "\n")
-    print(text)
-    if not args.no_append:
-        from skilllens.io import write_text
-        path = ROOT / "benchmarks" / "RESULTS.md"
-        write_text(path, path.read_text() + text)
+    record(text, append=not args.no_append)
     return res
 
 
@@ -149,20 +147,16 @@ def compare(args, argv) -> dict:
                          f"{e['concept_qa']['bleu']:.3f} | {e['unrelated_qa']['bleu']:.3f} | "
                          f"{i['cosine']:.3f} | {i['l2']:.3f} | {i['jaccard_top']:.3f} | "
                          f"{e['logprob_drop'].get('concept_qa', float('nan')):.3f} |")
-    cmd = "python benchmarks/concepts.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    cmd = command(__file__, argv)
     text = (f"\n## Concept vectors: zero ablation vs Needle / GA / NPO on the chosen vectors — "
             f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}\n\n"
-            f"Command: `{cmd.strip()}` ({torch.get_num_threads()} torch threads; load average before "
+            f"Command: `{cmd}` ({torch.get_num_threads()} torch threads; load average before "
             f"{load0[0]:.1f}, after {load1[0]:.1f}); wall time {wall:.0f} s. The vectors are those "
             f"the default run found ({len(found)} concepts); every number is on the held-out "
             f"questions (same split, originals and stop rule); Needle / GA / NPO use the defaults "
             f"(5 steps; GA/NPO lr 1e-5 on the FFN output weights, Needle lr 1e-2 on the vector). "
             f"Results: `{os.path.relpath(out, ROOT)}/`.\n\n" + "\n".join(lines) + "\n")
-    print(text)
-    if not args.no_append:
-        from skilllens.io import write_text
-        path = ROOT / "benchmarks" / "RESULTS.md"
-        write_text(path, path.read_text() + text)
+    record(text, append=not args.no_append)
     return res
 
 
