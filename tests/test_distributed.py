@@ -20,12 +20,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, out):
+def _worker(rank, world, port, out, extra=None):
+    """Collect this rank's shard (``extra``: more collect arguments), merge, rank 0 saves; with
+    ``store=True`` each rank also writes its vectors (safetensors, keys "site.layer")."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         res = skilllens.collect("tiny-llama", TEXTS, sites=["gate", "key"], batch_size=3,
-                                rank=rank, world_size=world, progress=False)
+                                rank=rank, world_size=world, progress=False, **(extra or {}))
+        if res.vectors:  # safetensors, not torch.save/pickle (project rule)
+            save_file({f"{s}.{l}": v.contiguous() for (s, l), v in res.vectors.items()},
+                      out + f".vec{rank}")
         merged = skilllens.core.distributed.all_merge(res)
         if rank == 0:
             merged.save(out)
@@ -69,29 +74,13 @@ def test_ranks_that_disagree_get_a_clear_error(tmp_path):
         assert "ranks disagree" in Path(out + f".{r}").read_text()
 
 
-def _hist_worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        res = skilllens.collect("tiny-llama", TEXTS, sites=["gate", "key"], layers=[0, 1],
-                                batch_size=3, rank=rank, world_size=world, progress=False,
-                                stats=("moments", "histogram"), bins=32, store=True)
-        # safetensors, not torch.save/pickle (project rule); keys "site.layer"
-        save_file({f"{s}.{l}": v.contiguous() for (s, l), v in res.vectors.items()},
-                  out + f".vec{rank}")
-        merged = skilllens.core.distributed.all_merge(res)
-        if rank == 0:
-            merged.save(out)
-    finally:
-        dist.destroy_process_group()
-
-
 def test_two_process_merge_with_automatic_histogram_ranges(tmp_path):
     # issue 10 defect 5: automatic ranges differed per rank and all_merge refused them
     from skilllens.stats import HistogramSpec, histogram_counts
 
     out = str(tmp_path / "merged.safetensors")
-    mp.start_processes(_hist_worker, args=(2, _free_port(), out), nprocs=2, start_method="spawn")
+    extra = dict(layers=[0, 1], stats=("moments", "histogram"), bins=32, store=True)
+    mp.start_processes(_worker, args=(2, _free_port(), out, extra), nprocs=2, start_method="spawn")
     merged = skilllens.StatsCollection.load(out)
     vecs = [{(k.rsplit(".", 1)[0], int(k.rsplit(".", 1)[1])): v
              for k, v in load_file(out + f".vec{r}").items()} for r in range(2)]

@@ -33,7 +33,6 @@ def plot_results(results: dict, out: str | os.PathLike) -> list[str]:
     tab.auto_set_font_size(False)
     tab.set_fontsize(8)
     files += _save(fig, out, "top_tokens")
-    plt.close(fig)
     # 2. where concept vectors sit per layer
     fig, ax = plt.subplots(figsize=(7, 3.2))
     cand_layers = [c["layer"] for r in rows for c in r.get("candidates", [])]
@@ -47,7 +46,6 @@ def plot_results(results: dict, out: str | os.PathLike) -> list[str]:
     ax.legend()
     ax.set_title("Where concept vectors sit")
     files += _save(fig, out, "layers")
-    plt.close(fig)
     # 3. before/after bars per concept (BLEU against the original answers; before = 1)
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=False)
     x = range(len(rows))
@@ -72,7 +70,6 @@ def plot_results(results: dict, out: str | os.PathLike) -> list[str]:
         ax.legend(fontsize=7)
     fig.suptitle(f"method={results['settings']['method']}")
     files += _save(fig, out, "before_after")
-    plt.close(fig)
     if any("comparison" in r for r in rows):
         methods = [results["settings"]["method"]] + list(results["settings"].get("compare", []))
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
@@ -94,7 +91,6 @@ def plot_results(results: dict, out: str | os.PathLike) -> list[str]:
             axes[j].set_xticklabels(names, rotation=45, ha="right", fontsize=7)
         axes[0].legend(fontsize=7)
         files += _save(fig, out, "comparison")
-        plt.close(fig)
     return files
 
 

@@ -121,10 +121,6 @@ def _plt():
     return plt
 
 
-def _save(fig, path) -> list[Path]:
-    return save_figure(fig, path)
-
-
 def plot_mask_location(location: dict, path, title: str = "where the graft sits") -> list[Path]:
     """Heatmap layer x module type of mask entries (from :func:`mask_location`)."""
     plt = _plt()
@@ -140,7 +136,7 @@ def plot_mask_location(location: dict, path, title: str = "where the graft sits"
     ax.set_ylabel("layer")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="mask entries")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_overlap_heatmap(matrix: dict, path, key: str = "asymmetric") -> list[Path]:
@@ -160,7 +156,7 @@ def plot_overlap_heatmap(matrix: dict, path, key: str = "asymmetric") -> list[Pa
     ax.set_ylabel("i")
     ax.set_title("|g_i & g_j| / |g_j|" if key == "asymmetric" else "Jaccard(g_i, g_j)")
     fig.colorbar(im, ax=ax)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_recovery_curve(curves: dict[str, list[dict]], path) -> list[Path]:
@@ -180,7 +176,7 @@ def plot_recovery_curve(curves: dict[str, list[dict]], path) -> list[Path]:
     ax.set_xlabel("graft size (% of eligible parameters)")
     ax.set_ylabel("recovered fraction")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_scores(scores: dict, path, title: str = "") -> list[Path]:
@@ -192,4 +188,4 @@ def plot_scores(scores: dict, path, title: str = "") -> list[Path]:
         ax.bar(names, [scores[n][key] for n in names], color=["#999", "#c44", "#48c"][:len(names)])
         ax.set_title(key)
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
