@@ -166,10 +166,11 @@ def test_stop_strings_cut_and_stop_generation(tiny_llama):
 def _patch_generation(monkeypatch, fn):
     seen = []
 
-    def fake(lm, prompts, **kw):
+    def fake(model, tokenizer, prompts, **kw):
         seen.append((list(prompts), kw))
-        return [fn(p) for p in prompts]
-    monkeypatch.setattr(ev, "generate_texts", fake)
+        return gen.Generation([fn(p) for p in prompts], [[] for _ in prompts],
+                              [False] * len(prompts), 1)
+    monkeypatch.setattr(ev, "generate_batched", fake)
     return seen
 
 

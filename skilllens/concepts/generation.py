@@ -39,10 +39,9 @@ class Answers:
 
 
 def max_positions(lm, default: int = 4096) -> int:
-    """The model's context length (``max_position_embeddings`` / ``n_positions``)."""
-    cfg = lm.model.config
-    return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-               or default)
+    """The model's context length (:func:`skilllens.core.batching.context_limit`)."""
+    from skilllens.core.batching import context_limit
+    return context_limit(lm.model, lm.tokenizer) or default
 
 
 def _dtype(lm) -> str:
@@ -58,9 +57,6 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 
     continuation, per-row edits) with the concept-QA conventions: batches of 64 and answers
     stripped of surrounding blanks. ``return_ids`` also returns the generated ids (prefix
     included, an ending EOS kept)."""
-    if tokenizer.pad_token_id is None:
-        raise DataError("the tokenizer has no pad token; set tokenizer.pad_token = "
-                        "tokenizer.eos_token before generating in batches")
     texts, ids = _greedy(model, tokenizer, prompts, max_new_tokens, stop, batch_size,
                          progress=progress, prefixes=prefixes, row_edit=row_edit,
                          return_ids=True)
@@ -87,7 +83,7 @@ def generate_answers(lm, questions: list[str], max_new_tokens: int = 100, batch_
 def answer_logprob(lm, prompts: list[str], answers: list[str], batch_size: int = 16) -> torch.Tensor:
     """Teacher-forced mean log-probability per answer token of ``answers`` given ``prompts``:
     ``[n]`` float64 (NaN for an empty answer). Right padding; padding never counted."""
-    from skilllens.core.batching import encode_items, iter_batches
+    from skilllens.core.batching import encode_items, iter_batches, pad_id
     from skilllens.data import Item
 
     if len(prompts) != len(answers):
@@ -95,8 +91,7 @@ def answer_logprob(lm, prompts: list[str], answers: list[str], batch_size: int =
     items = [Item(str(i), p, (" " + a) if a else "") for i, (p, a) in enumerate(zip(prompts, answers))]
     enc = encode_items(items, lm.tokenizer, max_length=min(1024, max_positions(lm)))
     res = torch.full((len(items),), float("nan"), dtype=torch.float64)
-    pad = lm.tokenizer.pad_token_id
-    for b in iter_batches(enc, batch_size, pad, lm.device):
+    for b in iter_batches(enc, batch_size, pad_id(lm.tokenizer), lm.device):
         logits = lm.model(**b.inputs).logits.float()
         logp = torch.log_softmax(logits[:, :-1], -1)
         tgt = b.input_ids[:, 1:]

@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from skilllens.core.batching import (clamp_length, fit_pair, generation_prompts,
+                                     leading_specials, pad_id, right_padded)
 from skilllens.core.hooks import Hook, hooks_applied
 from skilllens.errors import DataError
 
@@ -48,21 +50,43 @@ class TeacherForced:
     """
 
     def __init__(self, lm, prompts: list[str], answers: list[str] | None, batch_size: int = 32,
-                 max_answer_tokens: int | None = None, answer_ids: list[list[int]] | None = None):
+                 max_answer_tokens: int | None = None, answer_ids: list[list[int]] | None = None,
+                 *, max_new_tokens: int | None = None, max_length: int | None = None):
+        """``answer_ids``: token ids as generated (e.g. with the final EOS / stop token).
+        ``max_new_tokens``: the generation budget the answers were generated with; the prompts
+        are then cut exactly as greedy generation cut them
+        (:func:`skilllens.core.batching.generation_prompts`), so verification sees the prompt
+        generation saw. Without it, prompt + answer is cut to the model's context by
+        :func:`skilllens.core.batching.fit_pair` (BOS and the prompt's end, the answer's start).
+        Raises ``DataError`` when the numbers of prompts and answers differ."""
         n_ans = len(answer_ids) if answer_ids is not None else len(answers or [])
         if len(prompts) != n_ans or not prompts:
             raise DataError(f"need as many answers as prompts (got {len(prompts)} prompts, "
                             f"{n_ans} answers) and at least one")
         self.lm, self.batch_size = lm, int(batch_size)
         tok = lm.tokenizer
-        p_ids = tok(list(prompts), add_special_tokens=True)["input_ids"]
-        if answer_ids is not None:  # token ids as generated (e.g. with the final EOS / stop token)
+        if answer_ids is not None:
             a_ids = [list(a)[:max_answer_tokens] for a in answer_ids]
         else:
             a_ids = [tok(" " + a, add_special_tokens=False)["input_ids"][:max_answer_tokens]
                      if a.strip() else [] for a in answers]
-        self.seqs = [(p + a)[-1024:] for p, a in zip(p_ids, a_ids)]
-        self.n_answer = [min(len(a), len(s) - 1) for a, s in zip(a_ids, self.seqs)]
+        if max_new_tokens is not None:
+            p_ids = generation_prompts(lm.model, tok, list(prompts), max_new_tokens,
+                                       max_length)[0]
+            self.seqs = [p + a[:max_new_tokens] for p, a in zip(p_ids, a_ids)]
+            a_lens = [len(a[:max_new_tokens]) for a in a_ids]
+        else:
+            p_ids = tok(list(prompts), add_special_tokens=True)["input_ids"]
+            limit = clamp_length(max_length, lm.model, tok)
+            specials = set(getattr(tok, "all_special_ids", None) or [])
+            self.seqs, a_lens = [], []
+            for p, a in zip(p_ids, a_ids):
+                p = list(p)
+                seq, n_p = fit_pair(p + a, len(p), leading_specials(p, specials),
+                                    limit or len(p) + len(a))
+                self.seqs.append(seq)
+                a_lens.append(len(seq) - n_p)
+        self.n_answer = [min(n, len(s) - 1) for n, s in zip(a_lens, self.seqs)]
         self.targets_ = torch.full((len(a_ids), max(self.n_answer + [1])), -1, dtype=torch.long)
         for i, (s, n) in enumerate(zip(self.seqs, self.n_answer)):
             if n:
@@ -72,19 +96,15 @@ class TeacherForced:
         self.shortcut_ = False
 
     def _encode(self):
-        pad = self.lm.tokenizer.pad_token_id or 0
+        pad = pad_id(self.lm.tokenizer)
         order = sorted(range(len(self.seqs)), key=lambda i: -len(self.seqs[i]))
         dev = self.lm.device
         for s in range(0, len(order), self.batch_size):
             idx = order[s:s + self.batch_size]
-            T = max(len(self.seqs[i]) for i in idx)
-            ids = torch.full((len(idx), T), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), T), dtype=torch.long)
+            ids, mask = right_padded(self.seqs, idx, pad)
             rows, pos, tgt, owner, slot = [], [], [], [], []
             for r, i in enumerate(idx):
                 seq = self.seqs[i]
-                ids[r, :len(seq)] = torch.tensor(seq)
-                mask[r, :len(seq)] = 1
                 for k, j in enumerate(range(len(seq) - self.n_answer[i], len(seq))):
                     rows.append(r), pos.append(j - 1), tgt.append(seq[j]), owner.append(i)
                     slot.append(k)

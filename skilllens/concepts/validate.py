@@ -157,8 +157,9 @@ class BehaviourSuite:
                 lm, prompts, self.max_new_tokens, self.batch_size, progress, self.stop, True)
         for name in self.prompts:
             if verify:
-                self.verifiers_[name] = TeacherForced(lm, self.prompts[name], None, tf_batch,
-                                                      answer_ids=self.original_ids_[name]).fit()
+                self.verifiers_[name] = TeacherForced(
+                    lm, self.prompts[name], None, tf_batch, answer_ids=self.original_ids_[name],
+                    max_new_tokens=self.max_new_tokens).fit()
             if name.split("@")[0] in ("concept_qa", "unrelated_qa"):
                 self.original_logprob_[name] = self.verifiers_[name].base_ if verify else \
                     answer_logprob(lm, self.prompts[name], self.original_[name])

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from skilllens.core.artifacts import load_artifact, read_metadata, save_artifact
-from skilllens.core.batching import TOKEN_MODES, encode_items, iter_batches, n_batches
+from skilllens.core.batching import (TOKEN_MODES, clamp_length, encode_items, iter_batches,
+                                     n_batches, pad_id)
 from skilllens.data import resolve_skills
 from skilllens.errors import ArtifactError, DataError, SiteError
 from skilllens.core.hooks import Hook, run_with_hooks
@@ -115,6 +116,9 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
     ``checkpoint``: a file written every ``checkpoint_every`` batches; a rerun with the same
     arguments resumes from it without counting any batch twice. ``rank``/``world_size`` shard
     the items for data-parallel runs (merge with :func:`skilllens.core.distributed.all_merge`).
+    ``max_length`` is clamped to the model's context; ``meta["max_length"]`` is the length
+    used, ``meta["n_truncated"]`` the items cut to it (:mod:`skilllens.core.batching`). With
+    ``tokens="all"`` an item is plain text (no prompt/answer split is needed).
     """
     lm = load_model(model)
     adapter = lm.adapter
@@ -130,7 +134,10 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
     if tokens == "answer" and not any(it.answer for it in skill.items):
         raise DataError(f"tokens='answer' needs prompt/answer items; {skill.name!r} has no answers")
     device = lm.device
-    encoded = encode_items(skill.items, lm.tokenizer, max_length)
+    used_length = clamp_length(max_length, lm.model, lm.tokenizer)
+    encoded = encode_items(skill.items, lm.tokenizer, used_length, split=tokens != "all")
+    n_truncated = sum(e.truncated for e in encoded)
+    n_merged = sum(e.merged for e in encoded)
     if world_size > 1:
         encoded = encoded[rank::world_size]
     keys = [(s, l) for l in layers for s in sites]
@@ -140,7 +147,8 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
             "max_length": max_length, "stats": list(stats), "bins": bins, "max_items": max_items,
             "rank": rank, "world_size": world_size, "store": sorted(store_keys)}
     meta = {"model": lm.name, "fingerprint": fp, "data": skill.name, "data_source": skill.source,
-            "data_hash": skill.digest(), "n_items": len(skill), "args": args}
+            "data_hash": skill.digest(), "n_items": len(skill), "args": args,
+            "max_length": used_length, "n_truncated": n_truncated, "n_merged_boundary": n_merged}
     result = StatsCollection({}, meta)
     collected = {k: NeuronStats(adapter.d_ff, stats, bins, hist_range, backend=stats_backend)
                  for k in keys}
@@ -191,7 +199,7 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
                desc=f"collect {skill.name}")
     t0 = time.perf_counter()
     with torch.no_grad():
-        for b, batch in enumerate(iter_batches(encoded, batch_size, lm.tokenizer.pad_token_id,
+        for b, batch in enumerate(iter_batches(encoded, batch_size, pad_id(lm.tokenizer),
                                                device)):
             if b < done:
                 continue
@@ -277,8 +285,7 @@ def _agree_histogram_ranges(lm, collected, encoded, batch_size, tokens, backend)
 
     todo = {k: st.histogram for k, st in collected.items()
             if st.histogram is not None and st.histogram.lo is None}
-    first = next(iter(iter_batches(encoded, batch_size, lm.tokenizer.pad_token_id, lm.device)),
-                 None)
+    first = next(iter(iter_batches(encoded, batch_size, pad_id(lm.tokenizer), lm.device)), None)
     if todo and first is not None:
         mask = first.token_mask(tokens)
 

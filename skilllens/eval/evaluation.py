@@ -16,8 +16,16 @@ Metrics (``evaluate(..., metric=...)``):
   gold answers (:mod:`skilllens.eval.scoring`).
 
 Batching: :func:`skilllens.core.batching.plan_batches` (longest first) for every path; teacher-forced
-batches right-padded, generation left-padded; results in item order. Items over ``max_length``
-are cut as :mod:`skilllens.core.batching` says (never a prompt that fits), counted in ``n_truncated``.
+batches right-padded, generation left-padded, both with the tokenizer's
+:func:`~skilllens.core.batching.pad_id` (the caller's tokenizer settings are never read or
+changed); results in item order. ``max_length`` is clamped to the model's context
+(:func:`~skilllens.core.batching.clamp_length`); items over it are cut as
+:mod:`skilllens.core.batching` says (never a prompt that fits), counted in ``n_truncated`` by
+the function that cuts (for generation metrics: the prompts generation actually received).
+An item whose prompt and answer share a token (``Item("a", "Ans", "wer")`` is one token
+``Answer`` for SmolLM2) is scored from the split the tokenizer allows, or with its two sides
+tokenised apart when one token swallows the prompt; such items are counted in
+``n_merged_boundary`` and never abort the run.
 
 **Abstention.** An ``abstainer`` (``.abstains(lm, items) -> BoolTensor[n]``) decides on the
 prompts before anything runs; abstained items are neither generated nor scored teacher-forced,
@@ -40,10 +48,10 @@ import re
 
 import torch
 
-from skilllens.core.batching import encode_items, encode_prompts, iter_batches, n_batches
+from skilllens.core.batching import clamp_length, encode_items, iter_batches, n_batches, pad_id
 from skilllens.data import Item, Skill, as_skill, load_skill, sample_skill
 from skilllens.errors import DataError, SkillLensError
-from skilllens.eval.generation import generate_texts
+from skilllens.eval.generation import generate_batched
 from skilllens.eval.scores import METRICS, TEACHER_FORCED, SkillScore, abstained_row, summarize
 
 #: stop strings and default new-token budgets per kind of item
@@ -90,18 +98,18 @@ def _progress(it, total, desc, progress):
 @torch.no_grad()
 def teacher_forced(lm, items: list[Item], *, batch_size: int = 8, max_length: int = 512,
                    progress: bool = True, desc: str = "teacher-forced") -> list[dict]:
-    """Per item ``{"accuracy", "nll", "n_tokens", "truncated"}`` of the gold answer given the
-    prompt (length-sorted right-padded batches; rows returned in item order)."""
+    """Per item ``{"accuracy", "nll", "n_tokens", "truncated", "merged_boundary"}`` of the gold
+    answer given the prompt (length-sorted right-padded batches; rows returned in item order).
+    ``max_length`` is clamped to the model's context."""
     model, tok = lm.model, lm.tokenizer
-    encoded = encode_items(items, tok, max_length)
+    encoded = encode_items(items, tok, clamp_length(max_length, model, tok))
     for e in encoded:
         if len(e.ids) < 2:
             raise DataError(f"item {items[e.index].id!r} has fewer than 2 tokens; nothing to "
                             f"score teacher-forced")
     keep_arg = _accepts_logits_to_keep(model)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     out: list[dict] = [{} for _ in items]
-    batches = iter_batches(encoded, batch_size, pad, lm.device)
+    batches = iter_batches(encoded, batch_size, pad_id(tok), lm.device)
     for b in _progress(batches, n_batches(len(encoded), batch_size), desc, progress):
         ids = b.input_ids
         pos = torch.arange(ids.shape[1], device=ids.device)[None]
@@ -122,7 +130,8 @@ def teacher_forced(lm, items: list[Item], *, batch_size: int = 8, max_length: in
         acc = correct.sum(1) / n
         for r, idx in enumerate(b.index.tolist()):
             out[idx] = {"accuracy": float(acc[r]), "nll": float(nll[r]), "n_tokens": int(n[r]),
-                        "truncated": encoded[idx].truncated}
+                        "truncated": encoded[idx].truncated,
+                        "merged_boundary": encoded[idx].merged}
     return out
 
 
@@ -188,12 +197,11 @@ def _score_generation(lm, skill: Skill, items: list[Item], metric: str, *, batch
     prompts = [prefix + it.prompt for it in items]
     new_tokens = max_new_tokens or MAX_NEW_TOKENS[kind]
     length = max(max_length, 2048) if prefix else max_length
-    texts = generate_texts(lm, prompts, max_new_tokens=new_tokens, stops=stops,
-                           batch_size=batch_size, progress=progress, desc=f"generate {skill.name}",
-                           max_length=length)
-    cut = encode_prompts(lm.tokenizer, prompts, max(1, length - new_tokens))[1]
+    gen = generate_batched(lm.model, lm.tokenizer, prompts, max_new_tokens=new_tokens,
+                           stops=stops, batch_size=batch_size, max_length=length,
+                           progress=progress, desc=f"generate {skill.name}")
     rows = []
-    for it, text, c in zip(items, texts, cut):
+    for it, text, c in zip(items, gen.texts, gen.truncated):
         row = {"prediction": text[:1000], "truncated": c}
         if metric == "pass@1":
             res = check_item(it, text, timeout=sandbox_timeout)
@@ -222,8 +230,10 @@ def evaluate(lm, skill, metric: str = "token_accuracy", *, batch_size: int = 8,
     probe part of ``gsm8k`` in ``data_dir``; drawn with ``seed``).
 
     Abstained items (``abstainer``) count in every mean: score 0 for accuracy-type metrics and
-    ``log(V)`` nats (uniform distribution) for ``nll``; ``n_truncated`` counts items cut to
-    ``max_length``; compare two scores with :func:`relative` (``< 1``: worse)."""
+    ``log(V)`` nats (uniform distribution) for ``nll``; ``max_length`` is clamped to the model's
+    context and ``n_truncated`` counts items cut to it (generation: prompts cut to
+    ``max_length - max_new_tokens``); ``n_merged_boundary`` counts items whose prompt and
+    answer share a token (module docstring); compare two scores with :func:`relative` (``< 1``: worse)."""
     if metric not in METRICS:
         raise SkillLensError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
     if batch_size < 1:

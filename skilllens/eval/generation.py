@@ -3,8 +3,10 @@
 :func:`greedy_generate` (model, tokenizer, prompts -> strings) serves evaluation, Key Space
 Detection and the concept-vector experiments alike:
 
-* prompts are tokenised once (:func:`~skilllens.core.batching.encode_prompts`: a prompt longer
-  than ``max_length - max_new_tokens`` keeps BOS and its end) and grouped by
+* prompts are tokenised once by :func:`~skilllens.core.batching.generation_prompts` (the one
+  truncation rule: a prompt longer than ``min(max_length, context) - max_new_tokens`` keeps BOS
+  and its end; :attr:`Generation.truncated` says which were cut), padded on the left with the
+  tokenizer's :func:`~skilllens.core.batching.pad_id` and grouped by
   :func:`~skilllens.core.batching.plan_batches` (longest first), results in prompt order;
 * one prefill per batch (logits of the last position only where the model allows it), then one
   token per step through a KV cache;
@@ -18,10 +20,12 @@ Greedy decoding: the result equals ``model.generate(do_sample=False)`` cut at th
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 
-from skilllens.core.batching import encode_prompts, left_padded, plan_batches
+from skilllens.core.batching import (context_limit, generation_prompts, left_padded, pad_id,
+                                     plan_batches)
 from skilllens.errors import DataError
 
 
@@ -44,11 +48,10 @@ def eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def context_length(model, default: int = 4096) -> int:
-    """The model's context length (``max_position_embeddings`` / ``n_positions``)."""
-    cfg = model.config
-    return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-               or default)
+def context_length(model, default: int = 4096, tokenizer=None) -> int:
+    """The model's context length (:func:`skilllens.core.batching.context_limit`), ``default``
+    when neither the config nor the tokenizer gives one."""
+    return context_limit(model, tokenizer) or default
 
 
 def _prefill_kwargs(model) -> dict:
@@ -117,42 +120,40 @@ def ids_to_text(tok, ids: list[int], eos: set[int], stops=()) -> str:
     return cut_at_stops(tok.decode(ids, skip_special_tokens=True), stops)
 
 
-def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64,
-                    stops=(), batch_size: int = 8, max_length: int | None = None,
-                    progress: bool = False, desc: str = "generate", *,
-                    prefixes: list[list[int]] | None = None, row_edit=None,
-                    return_ids: bool = False):
-    """Greedy continuations of ``prompts``, one string each (cut before the first stop string,
-    leading whitespace kept). ``max_length`` (default: the model's context) bounds prompt +
-    new tokens; longer prompts keep BOS and their end.
+@dataclass
+class Generation:
+    """What :func:`generate_batched` returns, per prompt: ``texts``, generated ``ids`` (prefix
+    included, an ending EOS kept) and whether the prompt was ``truncated`` (to ``budget``)."""
 
-    ``prefixes[i]``: token ids already generated for prompt ``i`` (e.g. the part of an earlier
-    answer an edited model is known to reproduce); generation continues after them and they
-    count towards ``max_new_tokens`` and the stop rule. ``row_edit``: an object whose
-    ``set_rows(prompt_indices)`` is called before every forward whose live rows changed, so
-    each row can carry its own intervention (``concepts.fastscore.RowMasks``).
-    ``return_ids``: return ``(texts, ids)``, ``ids[i]`` the generated ids (prefix included,
-    an ending EOS kept)."""
+    texts: list[str]
+    ids: list[list[int]]
+    truncated: list[bool]
+    budget: int
+
+    @property
+    def n_truncated(self) -> int:
+        return sum(self.truncated)
+
+
+def generate_batched(model, tokenizer, prompts: list[str], max_new_tokens: int = 64,
+                     stops=(), batch_size: int = 8, max_length: int | None = None,
+                     progress: bool = False, desc: str = "generate", *,
+                     prefixes: list[list[int]] | None = None, row_edit=None) -> Generation:
+    """:func:`greedy_generate` returning a :class:`Generation` (texts, ids and which prompts
+    were cut: the count comes from the function that cuts)."""
     from tqdm.auto import tqdm
 
     if not prompts:
         raise DataError("no prompts to generate from")
     if max_new_tokens < 1:
         raise DataError("max_new_tokens must be at least 1")
-    ctx = context_length(model)
-    limit = min(ctx, max_length) if max_length else ctx
-    if limit - max_new_tokens < 1:
-        raise DataError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt in "
-                        f"{limit} positions; use fewer new tokens or a longer max_length")
+    enc, cut, budget = generation_prompts(model, tokenizer, prompts, max_new_tokens, max_length)
     prefixes = [list(p) for p in prefixes] if prefixes is not None else [[] for _ in prompts]
     if len(prefixes) != len(prompts) or any(len(p) >= max_new_tokens for p in prefixes):
         raise DataError("give one prefix per prompt, each shorter than max_new_tokens")
     eos = eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = min(eos) if eos else 0
+    pad = pad_id(tokenizer)
     stops = tuple(s for s in stops if s)
-    enc, _ = encode_prompts(tokenizer, prompts, limit - max_new_tokens)
     out: list[list[int]] = [[] for _ in prompts]
     chunks = plan_batches([len(e) + len(p) for e, p in zip(enc, prefixes)], batch_size)
     for chunk in tqdm(chunks, desc=desc, disable=not progress, leave=False):
@@ -161,7 +162,29 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 
         for i, g in zip(chunk, got):
             out[i] = g
     texts = [ids_to_text(tokenizer, g, eos, stops) for g in out]
-    return (texts, out) if return_ids else texts
+    return Generation(texts, out, cut, budget)
+
+
+def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64,
+                    stops=(), batch_size: int = 8, max_length: int | None = None,
+                    progress: bool = False, desc: str = "generate", *,
+                    prefixes: list[list[int]] | None = None, row_edit=None,
+                    return_ids: bool = False):
+    """Greedy continuations of ``prompts``, one string each (cut before the first stop string,
+    leading whitespace kept). ``max_length`` (default and upper bound: the model's context)
+    bounds prompt + new tokens; longer prompts keep BOS and their end
+    (:func:`~skilllens.core.batching.generation_prompts`).
+
+    ``prefixes[i]``: token ids already generated for prompt ``i`` (e.g. the part of an earlier
+    answer an edited model is known to reproduce); generation continues after them and they
+    count towards ``max_new_tokens`` and the stop rule. ``row_edit``: an object whose
+    ``set_rows(prompt_indices)`` is called before every forward whose live rows changed, so
+    each row can carry its own intervention (``concepts.fastscore.RowMasks``).
+    ``return_ids``: return ``(texts, ids)``, ``ids[i]`` the generated ids (prefix included,
+    an ending EOS kept). Raises ``DataError`` for no prompts or no room for a prompt."""
+    g = generate_batched(model, tokenizer, prompts, max_new_tokens, stops, batch_size,
+                         max_length, progress, desc, prefixes=prefixes, row_edit=row_edit)
+    return (g.texts, g.ids) if return_ids else g.texts
 
 
 def generate_texts(lm, prompts: list[str], *, max_new_tokens: int = 64, stops=(),

@@ -20,7 +20,9 @@ class SkillScore:
     (teacher-forced) or the mean item score (generation); ``nll`` is NaN for generation metrics.
     All means are over all ``n_items``, abstained ones included (module docstring):
     ``abstain_nll`` is the NLL charged per abstained item, ``nll_answered`` the mean NLL of the
-    answered items only. ``n_truncated`` items were cut to ``max_length``."""
+    answered items only. ``n_truncated`` items were cut to ``max_length``;
+    ``n_merged_boundary`` items had a token spanning their prompt/answer join (teacher-forced,
+    :mod:`skilllens.core.batching`)."""
 
     skill: str
     metric: str
@@ -34,6 +36,7 @@ class SkillScore:
     higher_is_better: bool = True
     abstain_nll: float = float("nan")
     nll_answered: float = float("nan")
+    n_merged_boundary: int = 0
 
     def to_dict(self, per_item: bool = True) -> dict:
         """JSON-ready dict (NaN -> None); ``per_item=False`` drops the item list."""
@@ -101,4 +104,5 @@ def summarize(name: str, metric: str, per_item: list[dict], penalty: float) -> S
         score = accuracy = sum(r["score"] for r in per_item) / n
     return SkillScore(name, metric, score, accuracy, nll, n, n - len(answered), per_item,
                       n_truncated=n_trunc, higher_is_better=higher_is_better(metric),
-                      abstain_nll=penalty, nll_answered=nll_answered)
+                      abstain_nll=penalty, nll_answered=nll_answered,
+                      n_merged_boundary=sum(bool(r.get("merged_boundary")) for r in per_item))

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from skilllens.core.batching import encode_items
+from skilllens.core.batching import encode_items, pad_id, right_padded
 from skilllens.data import Item, find_data_file, read_text
 from skilllens.errors import DataError
 
@@ -107,18 +107,13 @@ def encode_task_items(items: list[Item], tokenizer, kind: str, label_words=(),
     """Tokenise ``items`` into one right-padded :class:`TaskData` on ``device``."""
     if not items:
         raise DataError("no items to encode")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if kind == "classification":
         enc = encode_items([Item(it.id, it.prompt) for it in items], tokenizer, max_length)
     else:
         enc = encode_items(items, tokenizer, max_length)
-    T = max(len(e.ids) for e in enc)
-    ids = torch.full((len(enc), T), pad, dtype=torch.long)
-    att = torch.zeros((len(enc), T), dtype=torch.long)
+    ids, att = right_padded([e.ids for e in enc], range(len(enc)), pad_id(tokenizer))
     rows, cols, targets = [], [], []
     for r, (e, it) in enumerate(zip(enc, items)):
-        ids[r, : len(e.ids)] = torch.tensor(e.ids)
-        att[r, : len(e.ids)] = 1
         if kind == "classification":
             rows.append(r)
             cols.append(e.prompt_len - 1)
