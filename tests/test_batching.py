@@ -177,3 +177,162 @@ def test_batches_follow_the_plan_and_map_back(btok):
     assert ids.tolist() == [[4, 5, 6], [0, 1, 2], [0, 0, 3]]
     assert att.sum(1).tolist() == [3, 2, 1] and bool((ids[:, -1] != 0).all())
     assert torch.equal(att.bool(), ids != 0)
+
+
+# -- one padding rule, one truncation rule, one context limit (issues 20 and 21) --
+
+def _plain_lm(name="tiny-llama", tok=None):
+    """A LoadedModel built without load_model (so nothing sets the tokenizer up for us)."""
+    from skilllens.core.architectures import ModelAdapter
+    from skilllens.core.loaded_model import LoadedModel
+    from skilllens.core.models import _tiny
+    model = _tiny(name).eval()
+    return LoadedModel(model, tok if tok is not None else byte_tokenizer(), ModelAdapter(model),
+                       name)
+
+
+def _tok_state(tok):
+    return {k: getattr(tok, k) for k in ("pad_token", "eos_token", "bos_token", "padding_side",
+                                         "truncation_side", "model_max_length")}
+
+
+def test_pad_id_rule_and_context_limit():
+    from transformers import GPT2Config, LlamaConfig
+    from skilllens.core.batching import clamp_length, context_limit, pad_id
+
+    class Tok:
+        pad_token_id, eos_token_id, model_max_length = None, None, 1000000000000000019884624838656
+    t = Tok()
+    assert pad_id(t) == 0
+    t.eos_token_id = 7
+    assert pad_id(t) == 7
+    t.pad_token_id = 3
+    assert pad_id(t) == 3
+
+    class M:
+        config = GPT2Config(n_positions=256)
+    assert context_limit(M()) == 256 and clamp_length(512, M()) == 256
+    M.config = LlamaConfig(max_position_embeddings=300)
+    assert context_limit(M()) == 300 and clamp_length(100, M()) == 100
+
+    class NoCtx:
+        config = object()
+    assert context_limit(NoCtx(), Tok()) is None  # the "no limit" placeholder is ignored
+    Tok.model_max_length = 128
+    assert context_limit(NoCtx(), Tok()) == 128 and clamp_length(512, NoCtx(), Tok()) == 128
+
+
+def test_no_pad_and_no_eos_token_everywhere(btok):
+    """Issue 20.3: with pad_token and eos_token None, collect and KeySpaceDetector.fit raised
+    TypeError in iter_batches (torch.full with None). One rule: pad, else eos, else 0; results
+    equal those with the tokenizer's own pad id; the caller's tokenizer is never changed."""
+    from skilllens import collect, evaluate
+    from skilllens.eval.generation import greedy_generate
+    from skilllens.unlearning.key_space import KeySpaceDetector
+
+    bare = byte_tokenizer()
+    bare.pad_token, bare.eos_token, bare.padding_side = None, None, "left"
+    before = _tok_state(bare)
+    ref, lm = _plain_lm(), _plain_lm(tok=bare)
+    texts = ["hello world", "skills live in neurons", "a", "1+1=2 and 2+2=4"]
+    got = collect(lm, texts, sites=["gate"], layers=[0, 1], batch_size=2, progress=False)
+    want = collect(ref, texts, sites=["gate"], layers=[0, 1], batch_size=2, progress=False)
+    for k in want.keys():
+        assert torch.allclose(got[k].mean, want[k].mean, atol=1e-10)
+    ksd = KeySpaceDetector(layer=1, batch_size=3).fit(lm, texts, progress=False)
+    assert torch.allclose(ksd.m, KeySpaceDetector(layer=1, batch_size=3).fit(
+        ref, texts, progress=False).m, atol=1e-10)
+    items = [Item(str(i), t[:3], t[3:] or "x") for i, t in enumerate(texts)]
+    a = evaluate(lm, items, batch_size=2, progress=False)
+    b = evaluate(ref, items, batch_size=2, progress=False)
+    assert a.per_item == b.per_item
+    g = greedy_generate(lm.model, bare, texts, 5, batch_size=3)
+    assert g == greedy_generate(ref.model, ref.tokenizer, texts, 5, batch_size=3)
+    assert _tok_state(bare) == before
+
+
+def test_context_is_clamped_for_learned_and_rotary_positions(btok):
+    """Issue 21.9: max_length 512 was not clamped to the model's context: a GPT-2 model with
+    n_positions=256 and a 350-token item raised IndexError; a rotary model extrapolated."""
+    from skilllens import collect, evaluate
+    item = Item("long", "x" * 300, "y" * 50)
+    for name in ("tiny-gpt2", "tiny-llama"):
+        lm = _plain_lm(name)
+        res = evaluate(lm, [item, Item("short", "ab", "c")], progress=False)
+        assert res.n_truncated == 1 and [r["truncated"] for r in res.per_item] == [True, False]
+        cut = evaluate(lm, [item, Item("short", "ab", "c")], max_length=256, progress=False)
+        assert res.per_item == cut.per_item  # exactly what an explicit max_length=256 gives
+        st = collect(lm, [item.prompt + item.answer, "abc"], sites=["key"], layers=[0],
+                     progress=False)
+        assert st.meta["max_length"] == 256 and st.meta["n_truncated"] == 1
+        assert st.meta["n_tokens"] == 256 + 3
+
+
+def test_merged_boundary_token_is_scored_and_counted(smol_tok):
+    """Issue 20.6: SmolLM2 (no BOS) tokenises Item("a", "Ans", "wer") as one token "Answer";
+    the whole collect(tokens="all") and evaluate aborted with "empty prompt". Now: plain text
+    for tokens="all"; teacher forcing tokenises the two sides apart for that item only, counts
+    it (n_merged_boundary) and scores it like a float64 reference of that split."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from skilllens import collect, evaluate
+    from skilllens.core.architectures import ModelAdapter
+    from skilllens.core.loaded_model import LoadedModel
+
+    merged, plain = Item("a", "Ans", "wer"), Item("b", "Question: 2+2=", " 4")
+    assert len(smol_tok("Answer")["input_ids"]) == 1
+    e = encode_items([merged, plain], smol_tok)
+    assert e[0].merged and not e[1].merged
+    assert smol_tok.decode(e[0].ids[:e[0].prompt_len]) == "Ans"
+    assert smol_tok.decode(e[0].ids[e[0].prompt_len:]) == "wer"
+    whole = encode_items([merged], smol_tok, split=False)[0]  # plain text: the joint tokens
+    assert whole.ids == smol_tok("Answer")["input_ids"]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(smol_tok), hidden_size=16,
+                                         intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    lm = LoadedModel(model, smol_tok, ModelAdapter(model), "tiny-smol")
+    res = evaluate(lm, [merged, plain], progress=False)
+    assert res.n_merged_boundary == 1 and res.per_item[0]["merged_boundary"]
+    ids = torch.tensor([e[0].ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model.double()(input_ids=ids).logits[0], -1)
+    model.float()
+    p = e[0].prompt_len
+    ref = -sum(logp[t - 1, ids[0, t]] for t in range(p, ids.shape[1])) / (ids.shape[1] - p)
+    assert res.per_item[0]["nll"] == pytest.approx(float(ref), rel=1e-5)
+    st = collect(lm, [merged, plain], sites=["key"], layers=[0], progress=False)
+    text = collect(lm, ["Answer", "Question: 2+2= 4"], sites=["key"], layers=[0], progress=False)
+    assert torch.allclose(st["key", 0].mean, text["key", 0].mean, atol=1e-10)
+    with pytest.raises(DataError, match="empty prompt"):
+        encode_items([Item("e", "", "abc")], smol_tok)
+
+
+def test_one_truncation_rule_for_generation_and_verification():
+    """Issue 21.6: the concept verifier kept the last 1,024 tokens (dropping BOS) while
+    generation cut prompts to ctx - max_new_tokens keeping BOS; 700-token prompts on a ctx-256
+    model then gave answers that differ between score_edits and regeneration."""
+    from skilllens.concepts import BehaviourSuite, Concept, ablated
+    from skilllens.concepts.fastscore import EditJob
+    from skilllens.core.batching import generation_prompts
+
+    lm = _plain_lm()
+    c = Concept("Zed", "zzz qqq zq " * 62, [f"What is zq number {i}?" for i in range(6)],
+                [f"Unrelated question {i}?" for i in range(4)])
+    suite = BehaviourSuite(c, max_new_tokens=12, batch_size=4, held_out=None,
+                           probes=("in_context",)).fit(lm)
+    prompts = suite.prompts["in_context"]
+    assert min(len(lm.tokenizer(p)["input_ids"]) for p in prompts) > 700
+    tf = suite.verifiers_["in_context"]
+    ids, cut, budget = generation_prompts(lm.model, lm.tokenizer, prompts, 12)
+    assert all(cut) and budget == 256 - 12
+    for s, p, a in zip(tf.seqs, ids, suite.original_ids_["in_context"]):
+        assert s == p + a  # the verifier scores exactly what generation saw
+    d_ff, g = lm.adapter.d_ff, torch.Generator().manual_seed(0)
+    edits = [[(1, int(i)) for i in torch.randperm(d_ff, generator=g)[:k]]
+             for k in (1, d_ff // 4, d_ff // 2)] + [[(0, 1), (1, 2)]]
+    jobs = [EditJob(lambda e=e: ablated(lm, e, "zero"), min(a for a, _ in e), ["in_context"],
+                    [tuple(v) for v in e]) for e in edits]
+    for e, f in zip(edits, suite.score_edits(lm, jobs)):
+        with ablated(lm, e, "zero"):
+            slow = suite.score(lm, ["in_context"], with_logprob=False)
+        assert f.answers["in_context"] == slow.answers["in_context"], e

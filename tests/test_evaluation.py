@@ -363,3 +363,20 @@ def test_greedy_generate_continues_prefixes_and_tells_row_edits_the_live_rows(ti
                                                         for s in rows.seen)
     with pytest.raises(Exception, match="prefix"):
         gen.greedy_generate(model, tok, prompts, max_new_tokens=3, prefixes=[[1, 2, 3]] * 4)
+
+
+def test_generation_truncation_count_comes_from_the_cut(tiny_llama, monkeypatch):
+    """Issue 21.7: 435-token prompts on a ctx-256 model reported 0 truncated (a budget of
+    max_length 512 - new tokens) although generation cut every prompt to 256 - 24 = 232."""
+    items = [Item(f"g{i}", "w" * 435 + str(i), "x", meta={"answers": ["x"]}) for i in range(3)]
+    items.append(Item("s", "short", "x", meta={"answers": ["x"]}))
+    fed = []
+    real = gen._greedy_batch
+    monkeypatch.setattr(gen, "_greedy_batch",
+                        lambda m, t, seqs, *a: fed.extend(map(len, seqs)) or real(m, t, seqs, *a))
+    res = evaluate(tiny_llama, items, "substring", max_new_tokens=24, progress=False)
+    assert sorted(fed) == [5, 232, 232, 232]
+    assert res.n_truncated == 3 and [r["truncated"] for r in res.per_item] == [True] * 3 + [False]
+    g = gen.generate_batched(tiny_llama.model, tiny_llama.tokenizer, [it.prompt for it in items],
+                             max_new_tokens=24, max_length=512)
+    assert g.truncated == [True] * 3 + [False] and g.budget == 232 and g.n_truncated == 3
