@@ -14,6 +14,10 @@ the answer token at each of those ``k`` positions. :func:`score_edits` therefore
    projection multiplied by a 0/1 mask, which is bit-for-bit the same as zeroing the weight
    column); other edits (noise, project, Needle, GA, NPO) are applied one at a time.
 
+Verification and generation see the same prompt ids: both cut long prompts with
+:func:`skilllens.core.batching.generation_prompts` (BOS and the prompt's end, ``context -
+max_new_tokens`` tokens; the verifier is built with the suite's ``max_new_tokens``).
+
 The answers equal those of regenerating every prompt under each edit (tested against the plain
 path on a tiny random model) up to floating point: a teacher-forced pass and a KV-cache decode
 sum in different orders, so an exact near-tie of two logits could resolve differently (as it can
