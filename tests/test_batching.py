@@ -266,6 +266,10 @@ def test_context_is_clamped_for_learned_and_rotary_positions(btok):
                      progress=False)
         assert st.meta["max_length"] == 256 and st.meta["n_truncated"] == 1
         assert st.meta["n_tokens"] == 256 + 3
+        from skilllens.grafting.tasks import encode_task_items
+        data = encode_task_items([item], lm.tokenizer, "generation", max_length=512,
+                                 model=lm.model)
+        assert data.input_ids.shape == (1, 256)
 
 
 def test_merged_boundary_token_is_scored_and_counted(smol_tok):

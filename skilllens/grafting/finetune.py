@@ -162,7 +162,7 @@ def finetune(lm, task: GraftTask, config: FineTuneConfig | None = None,
         if config.optimizer == "sgd" else \
         torch.optim.AdamW(opt_params, lr=config.lr, weight_decay=config.weight_decay)
     data = encode_task_items(task.train, lm.tokenizer, task.kind, task.label_words,
-                             config.max_length, lm.device)
+                             config.max_length, lm.device, lm.model)
     gen = torch.Generator().manual_seed(config.seed)
     bs = config.batch_size or data.n_items
     losses = []
@@ -201,6 +201,6 @@ def evaluate_models(models: dict, task: GraftTask, split: str = "test", max_leng
     out = {}
     for name, lm in models.items():
         data = encode_task_items(items, lm.tokenizer, task.kind, task.label_words, max_length,
-                                 lm.device)
+                                 lm.device, lm.model)
         out[name] = score_task(lm.model, data, batch_size)
     return out

@@ -128,7 +128,7 @@ class GraftLocalizer:
         opt = torch.optim.Adam(scores.values(), lr=self.lr) if self.optimizer == "adam" else None
         tok = pre.tokenizer
         enc = lambda items: encode_task_items(items, tok, task.kind, task.label_words,  # noqa
-                                              self.max_length, dev)
+                                              self.max_length, dev, pre.model)
         train = enc(task.train)
         dev_data = enc(task.dev) if task.dev else None
         model = pre.model
@@ -241,7 +241,7 @@ class GraftLocalizer:
         """:class:`TaskScore` of the graft on ``split`` of ``task``."""
         lm = _lm(pre)
         data = encode_task_items(getattr(task, split), lm.tokenizer, task.kind, task.label_words,
-                                 self.max_length, lm.device)
+                                 self.max_length, lm.device, lm.model)
         with self.grafted(lm.model):
             return score_task(lm.model, data, self.batch_size)
 

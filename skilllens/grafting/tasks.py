@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from skilllens.core.batching import encode_items, pad_id, right_padded
+from skilllens.core.batching import clamp_length, encode_items, pad_id, right_padded
 from skilllens.data import Item, find_data_file, read_text
 from skilllens.errors import DataError
 
@@ -103,10 +103,12 @@ def label_token_ids(tokenizer, words) -> list[int]:
 
 
 def encode_task_items(items: list[Item], tokenizer, kind: str, label_words=(),
-                      max_length: int = 128, device=None) -> TaskData:
-    """Tokenise ``items`` into one right-padded :class:`TaskData` on ``device``."""
+                      max_length: int = 128, device=None, model=None) -> TaskData:
+    """Tokenise ``items`` into one right-padded :class:`TaskData` on ``device`` (``max_length``
+    clamped to ``model``'s context, :func:`skilllens.core.batching.clamp_length`)."""
     if not items:
         raise DataError("no items to encode")
+    max_length = clamp_length(max_length, model, tokenizer)
     if kind == "classification":
         enc = encode_items([Item(it.id, it.prompt) for it in items], tokenizer, max_length)
     else:
