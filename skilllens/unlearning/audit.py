@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -163,6 +164,10 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
                      "abstention": ABSTENTION_RULE,
                      "baseline": {s: _score_entry(v) for s, v in baseline.items()},
                      "methods": {}, "neurons": {}}
+    from skilllens.eval.scores import baseline_warnings
+    results["warnings"] = baseline_warnings(baseline, {s: parts[s][1] for s in names})
+    for w in results["warnings"]:  # at/near 0 or at chance: relative says nothing
+        warnings.warn(w, RuntimeWarning, stacklevel=2)
     methods = results["methods"]
 
     if "ksd" in cfg.methods:
