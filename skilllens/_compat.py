@@ -87,3 +87,31 @@ class AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 def install() -> None:
     if not any(isinstance(f, AliasFinder) for f in sys.meta_path):
         sys.meta_path.append(AliasFinder())
+
+
+class DeprecatedAlias:
+    """Class attribute: an old attribute name kept as a deprecated alias of ``new`` (reads and
+    writes go to ``new`` and raise a :class:`DeprecationWarning` naming it). Used for fitted
+    attributes renamed to scikit-learn's trailing-underscore convention
+    (``NeuronAdjuster.params`` -> ``params_``)."""
+
+    def __init__(self, new: str):
+        self.new, self.old = new, None
+
+    def __set_name__(self, owner, name):
+        self.old = name
+
+    def _warn(self, obj):
+        warnings.warn(f"{type(obj).__name__}.{self.old} is deprecated; use .{self.new} (fitted "
+                      f"attributes end in '_'; the old name goes in {RELEASE})",
+                      DeprecationWarning, stacklevel=3)
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        self._warn(obj)
+        return getattr(obj, self.new)
+
+    def __set__(self, obj, value):
+        self._warn(obj)
+        setattr(obj, self.new, value)

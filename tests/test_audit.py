@@ -30,7 +30,8 @@ def test_results_json_has_the_documented_fields(audit_dir):
         assert set(m["scores"]) == {"xquad-de", "xquad-en", "xquad-es"}
         for s, r in m["relative"].items():
             b = saved["baseline"][s]["score"]
-            assert r == pytest.approx(m["scores"][s]["score"] / b if b else 0.0, nan_ok=True)
+            assert r == pytest.approx(m["scores"][s]["score"] / b if b else float("nan"),
+                                      nan_ok=True)
     assert saved["methods"]["na-3%"]["params"]["percent"] == 3.0
     assert saved["neurons"]["na-3%"]["n_selected"] == round(0.03 * 2 * 64)
     sweep = {round(r["alpha"], 6): r for r in saved["methods"]["ksd"]["alpha_sweep"]}
@@ -134,7 +135,8 @@ def test_language_matrix_with_calibrated_ksd(tmp_path, data_dir):
     assert set(res["methods"]) == {"ksd@1", "ksd@auto"}
     for rows in res["methods"].values():
         assert len(rows) == 3 and all(len(r) == 3 for r in rows)
-        assert all(0.0 <= v <= 1.0 + 1e-9 for r in rows for v in r)  # KSD only abstains
+        # KSD only abstains; NaN: a baseline of 0 (relative undefined)
+        assert all(v != v or 0.0 <= v <= 1.0 + 1e-9 for r in rows for v in r)
     chosen = res["params"]["calibrated_alpha"]
     assert set(chosen) == set(langs) and all(0 < a <= 3.0 for a in chosen.values())
     assert (tmp_path / "language_matrix.json").exists()

@@ -238,12 +238,12 @@ def test_metric_errors(tiny_llama, data_dir):
 
 def test_relative():
     assert relative(0.3, 0.6) == pytest.approx(0.5)
-    assert relative(0.3, 0.0) == 0.0
+    assert math.isnan(relative(0.3, 0.0)) and math.isnan(relative(0.0, 0.0))  # issue 21 item 5
     assert math.isnan(relative(float("nan"), 0.5)) and math.isnan(relative(0.5, None))
     # defect 11: for lower-is-better NLL, forgetting (NLL 1 -> 2) must read as < 1 (worse)
     assert relative(2.0, 1.0, "nll") == pytest.approx(0.5)
     assert relative(1.0, 2.0, "nll") == pytest.approx(2.0)
-    assert relative(0.0, 0.0, "nll") == 1.0 and relative(0.0, 1.0, "nll") == float("inf")
+    assert math.isnan(relative(0.0, 0.0, "nll")) and relative(0.0, 1.0, "nll") == float("inf")
     assert relative(0.2, 0.4, "exact_match") == pytest.approx(0.5)
     with pytest.raises(SkillLensError, match="unknown metric"):
         relative(1.0, 1.0, "bleu")

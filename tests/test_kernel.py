@@ -296,3 +296,19 @@ def test_float64_input_stays_float64(device):
     hist = got["hist"].cpu()
     assert torch.equal(hist, histogram_counts(x[mask.to(device)], spec).cpu())
     assert int(hist[:, 1:-1].sum()) > 0.5 * int(mask.sum()) * 5  # binned at float64 resolution
+
+
+def test_histogram_index_int64_past_2_24(device):
+    """issue 21 item 1 on the kernel path: d_ff 36,864 x 512 bins puts flat bin indices past
+    2**24; the kernel's index arithmetic is int64, so every count matches exact binning."""
+    d, bins, n = 36864, 512, 3
+    g = torch.Generator().manual_seed(0)
+    lo = torch.randn(d, generator=g) - 2
+    hi = lo + 1 + 3 * torch.rand(d, generator=g)
+    k = torch.randint(-1, bins + 1, (n, d), generator=g)  # bin centres; -1/bins: under/overflow
+    x = (lo.double() + (k.double() + 0.5) * (hi.double() - lo.double()) / bins).float()
+    ref = torch.zeros(d, bins + 2, dtype=torch.int64)
+    ref.scatter_add_(1, (k + 1).T.contiguous(), torch.ones(d, n, dtype=torch.int64))
+    launch = {"block_n": 4, "block_d": 4096} if device.type == "cpu" else {}
+    got = fused_partials(x.to(device), hist=HistogramSpec(lo, hi, bins), **launch)["hist"].cpu()
+    assert torch.equal(got, ref), f"{int((got != ref).any(1).sum())} neurons binned wrong"

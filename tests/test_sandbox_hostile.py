@@ -271,3 +271,61 @@ def test_stdout_flood_is_bounded():
                   check_disarmed=False)
     assert not res.passed and "File too large" in res.stderr
     assert len(res.stdout) <= 2000 and time.monotonic() - t < T + 2
+
+
+# --- pass@1: "passed" means the checks ran to the end (issue 21 item 4) -----------------------
+# Each trick follows a wrong solution (``a - b``) at module level, so it runs before ``check``.
+EARLY_EXITS = {
+    "raise SystemExit": "raise SystemExit\n",
+    "sys.exit(0)": "import sys\nsys.exit(0)\n",
+    "exit()": "exit()\n",
+    "quit()": "quit()\n",
+    "os._exit(0)": "import os\nos._exit(0)\n",
+    "SIGKILL self": "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n",
+    "SIGTERM self": "import signal\nsignal.raise_signal(signal.SIGTERM)\n",
+    "close outputs, exit 0": "import os\nos.close(1)\nos.close(2)\nos._exit(0)\n",
+    "fake marker on stdout": ("import os\nfor m in ('passed', 'OK', 'done', '0' * 32):\n"
+                              "    print(m, flush=True)\nos._exit(0)\n"),
+    "patched print/stdout/os.write": (
+        "import builtins, io, os, sys\nbuiltins.print = lambda *a, **k: None\n"
+        "sys.stdout = sys.stderr = io.StringIO()\nos.write = lambda fd, b: len(b)\n"
+        "os._exit = lambda code: None\nraise SystemExit(0)\n"),
+    "write junk to every fd": (
+        "import os\nfor fd in range(3, 256):\n    try:\n        os.set_blocking(fd, False)\n"
+        "        got = os.read(fd, 256)\n    except OSError:\n        got = b''\n"
+        "    try:\n        os.write(fd, got or b'0' * 32)\n    except OSError:\n        pass\n"
+        "os._exit(0)\n"),
+    "atexit os._exit(0)": "import atexit, os\natexit.register(os._exit, 0)\nraise SystemExit(1)\n",
+    "thread exits the process": (
+        "import os, threading\nthreading.Thread(target=os._exit, args=(0,)).start()\n"
+        "import time\ntime.sleep(5)\n"),
+}
+ADD_PROMPT = "def add(a, b):\n"
+ADD_TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
+
+
+@pytest.mark.parametrize("trick", sorted(EARLY_EXITS))
+def test_exiting_before_the_checks_is_not_a_pass(trick):
+    from skilllens.sandbox import humaneval_program, mbpp_program
+
+    programs = [humaneval_program(ADD_PROMPT, "    return a - b\n" + EARLY_EXITS[trick],
+                                  ADD_TEST, "add"),
+                mbpp_program("def add(a, b):\n    return a - b\n" + EARLY_EXITS[trick],
+                             ["assert add(2, 3) == 5"])]
+    for program in programs:
+        res = run_python(program, timeout=T, require="strict", network_namespace=False)
+        assert not res.passed and not res.completed, (trick, res)
+    # the same trick after a correct solution whose checks all ran is still a pass
+    res = run_python(humaneval_program(ADD_PROMPT, "    return a + b\n", ADD_TEST, "add")
+                     + "\nprint('checks done')\n", timeout=T)
+    assert res.passed and res.completed and res.stdout.endswith("checks done\n")
+
+
+def test_completion_cannot_read_the_nonce_from_files_argv_or_environment():
+    # the nonce is 32 hex digits; no place the program can read holds such a run
+    code = ("import os, re, sys, json\n"
+            "seen = [open('solution.py').read(), ' '.join(sys.argv), json.dumps(dict(os.environ)),\n"
+            "        open('/proc/self/cmdline', 'rb').read().decode('utf-8', 'replace')]\n"
+            "print([len(re.findall(r'[0-9a-f]{32}', s)) for s in seen], 'key_fd' in seen[3])\n")
+    res = run_python(code, timeout=T)
+    assert res.passed and res.stdout.strip() == "[0, 0, 0, 0] True", res

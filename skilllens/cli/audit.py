@@ -82,9 +82,11 @@ def run(args) -> int:
                       max_length=args.max_length, device=device,
                       progress=not args.no_progress)
     res = run_audit(cfg)
+    from skilllens.eval.scores import format_relative
     print(f"wrote {cfg.out}/results.json, report.md, report.html "
           f"({res['manifest']['timing_s']['total']:.0f} s)")
     for m, v in res["methods"].items():
-        rel = ", ".join(f"{s} {r:.2f}" for s, r in v["relative"].items())
+        rel = ", ".join(f"{s} {format_relative(r, res['baseline'][s]['score'])}"
+                        for s, r in v["relative"].items())
         print(f"  {m}: relative {rel}")
     return 0

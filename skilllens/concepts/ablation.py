@@ -74,6 +74,14 @@ class ColumnEdit:
     def _meta(self) -> dict:
         return {"layer": self.layer, "index": self.index}
 
+    def get_params(self) -> dict:
+        """Constructor arguments (what :meth:`save` writes and :meth:`load` passes back)."""
+        return self._meta()
+
+    def _fit_meta(self) -> dict:
+        """Fit metadata saved next to the parameters (subclasses: e.g. Needle's losses)."""
+        return {}
+
     def _tensors(self) -> dict:
         return {"new_vector": self.new_vector_, "original": self.original_}
 
@@ -85,8 +93,8 @@ class ColumnEdit:
                                 "fingerprint=False, or on a bare module); fit it on a loaded "
                                 "model with fingerprint=True before saving, so that loading it "
                                 "onto another model is refused")
-        return save_artifact(path, self._tensors(), self._meta(), kind=self.kind,
-                             fingerprint=self.fingerprint_)
+        return save_artifact(path, self._tensors(), {**self._meta(), **self._fit_meta()},
+                             kind=self.kind, fingerprint=self.fingerprint_)
 
     @classmethod
     def _from_meta(cls, meta: dict) -> "ColumnEdit":
@@ -99,12 +107,16 @@ class ColumnEdit:
         obj.new_vector_, obj.original_ = t["new_vector"], t["original"]
         obj.fingerprint_ = meta.get("fingerprint")
         obj._restore(t)
+        obj._restore_fit_meta(meta)
         if model is not None and hasattr(model, "device"):
             obj.new_vector_ = obj.new_vector_.to(model.device)
         return obj
 
     def _restore(self, tensors: dict) -> None:
         """Subclasses read their extra saved tensors here."""
+
+    def _restore_fit_meta(self, meta: dict) -> None:
+        """Subclasses read their fit metadata (:meth:`_fit_meta`) here."""
 
 
 class ConceptAblation(ColumnEdit):

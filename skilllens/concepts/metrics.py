@@ -1,7 +1,8 @@
 """Intrinsic (vector) and behavioural (answer) metrics for concept-vector edits.
 
 Behavioural scores are in [0, 1]: the mean over pairs of sentence BLEU (sacrebleu, divided by
-100) and ROUGE-L F1 (rouge-score) of edited answers against the original model's answers.
+100) and ROUGE-L F1 (rouge-score) of edited answers against the original model's answers,
+tokenized by the answers' script (:mod:`skilllens.concepts.tokenize`; recorded in the result).
 Two identical strings (also two empty ones) score 1. Every pair is scored (the reference
 scored only the last 10 of 50 unrelated answers).
 """
@@ -11,15 +12,23 @@ from dataclasses import dataclass, field
 
 import torch
 
+from skilllens.concepts.tokenize import TOKENIZE, UnicodeTokenizer, detect_script
 from skilllens.io import JsonRecord
 from skilllens.errors import DataError
 
 
 @dataclass
 class TextScores(JsonRecord):
+    """Mean BLEU and ROUGE-L over ``n`` pairs, with the tokenization they were computed with
+    (``script`` of the answers; sacrebleu tokenizer ``bleu_tokenize``; ROUGE-L tokenizer
+    ``rouge_tokenize``: see :mod:`skilllens.concepts.tokenize`)."""
+
     bleu: float
     rougeL: float
     n: int
+    script: str = "latin"
+    bleu_tokenize: str = "13a"
+    rouge_tokenize: str = "words"
 
 
 def _pairs(preds: list[str], refs: list[str]):
@@ -31,28 +40,47 @@ def _pairs(preds: list[str], refs: list[str]):
     return list(zip(preds, refs))
 
 
-def bleu_scores(preds: list[str], refs: list[str]) -> list[float]:
-    """Sentence BLEU in [0, 1] per pair (sacrebleu, exponential smoothing)."""
+def _tokenize(preds, refs, which: int, tokenize: str | None) -> str:
+    if tokenize is not None:
+        return tokenize
+    return TOKENIZE[detect_script(list(preds) + list(refs))][which]
+
+
+def bleu_scores(preds: list[str], refs: list[str], tokenize: str | None = None) -> list[float]:
+    """Sentence BLEU in [0, 1] per pair (sacrebleu, exponential smoothing, Papineni et al. 2002).
+
+    ``tokenize``: a sacrebleu tokenizer name; None picks it from the answers' script
+    (:data:`skilllens.concepts.tokenize.TOKENIZE`: ``13a`` for Latin, ``zh`` for Chinese ...)."""
     from sacrebleu.metrics import BLEU
 
-    metric = BLEU(effective_order=True)
+    pairs = _pairs(preds, refs)
+    metric = BLEU(effective_order=True, tokenize=_tokenize(preds, refs, 0, tokenize))
     return [1.0 if p.strip() == r.strip() else metric.sentence_score(p, [r]).score / 100.0
-            for p, r in _pairs(preds, refs)]
+            for p, r in pairs]
 
 
-def rouge_l_scores(preds: list[str], refs: list[str]) -> list[float]:
-    """ROUGE-L F1 in [0, 1] per pair (rouge-score)."""
+def rouge_l_scores(preds: list[str], refs: list[str], tokenize: str | None = None) -> list[float]:
+    """ROUGE-L F1 in [0, 1] per pair (rouge-score; Lin 2004) with a Unicode-aware tokenizer.
+
+    ``tokenize``: ``words`` or ``chars`` (:class:`UnicodeTokenizer`); None picks it from the
+    answers' script. On ASCII text ``words`` equals rouge-score's default tokenizer."""
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    pairs = _pairs(preds, refs)
+    tok = UnicodeTokenizer(_tokenize(preds, refs, 1, tokenize))
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False, tokenizer=tok)
     return [1.0 if p.strip() == r.strip() else scorer.score(r, p)["rougeL"].fmeasure
-            for p, r in _pairs(preds, refs)]
+            for p, r in pairs]
 
 
 def text_scores(preds: list[str], refs: list[str]) -> TextScores:
-    """Mean BLEU and ROUGE-L of ``preds`` against ``refs`` (all pairs)."""
-    b, r = bleu_scores(preds, refs), rouge_l_scores(preds, refs)
-    return TextScores(sum(b) / len(b), sum(r) / len(r), len(b))
+    """Mean BLEU and ROUGE-L of ``preds`` against ``refs`` (all pairs), tokenized by the script
+    of the answers (one choice for the whole set, recorded in the result)."""
+    _pairs(preds, refs)
+    script = detect_script(list(preds) + list(refs))
+    bt, rt = TOKENIZE[script]
+    b, r = bleu_scores(preds, refs, bt), rouge_l_scores(preds, refs, rt)
+    return TextScores(sum(b) / len(b), sum(r) / len(r), len(b), script, bt, rt)
 
 
 @dataclass

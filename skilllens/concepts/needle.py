@@ -90,6 +90,12 @@ class Needle(ColumnEdit):
                 "weight_decay": self.weight_decay, "seq_len": self.seq_len,
                 "max_chunks": self.max_chunks, "batch_size": self.batch_size, "seed": self.seed}
 
+    def _fit_meta(self) -> dict:
+        return {"losses": [float(v) for v in self.losses_]}
+
+    def _restore_fit_meta(self, meta: dict) -> None:
+        self.losses_ = [float(v) for v in meta.get("losses", [])]
+
     @classmethod
     def _from_meta(cls, meta: dict) -> "Needle":
         keys = ("sigma", "steps", "lr", "weight_decay", "seq_len", "max_chunks", "batch_size", "seed")

@@ -182,7 +182,8 @@ class ConceptSearch:
                  name_weight: float = 1.0):
         if k < 1 or n_candidates < 1:
             raise DataError("k and n_candidates must be at least 1")
-        self.k, self.n_candidates, self.layers = k, n_candidates, layers
+        self.k, self.n_candidates = k, n_candidates
+        self.layers = None if layers is None else [int(l) for l in layers]
         self.through_norm, self.min_count, self.min_chars, self.alpha = \
             through_norm, min_count, min_chars, alpha
         self.name_weight = name_weight
@@ -231,14 +232,19 @@ class ConceptSearch:
             raise DataError(f"no candidates for {concept!r}; searched: {sorted(self.candidates_)}")
         return self.candidates_[concept][0]
 
+    def get_params(self) -> dict:
+        """Constructor arguments (saved with the artifact and passed back by :meth:`load`)."""
+        return {"k": self.k, "n_candidates": self.n_candidates, "layers": self.layers,
+                "through_norm": self.through_norm, "min_count": self.min_count,
+                "min_chars": self.min_chars, "alpha": self.alpha,
+                "name_weight": self.name_weight}
+
     def save(self, path: str | os.PathLike) -> Path:
         names = sorted(self.candidates_)
         tensors = {f"weights.{i}": self.weights_[n] for i, n in enumerate(names)}
-        meta = {"params": {"k": self.k, "n_candidates": self.n_candidates,
-                           "through_norm": self.through_norm, "min_count": self.min_count,
-                           "min_chars": self.min_chars, "alpha": self.alpha,
-                           "name_weight": self.name_weight},
-                "concepts": names,
+        layers = getattr(self, "scores_layers_", None)
+        meta = {"params": self.get_params(), "concepts": names,
+                "scores_layers": None if layers is None else [int(l) for l in layers],
                 "candidates": {n: [c.to_dict() for c in self.candidates_[n]] for n in names}}
         return save_artifact(path, tensors, meta, kind="concept_search",
                              fingerprint=self.fingerprint_)
@@ -251,4 +257,6 @@ class ConceptSearch:
             obj.weights_[n] = t[f"weights.{i}"]
             obj.candidates_[n] = [Candidate(**c) for c in meta["candidates"][n]]
         obj.fingerprint_ = meta.get("fingerprint")
+        if meta.get("scores_layers") is not None:
+            obj.scores_layers_ = list(meta["scores_layers"])
         return obj

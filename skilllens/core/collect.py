@@ -99,6 +99,20 @@ def _args_hash(d: dict) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _range_key(hist_range):
+    """JSON-ready identity of a histogram range (None, floats, or per-neuron tensors by a hash
+    of their float32 values), so a checkpoint written with another range is not resumed."""
+    if hist_range is None:
+        return None
+
+    def one(v):
+        t = torch.as_tensor(v, dtype=torch.float32).detach().cpu().contiguous()
+        if t.numel() == 1:
+            return float(t)
+        return f"{tuple(t.shape)}:{hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]}"
+    return [one(v) for v in hist_range]
+
+
 def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
             batch_size: int = 16, max_length: int = 512, *, stats=DEFAULT_STATS, bins: int = 256,
             hist_range=None, backend: str = "torch", stats_backend: str = "auto",
@@ -145,7 +159,8 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
     fp = lm.fingerprint
     args = {"sites": sites, "layers": layers, "tokens": tokens, "batch_size": batch_size,
             "max_length": max_length, "stats": list(stats), "bins": bins, "max_items": max_items,
-            "rank": rank, "world_size": world_size, "store": sorted(store_keys)}
+            "rank": rank, "world_size": world_size, "store": sorted(store_keys),
+            "hist_range": _range_key(hist_range)}
     meta = {"model": lm.name, "fingerprint": fp, "data": skill.name, "data_source": skill.source,
             "data_hash": skill.digest(), "n_items": len(skill), "args": args,
             "max_length": used_length, "n_truncated": n_truncated, "n_merged_boundary": n_merged}

@@ -80,18 +80,22 @@ def check_hooks(adapter, hooks: list[Hook], backend: str = "torch") -> list[Hook
 def hooks_applied(lm, hooks: list[Hook], stop_after_last: bool = False):
     """Install ``hooks`` as torch hooks for the duration of the block (any forward/generate).
 
-    ``stop_after_last``: raise :class:`StopForward` after the last hook ran (read-only passes).
+    ``stop_after_last``: raise :class:`StopForward` once every hook has run in this forward
+    pass (read-only passes); counted per pass, so it holds whatever order a block computes its
+    sites in (e.g. ``up`` before ``gate``).
     """
     adapter = _adapter(lm)
     hooks = check_hooks(adapter, hooks, "torch")
     handles = []
-    last = hooks[-1] if (hooks and stop_after_last) else None
+    fired: set[int] = set()  # hooks that ran in the current forward pass
 
     def wrap(h: Hook, where: str):
         def call(act):
             new = h.fn(act)
-            if h is last:
-                raise StopForward
+            if stop_after_last:
+                fired.add(id(h))
+                if len(fired) == len(hooks):
+                    raise StopForward
             return new
 
         if where == "output":
@@ -103,6 +107,8 @@ def hooks_applied(lm, hooks: list[Hook], stop_after_last: bool = False):
         return pre
 
     try:
+        if stop_after_last and hooks:  # a new forward pass starts with no hook fired
+            handles.append(adapter.model.register_forward_pre_hook(lambda *_: fired.clear()))
         for h in hooks:
             mod, where = adapter.site_module(h.site, h.layer)
             if where == "output":

@@ -65,16 +65,75 @@ def higher_is_better(metric: str) -> bool:
 
 def relative(after: float, before: float, metric: str = "token_accuracy") -> float:
     """Relative performance, direction-aware so that ``< 1`` always means worse at the skill:
-    ``after / before`` for higher-is-better metrics (0 when ``before == 0``), ``before / after``
-    for ``nll`` (1 when both are 0, inf when only ``after`` is). NaN when either is NaN/None."""
+    ``after / before`` for higher-is-better metrics, ``before / after`` for ``nll`` (inf when
+    only ``after`` is 0). An undefined ratio is NaN: the baseline ``before`` is 0 (a method
+    that does nothing must not read as "fully forgotten"; reports print
+    ``undefined: baseline 0``), or either score is NaN/None."""
     if after is None or before is None or math.isnan(after) or math.isnan(before):
         return float("nan")
     after, before = float(after), float(before)
-    if higher_is_better(metric):
-        return 0.0 if before == 0 else after / before
-    if after == 0:
-        return 1.0 if before == 0 else float("inf")
-    return before / after
+    higher = higher_is_better(metric)
+    if before == 0:
+        return float("nan")
+    if higher:
+        return after / before
+    return float("inf") if after == 0 else before / after
+
+
+#: a baseline score at most this far above 0 (or above chance) makes relative scores meaningless
+NEAR_ZERO = 0.05
+
+
+def chance_level(items, metric: str) -> float:
+    """Expected score of guessing: ``1 / 4`` for MMLU-style items (``meta["answer"]`` one of
+    the letters A-D: four lettered choices, the answer one letter token) under every
+    higher-is-better metric, else 0 (open answers). NaN for ``nll`` (its chance level is the
+    uniform distribution's ``log V``: :attr:`SkillScore.abstain_nll`)."""
+    if not higher_is_better(metric):
+        return float("nan")
+    items = list(items)
+    if items and all(str(getattr(it, "meta", {}).get("answer", "")) in ("A", "B", "C", "D")
+                     for it in items):
+        return 0.25
+    return 0.0
+
+
+def baseline_warnings(baseline: dict, items: dict) -> list[str]:
+    """One message per skill whose baseline (``{name: SkillScore}``) is at or near 0 or at
+    chance (``items``: ``{name: items scored}``, for :func:`chance_level`): its relative scores
+    are undefined (baseline 0) or say nothing about forgetting."""
+    out = []
+    for name, sc in baseline.items():
+        score = sc.score
+        if score is None or math.isnan(score):
+            continue
+        if sc.higher_is_better:
+            chance = chance_level(items.get(name, ()), sc.metric)
+            if score <= NEAR_ZERO:
+                why = "at or near 0" + (" (relative: undefined: baseline 0)" if score == 0
+                                        else "")
+            elif chance > 0 and score <= chance + NEAR_ZERO:
+                why = f"at chance ({chance:.2f})"
+            else:
+                continue
+        elif score <= 1e-6:
+            why = "0 (relative: undefined: baseline 0)"
+        elif math.isfinite(sc.abstain_nll) and score >= sc.abstain_nll * (1 - NEAR_ZERO):
+            why = f"at chance (uniform: {sc.abstain_nll:.2f} nats)"
+        else:
+            continue
+        out.append(f"baseline {sc.metric} of {name!r} is {score:.3f}, {why}: the model cannot do "
+                   f"this skill before any method, so its relative scores do not measure "
+                   f"forgetting; use a metric or model with a baseline well above chance")
+    return out
+
+
+def format_relative(value, baseline, nd: int = 3) -> str:
+    """``relative`` for reports: ``undefined: baseline 0`` where the baseline is 0, ``n/a``
+    for other missing values, else ``nd`` decimals."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "undefined: baseline 0" if baseline == 0 else "n/a"
+    return f"{value:.{nd}f}"
 
 
 def abstained_row(metric: str, penalty: float) -> dict:

@@ -62,6 +62,11 @@ class GraftFitResult:
     history: list[dict] = field(default_factory=list)
 
 
+def _patterns(p) -> tuple[str, ...]:
+    """Name patterns as a tuple (one string is one pattern)."""
+    return (p,) if isinstance(p, str) else tuple(p)
+
+
 class GraftLocalizer:
     """Find the sparse region of parameters that carries a fine-tuned skill.
 
@@ -91,13 +96,19 @@ class GraftLocalizer:
             raise GraftError("steps must be >= 0, lr > 0 and l1 >= 0")
         self.sparsity, self.steps, self.lr, self.bias, self.l1 = float(sparsity), steps, lr, \
             bias, l1
-        self.include, self.exclude = include, exclude
+        self.include, self.exclude = _patterns(include), _patterns(exclude)
         self.optimizer, self.max_length, self.batch_size = optimizer, max_length, batch_size
         self.progress = progress
         self.masks_: dict[str, torch.Tensor] = {}
         self.values_: dict[str, torch.Tensor] = {}
         self.result_: GraftFitResult | None = None
         self.meta_: dict = {}
+
+    def get_params(self) -> dict:
+        """Constructor arguments (saved with the mask; :meth:`load` passes them back)."""
+        return {k: getattr(self, k) for k in ("sparsity", "include", "exclude", "steps", "lr",
+                                              "bias", "l1", "optimizer", "max_length",
+                                              "batch_size", "progress")}
 
     # ------------------------------------------------------------ fitting
     def fit(self, pre, ft, task: GraftTask) -> "GraftLocalizer":
@@ -254,8 +265,7 @@ class GraftLocalizer:
         self._check_fitted()
         tensors = {f"mask.{n}": m for n, m in self.masks_.items()}
         tensors.update({f"value.{n}": v for n, v in self.values_.items()})
-        cfg = {k: getattr(self, k) for k in ("sparsity", "steps", "lr", "bias", "l1", "optimizer",
-                                             "max_length", "batch_size")}
+        cfg = self.get_params()
         cfg["include"], cfg["exclude"] = list(self.include), list(self.exclude)
         meta = {k: v for k, v in self.meta_.items() if k != "fingerprint"}
         save_artifact(path, tensors, {"config": cfg, "result": asdict(self.result_), **meta},
@@ -271,8 +281,8 @@ class GraftLocalizer:
         device = next(m.parameters()).device if m is not None else None
         tensors, meta = load_artifact(path, kind=KIND, device=device)  # model: below
         cfg = dict(meta["config"])
-        obj = cls(**{k: v for k, v in cfg.items() if k not in ("include", "exclude")},
-                  include=tuple(cfg["include"]), exclude=tuple(cfg["exclude"]), progress=False)
+        cfg.setdefault("progress", False)  # files written before progress was saved
+        obj = cls(**cfg)
         obj.masks_ = {k[5:]: v.bool() for k, v in tensors.items() if k.startswith("mask.")}
         obj.values_ = {k[6:]: v for k, v in tensors.items() if k.startswith("value.")}
         if set(obj.masks_) != set(obj.values_):

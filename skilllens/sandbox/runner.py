@@ -32,6 +32,7 @@ import ctypes
 import functools
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -58,7 +59,11 @@ class SandboxError(SkillLensError):
 
 @dataclass
 class SandboxResult(JsonRecord):
-    """Outcome of one sandboxed run; ``passed`` is True only for exit status 0 within limits."""
+    """Outcome of one sandboxed run. ``passed`` is True only when the program ran to its last
+    line (``completed``: the harness's completion marker, a random nonce the program never
+    sees, arrived; see :mod:`skilllens.sandbox.child`) and the process exited with status 0
+    within the limits. An early ``sys.exit(0)``, ``exit()``, ``os._exit(0)`` or a signal to
+    itself is therefore a failure, also when the exit status is 0."""
 
     passed: bool
     returncode: int | None
@@ -67,6 +72,7 @@ class SandboxResult(JsonRecord):
     stderr: str
     duration_s: float
     isolation: str
+    completed: bool = False
 
     @property
     def reason(self) -> str:
@@ -74,6 +80,8 @@ class SandboxResult(JsonRecord):
             return "passed"
         if self.timed_out:
             return "timed out"
+        if self.returncode == 0 and not self.completed:
+            return "exited before the end of the program (the checks did not all run)"
         if self.returncode is not None and self.returncode < 0:
             try:
                 return f"killed by {signal.Signals(-self.returncode).name}"
@@ -205,7 +213,12 @@ def run_python(code: str, *, timeout: float = 10.0, memory_mb: int = 1024, file_
                "read": _read_paths(), "work": str(work), "strict": require == "strict",
                "skip": list(layers_off)}
         status_r, status_w = os.pipe()
-        cfg["status_fd"] = status_w
+        key_r, key_w = os.pipe()  # the completion nonce, read by the harness before user code
+        done_r, done_w = os.pipe()  # the harness writes the nonce here after the program's end
+        nonce = secrets.token_hex(16).encode()
+        os.write(key_w, nonce)
+        os.close(key_w)
+        cfg.update(status_fd=status_w, key_fd=key_r, done_fd=done_w)
         cmd = [sys.executable, "-I", "-B", "-c", _CHILD_SOURCE, json.dumps(cfg)]
         if use_ns:
             cmd = [shutil.which("unshare") or "unshare", "--user", "--map-root-user", "--net"] + cmd
@@ -217,12 +230,14 @@ def run_python(code: str, *, timeout: float = 10.0, memory_mb: int = 1024, file_
                 try:
                     proc = subprocess.Popen(cmd, cwd=work, stdin=subprocess.DEVNULL, stdout=out,
                                             stderr=err, env=env, close_fds=True,
-                                            pass_fds=(status_w,), start_new_session=True)
+                                            pass_fds=(status_w, key_r, done_w),
+                                            start_new_session=True)
                 except OSError as e:
                     raise SandboxError(f"cannot start the sandbox process ({e}); check that "
                                        f"{sys.executable} runs") from None
                 finally:
-                    os.close(status_w)
+                    for fd in (status_w, key_r, done_w):
+                        os.close(fd)
                 timed_out = False
                 try:
                     proc.wait(timeout=timeout)
@@ -234,14 +249,18 @@ def run_python(code: str, *, timeout: float = 10.0, memory_mb: int = 1024, file_
                     except (ProcessLookupError, PermissionError):
                         pass
                     rc_final = proc.wait()
-            with os.fdopen(status_r, "rb") as f:
-                raw = f.read()
-        except BaseException:
+            raw = b"".join(iter(lambda: os.read(status_r, 1 << 16), b""))
+            os.set_blocking(done_r, False)  # what arrived by now; never wait on it
             try:
-                os.close(status_r)
-            except OSError:
-                pass
-            raise
+                done = os.read(done_r, 256)
+            except BlockingIOError:
+                done = b""
+        finally:
+            for fd in (status_r, done_r):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
         duration = time.monotonic() - start
         try:
             status = json.loads(raw) if raw else {}
@@ -254,10 +273,11 @@ def run_python(code: str, *, timeout: float = 10.0, memory_mb: int = 1024, file_
         if use_ns:
             isolation = isolation.replace("+audit-hook", "+netns+audit-hook")
         rc = None if timed_out else rc_final
-        return SandboxResult(passed=(not timed_out and rc == 0), returncode=rc,
+        completed = secrets.compare_digest(done, nonce)
+        return SandboxResult(passed=(not timed_out and rc == 0 and completed), returncode=rc,
                              timed_out=timed_out, stdout=_tail(root / "stdout.txt"),
                              stderr=_tail(root / "stderr.txt"), duration_s=round(duration, 3),
-                             isolation=isolation)
+                             isolation=isolation, completed=completed)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -18,7 +18,7 @@ from skilllens.errors import SkillLensError
 from skilllens.stats.partials import (ALL_STATS, DEFAULT_STATS, _select_rows, batch_partials,
                                       fused_update, histogram_counts)
 from skilllens.stats.running import (AbsMean, Extrema, Histogram, Moments, NonFinite,
-                                     PositiveFraction)
+                                     PositiveFraction, owned)
 
 #: with ``backend="auto"``, CPU blocks with at least this many values take the compiled path
 FUSE_MIN = 1 << 15
@@ -198,7 +198,8 @@ class NeuronStats:
         return self._need(self.histogram, "histogram").quantiles(qs)
 
     def export(self) -> dict[str, torch.Tensor]:
-        """Flat tensors named by statistic (see ``EXPORTED``), float64 on the CPU."""
+        """Flat tensors named by statistic (see ``EXPORTED``), float64 on the CPU; each one a copy
+        that shares no storage with these statistics."""
         out = {"count": self.count, "mean": self.mean, "var": self.var, "std": self.std,
                "m2": self.moments.m2, "n_nonfinite": self.n_nonfinite}
         if self.extrema is not None:
@@ -210,7 +211,7 @@ class NeuronStats:
         if self.histogram is not None and self.histogram.lo is not None:
             out.update(hist=self.histogram.counts, hist_lo=self.histogram.lo,
                        hist_hi=self.histogram.hi)
-        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+        return {k: owned(v) for k, v in out.items()}  # copies: never the live state
 
     @classmethod
     def from_export(cls, t: dict[str, torch.Tensor]) -> "NeuronStats":

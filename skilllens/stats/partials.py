@@ -58,8 +58,11 @@ def histogram_counts(x: torch.Tensor, spec: HistogramSpec, all_finite: bool = Fa
 
     Bin of value v: ``floor((v - lo) * bins / (hi - lo))`` clamped to ``[-1, bins]``, plus one
     (0 = underflow, ``bins + 1`` = overflow), in float32 (the kernel's formula) or, for float64
-    ``x``, in float64. Computed in reused buffers with ``scatter_add_``; ``all_finite=True`` (the
-    caller knows there is no NaN/inf) skips the finiteness mask.
+    ``x``, in float64. Only the bin (a small integer, exact in float32) is computed in floating
+    point; the flat index ``neuron * (bins + 2) + 1 + bin`` is int64 arithmetic, exact for any
+    ``d * (bins + 2)`` (a float32 index is exact only below 2**24). Computed in reused buffers
+    with ``scatter_add_``; ``all_finite=True`` (the caller knows there is no NaN/inf) skips the
+    finiteness mask.
     """
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     x = x.to(dt)
@@ -70,11 +73,14 @@ def histogram_counts(x: torch.Tensor, spec: HistogramSpec, all_finite: bool = Fa
     scale = spec.bins / (spec.hi.to(x.device, dt) - lo)
     work = _WS.get("hist_work", (n, d), dt, x.device)
     torch.sub(x, lo, out=work).mul_(scale).floor_().clamp_(-1, spec.bins)
-    work.add_(torch.arange(d, device=x.device, dtype=dt) * nb + 1)
     if not all_finite:
-        work.masked_fill_(~torch.isfinite(x), dump)
-    idx = _WS.get("hist_idx", (n * d,), torch.int64, x.device)
-    idx.copy_(work.view(-1))
+        work.nan_to_num_(0.0)  # NaN has no integer value; these entries are sent to ``dump``
+    idx = _WS.get("hist_idx", (n, d), torch.int64, x.device)
+    idx.copy_(work)
+    idx.add_(torch.arange(d, device=x.device, dtype=torch.int64) * nb + 1)
+    if not all_finite:
+        idx.masked_fill_(~torch.isfinite(x), dump)
+    idx = idx.view(-1)
     ones = _WS.get("hist_ones", (n * d,), torch.int64, x.device)
     if not _WS.filled.get(("hist_ones", str(x.device)), 0) >= n * d:
         ones.fill_(1)

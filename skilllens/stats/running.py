@@ -23,6 +23,15 @@ from skilllens.errors import SkillLensError
 from skilllens.stats.partials import HistogramSpec, _flatten, batch_partials, chan_merge
 
 
+def owned(t: torch.Tensor, device="cpu", dtype=None) -> torch.Tensor:
+    """A contiguous copy of ``t`` on ``device`` (in ``dtype``) that shares no storage with it.
+
+    Every state dict, export and load goes through this: ``merge`` adds histogram counts in
+    place, so a copy that shared storage with its original would change the original."""
+    return t.detach().to(device=device, dtype=dtype, copy=True,
+                         memory_format=torch.contiguous_format)
+
+
 class _Statistic:
     """Common state handling: subclasses list their tensor ``_fields``."""
 
@@ -48,7 +57,9 @@ class _Statistic:
                                  f"{type(self).__name__}(d={self.d})")
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f: getattr(self, f).detach().cpu() for f in self._fields}
+        """CPU copies of the state tensors: the dict owns its storage (changing this statistic,
+        or merging into one loaded from the dict, never changes the other)."""
+        return {f: owned(getattr(self, f)) for f in self._fields}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]):
         for f in self._fields:
@@ -58,7 +69,7 @@ class _Statistic:
             if t.shape[0] != self.d:
                 raise SkillLensError(f"{type(self).__name__}: state {f!r} has {t.shape[0]} "
                                      f"neurons, expected {self.d}")
-            setattr(self, f, t.to(self.device))
+            setattr(self, f, owned(t, self.device))
         return self
 
     def to(self, device):
@@ -247,14 +258,14 @@ class Histogram(_Statistic):
 
     def state_dict(self):
         if self.lo is None:
-            return {"counts": self.counts.cpu()}
+            return {"counts": owned(self.counts)}
         return super().state_dict()
 
     def load_state_dict(self, state):
-        self.counts = state["counts"].to(self.device, torch.int64)
+        self.counts = owned(state["counts"], self.device, torch.int64)
         self.bins = self.counts.shape[1] - 2
         if "lo" in state:
-            self.lo, self.hi = state["lo"].to(self.device), state["hi"].to(self.device)
+            self.lo, self.hi = owned(state["lo"], self.device), owned(state["hi"], self.device)
         return self
 
     @property

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -163,6 +164,10 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
                      "abstention": ABSTENTION_RULE,
                      "baseline": {s: _score_entry(v) for s, v in baseline.items()},
                      "methods": {}, "neurons": {}}
+    from skilllens.eval.scores import baseline_warnings
+    results["warnings"] = baseline_warnings(baseline, {s: parts[s][1] for s in names})
+    for w in results["warnings"]:  # at/near 0 or at chance: relative says nothing
+        warnings.warn(w, RuntimeWarning, stacklevel=2)
     methods = results["methods"]
 
     if "ksd" in cfg.methods:
@@ -183,8 +188,8 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
         scores, report, vecs = timed("ksd", ksd_run)
         ksd.save(out / "ksd.safetensors")
         entry = {s: _score_entry(v) for s, v in scores.items()}
-        methods["ksd"] = {"params": {**ksd.get_params(), "k": ksd.k, "k_exact": ksd.k_exact,
-                                     "calibration": ksd.calibration},
+        methods["ksd"] = {"params": {**ksd.get_params(), "k": ksd.k_, "k_exact": ksd.k_exact_,
+                                     "calibration": ksd.calibration_},
                           "scores": entry,
                           "relative": _relative(entry, results["baseline"], cfg.metric),
                           "abstained": {s: v.n_abstained for s, v in scores.items()}}
@@ -209,7 +214,7 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
                                                     collect(lm, retain_probe, **kw)))
         for name, method in fitters:
             method.fit_stats(fs, rs, lm)
-            method.meta = {"forget": cfg.forget, "retain": retain_probe.name}
+            method.meta_ = {"forget": cfg.forget, "retain": retain_probe.name}
 
             def run_method(method=method):
                 with method.applied(lm):
@@ -263,9 +268,9 @@ def _neuron_summary(method, fs, rs, n_top: int = 6) -> dict:
     if hasattr(method, "top_neurons"):
         top = method.top_neurons(n_top)
     else:
-        layers = method.fitted_layers
-        flat = [(float(method.scores[layers.index(l), i]), l, int(i))
-                for l, idx in method.selected.items() for i in idx]
+        layers = method.fitted_layers_
+        flat = [(float(method.scores_[layers.index(l), i]), l, int(i))
+                for l, idx in method.selected_.items() for i in idx]
         for score, l, i in sorted(flat, reverse=True)[:n_top]:
             f, r = fs[site, l], rs[site, l]
             top.append({"layer": l, "neuron": i, "score": score,

@@ -27,11 +27,15 @@ from pathlib import Path
 
 import torch
 
+from skilllens._compat import DeprecatedAlias
 from skilllens.core.artifacts import check_fingerprint, load_artifact, save_artifact
 from skilllens.data import Item, resolve_skills
 from skilllens.errors import SkillLensError
 
 K_MAX = 1e4
+#: artifact metadata keys that are not fit metadata (``meta_``)
+_SAVED_STATE = ("params", "k", "k_exact", "calibration", "fingerprint", "kind",
+                "skilllens_version", "created")
 REFUSAL = "I cannot help with that."
 
 
@@ -105,20 +109,32 @@ class KeySpaceDetector:
 
     Implements the abstainer protocol: ``abstains(lm, items) -> BoolTensor[n]`` from the prompts
     only (one truncated forward pass per batch, no generation).
+
+    Fitted attributes (scikit-learn convention): ``m_``, ``s_`` (``[d_ff]`` cube centre and
+    spread), ``k_``/``k_exact_``, ``calibration_`` (how ``alpha`` was chosen, or None),
+    ``fingerprint_``, ``meta_``. The names without ``_`` are deprecated aliases.
     """
+
+    m = DeprecatedAlias("m_")
+    s = DeprecatedAlias("s_")
+    k = DeprecatedAlias("k_")
+    k_exact = DeprecatedAlias("k_exact_")
+    calibration = DeprecatedAlias("calibration_")
+    fingerprint = DeprecatedAlias("fingerprint_")
+    meta = DeprecatedAlias("meta_")
 
     def __init__(self, alpha: float = 2.0, layer: int = -1, site: str = "key",
                  batch_size: int = 8, max_length: int = 512):
         self.alpha = _check_alpha(alpha)
         self.layer, self.site = int(layer), site
         self.batch_size, self.max_length = batch_size, max_length
-        self.m: torch.Tensor | None = None   # [d_ff] float64
-        self.s: torch.Tensor | None = None   # [d_ff] float64
-        self.k: float | None = None
-        self.k_exact: float | None = None
-        self.fingerprint: dict | None = None
-        self.meta: dict = {}
-        self.calibration: dict | None = None  # set by calibrate(): how alpha was chosen
+        self.m_: torch.Tensor | None = None   # [d_ff] float64
+        self.s_: torch.Tensor | None = None   # [d_ff] float64
+        self.k_: float | None = None
+        self.k_exact_: float | None = None
+        self.fingerprint_: dict | None = None
+        self.meta_: dict = {}
+        self.calibration_: dict | None = None  # set by calibrate(): how alpha was chosen
 
     def get_params(self) -> dict:
         return {"alpha": self.alpha, "layer": self.layer, "site": self.site,
@@ -151,9 +167,9 @@ class KeySpaceDetector:
             raise SkillLensError(f"KSD needs at least 2 probe queries to estimate a spread; "
                                  f"{skill.name!r} has {len(skill)}")
         vectors = self.query_vectors(lm, skill.items, progress=progress)
-        self.meta = {"forget": skill.name, "forget_hash": skill.digest(), "n_probe": len(skill),
+        self.meta_ = {"forget": skill.name, "forget_hash": skill.digest(), "n_probe": len(skill),
                      "forget_source": skill.source}
-        self.fingerprint = lm.fingerprint
+        self.fingerprint_ = lm.fingerprint
         return self.fit_vectors(vectors)
 
     def fit_vectors(self, vectors: torch.Tensor) -> "KeySpaceDetector":
@@ -163,12 +179,12 @@ class KeySpaceDetector:
         if vectors.ndim != 2 or vectors.shape[0] < 2:
             raise SkillLensError("fit_vectors needs a [n >= 2, d] tensor of probe vectors")
         st = NeuronStats(vectors.shape[1], ("moments",), backend="torch").update(vectors.double())
-        self.m, self.s = st.mean.cpu().double(), st.std.cpu().double()
-        self.k = search_k(vectors, self.m, self.s)
-        self.k_exact = exact_k(vectors, self.m, self.s)
-        if not math.isclose(self.k, self.k_exact, rel_tol=1e-6, abs_tol=1e-9):
-            raise SkillLensError(f"internal check failed: binary-search k={self.k} differs from "
-                                 f"the exact k={self.k_exact}")
+        self.m_, self.s_ = st.mean.cpu().double(), st.std.cpu().double()
+        self.k_ = search_k(vectors, self.m_, self.s_)
+        self.k_exact_ = exact_k(vectors, self.m_, self.s_)
+        if not math.isclose(self.k_, self.k_exact_, rel_tol=1e-6, abs_tol=1e-9):
+            raise SkillLensError(f"internal check failed: binary-search k={self.k_} differs from "
+                                 f"the exact k={self.k_exact_}")
         return self
 
     # -- calibration --
@@ -212,7 +228,7 @@ class KeySpaceDetector:
             raise SkillLensError("calibration found a retain probe query at the cube's centre "
                                  "(score 0); the forget and retain probes are not separable here")
         self.alpha = alpha
-        self.calibration = {"alpha_max": cap, "max_fpr": float(max_fpr), "margin": float(margin),
+        self.calibration_ = {"alpha_max": cap, "max_fpr": float(max_fpr), "margin": float(margin),
                             "n_retain_probe": len(r), "alpha": alpha,
                             "retain_probe_fpr": float((r <= alpha).double().mean()),
                             "min_retain_probe_score": float(r[0])}
@@ -220,21 +236,21 @@ class KeySpaceDetector:
 
     # -- decisions --
     def _check_fitted(self):
-        if self.m is None:
+        if self.m_ is None:
             raise SkillLensError("KeySpaceDetector is not fitted: call fit(lm, forget) or "
                                  "KeySpaceDetector.load(path, model) first")
 
     @property
     def n_degenerate_dims(self) -> int:
         self._check_fitted()
-        return int((self.s <= 0).sum())
+        return int((self.s_ <= 0).sum())
 
     def normalized_deviation(self, vectors: torch.Tensor) -> torch.Tensor:
         """``|v - m| / (k*s)`` per live dimension: ``[n, d_live]`` (``<= alpha`` = inside)."""
         self._check_fitted()
-        live = self.s > 0
-        k = max(self.k, 1e-30)
-        return (vectors.double()[:, live] - self.m[live]).abs() / (k * self.s[live])
+        live = self.s_ > 0
+        k = max(self.k_, 1e-30)
+        return (vectors.double()[:, live] - self.m_[live]).abs() / (k * self.s_[live])
 
     def scores(self, vectors: torch.Tensor) -> torch.Tensor:
         """``[n]`` max normalised deviation; inside the cube iff ``score <= alpha`` (lower = more
@@ -256,8 +272,8 @@ class KeySpaceDetector:
 
     def _check_model(self, lm):
         from skilllens.core.models import load_model
-        if self.fingerprint is not None:
-            check_fingerprint({"fingerprint": self.fingerprint}, load_model(lm),
+        if self.fingerprint_ is not None:
+            check_fingerprint({"fingerprint": self.fingerprint_}, load_model(lm),
                               "this KeySpaceDetector")
 
     def generate(self, lm, prompts: list[str], max_new_tokens: int = 32,
@@ -302,7 +318,7 @@ class KeySpaceDetector:
         sc = (-torch.cat([f, r])).tolist()
         auc = float(roc_auc_score(y, sc))
         fpr, tpr, thr = roc_curve(y, sc)
-        live_dims = torch.nonzero(self.s > 0).flatten()
+        live_dims = torch.nonzero(self.s_ > 0).flatten()
         outside = self.normalized_deviation(retain_vectors) > self.alpha   # [n_r, d_live]
         per_dim = outside.sum(0)
         order = torch.argsort(per_dim, descending=True, stable=True)[:top_dims]
@@ -310,7 +326,7 @@ class KeySpaceDetector:
                if per_dim[i] > 0]
         finite = lambda v: float(v) if math.isfinite(float(v)) else 1e308  # noqa: E731
         return DetectorReport(
-            alpha=self.alpha, k=float(self.k), auc=auc,
+            alpha=self.alpha, k=float(self.k_), auc=auc,
             fpr=float((r <= self.alpha).double().mean()), tpr=float((f <= self.alpha).double().mean()),
             n_forget=len(f), n_retain=len(r), roc_fpr=fpr.tolist(), roc_tpr=tpr.tolist(),
             roc_thresholds=[finite(-t) for t in thr], forget_scores=f.tolist(),
@@ -325,22 +341,22 @@ class KeySpaceDetector:
     # -- persistence --
     def save(self, path: str | os.PathLike) -> Path:
         self._check_fitted()
-        meta = {"params": self.get_params(), "k": self.k, "k_exact": self.k_exact, **self.meta,
-                "calibration": self.calibration}
-        return save_artifact(path, {"m": self.m, "s": self.s}, meta, kind="key_space",
-                             fingerprint=self.fingerprint)
+        meta = {"params": self.get_params(), "k": self.k_, "k_exact": self.k_exact_, **self.meta_,
+                "calibration": self.calibration_}
+        return save_artifact(path, {"m": self.m_, "s": self.s_}, meta, kind="key_space",
+                             fingerprint=self.fingerprint_)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model=None) -> "KeySpaceDetector":
         """Load a saved detector; with ``model`` its fingerprint must match."""
         tensors, meta = load_artifact(path, kind="key_space", model=model)
         obj = cls(**meta["params"])
-        obj.m, obj.s = tensors["m"].double(), tensors["s"].double()
-        obj.k, obj.k_exact, obj.fingerprint = meta["k"], meta["k_exact"], meta.get("fingerprint")
-        obj.meta = {k: meta[k] for k in ("forget", "forget_hash", "n_probe") if k in meta}
-        obj.calibration = meta.get("calibration")
+        obj.m_, obj.s_ = tensors["m"].double(), tensors["s"].double()
+        obj.k_, obj.k_exact_, obj.fingerprint_ = meta["k"], meta["k_exact"], meta.get("fingerprint")
+        obj.meta_ = {k: v for k, v in meta.items() if k not in _SAVED_STATE}  # all fit metadata
+        obj.calibration_ = meta.get("calibration")
         return obj
 
     def __repr__(self) -> str:
-        state = f"k={self.k:.4g}" if self.k is not None else "not fitted"
+        state = f"k={self.k_:.4g}" if self.k_ is not None else "not fitted"
         return f"KeySpaceDetector(alpha={self.alpha}, layer={self.layer}, {state})"

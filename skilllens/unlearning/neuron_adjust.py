@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from skilllens._compat import DeprecatedAlias
 from skilllens.errors import SkillLensError
 from skilllens.core.hooks import Hook, hooks_applied
 from skilllens.unlearning.selection import (SCOPES, check_percent, check_same_layers,
@@ -100,7 +101,18 @@ class NeuronAdjuster:
     ``global`` (one threshold over all layers, reference) or ``per_layer``; ``tokens``: which
     tokens the statistics cover (``all`` non-padding tokens, ``last`` or ``answer``);
     ``seed``: seeds the per-element random draws (one generator per ``applied`` block).
+
+    Fitted attributes (scikit-learn convention): ``params_`` (per layer: selected neurons and
+    their Gaussians), ``scores_`` ``[n_layers_fitted, d_ff]``, ``fitted_layers_``,
+    ``fingerprint_`` (of the model fitted on), ``meta_`` (what it was fitted on).
     """
+
+    # scikit-learn naming: fitted attributes end in "_" (old names: deprecated aliases)
+    params = DeprecatedAlias("params_")
+    scores = DeprecatedAlias("scores_")
+    fitted_layers = DeprecatedAlias("fitted_layers_")
+    fingerprint = DeprecatedAlias("fingerprint_")
+    meta = DeprecatedAlias("meta_")
 
     def __init__(self, percent: float = 0.5, rule: str = "signed", scope: str = "global",
                  site: str = "gate", layers=None, tokens: str = "all",
@@ -117,18 +129,19 @@ class NeuronAdjuster:
         self.rule, self.scope, self.site, self.layers = rule, scope, site, layers
         self.tokens, self.divergence, self.seed = tokens, divergence, int(seed)
         self.min_std, self.batch_size, self.max_length = float(min_std), batch_size, max_length
-        self.params: dict[int, _LayerParams] = {}
-        self.scores: torch.Tensor | None = None  # [n_layers_fitted, d_ff] float64
-        self.fitted_layers: list[int] = []
-        self.fingerprint: dict | None = None
-        self.meta: dict = {}
+        self.params_: dict[int, _LayerParams] = {}
+        self.scores_: torch.Tensor | None = None  # [n_layers_fitted, d_ff] float64
+        self.fitted_layers_: list[int] = []
+        self.fingerprint_: dict | None = None
+        self.meta_: dict = {}
         self.n_device_transfers = 0
 
     # -- fitting --
     def get_params(self) -> dict:
         return {"percent": self.percent, "rule": self.rule, "scope": self.scope,
                 "site": self.site, "layers": self.layers, "tokens": self.tokens,
-                "divergence": self.divergence, "seed": self.seed, "min_std": self.min_std}
+                "divergence": self.divergence, "seed": self.seed, "min_std": self.min_std,
+                "batch_size": self.batch_size, "max_length": self.max_length}
 
     def fit(self, lm, forget, retain, *, data_dir=None, progress: bool = True,
             forget_stats=None, retain_stats=None) -> "NeuronAdjuster":
@@ -150,39 +163,39 @@ class NeuronAdjuster:
         # a real standard deviation (sqrt of the variance), floored so no division by zero
         sd_f = forget_stats.stacked(self.site, "std").clamp(min=self.min_std)
         sd_r = retain_stats.stacked(self.site, "std").clamp(min=self.min_std)
-        self.scores = selection_scores(mu_f, sd_f, mu_r, sd_r, self.rule, self.divergence)
-        picked = top_percent(self.scores, self.percent, self.scope)
-        self.fitted_layers = list(layers)
-        self.params = {layers[r]: _LayerParams(idx, mu_f[r, idx].float(), sd_f[r, idx].float(),
+        self.scores_ = selection_scores(mu_f, sd_f, mu_r, sd_r, self.rule, self.divergence)
+        picked = top_percent(self.scores_, self.percent, self.scope)
+        self.fitted_layers_ = list(layers)
+        self.params_ = {layers[r]: _LayerParams(idx, mu_f[r, idx].float(), sd_f[r, idx].float(),
                                                mu_r[r, idx].float(), sd_r[r, idx].float())
                        for r, idx in picked.items()}
         if lm is not None:
-            self.fingerprint = lm.fingerprint
+            self.fingerprint_ = lm.fingerprint
         return self
 
     # -- inspection --
     @property
     def n_selected(self) -> int:
-        return sum(int(p.index.numel()) for p in self.params.values())
+        return sum(int(p.index.numel()) for p in self.params_.values())
 
     def selected_per_layer(self) -> dict[int, int]:
-        return {l: int(self.params[l].index.numel()) if l in self.params else 0
-                for l in self.fitted_layers}
+        return {l: int(self.params_[l].index.numel()) if l in self.params_ else 0
+                for l in self.fitted_layers_}
 
     def top_neurons(self, n: int = 6) -> list[dict]:
         """The ``n`` selected neurons with the highest score, with their Gaussians."""
         rows = []
-        for l, p in self.params.items():
-            r = self.fitted_layers.index(l)
+        for l, p in self.params_.items():
+            r = self.fitted_layers_.index(l)
             for j, i in enumerate(p.index.tolist()):
-                rows.append({"layer": l, "neuron": i, "score": float(self.scores[r, i]),
+                rows.append({"layer": l, "neuron": i, "score": float(self.scores_[r, i]),
                              "mu_f": float(p.mu_f[j]), "sd_f": float(p.sd_f[j]),
                              "mu_r": float(p.mu_r[j]), "sd_r": float(p.sd_r[j])})
         return sorted(rows, key=lambda d: -d["score"])[:n]
 
     # -- application --
     def _check_fitted(self):
-        if not self.params:
+        if not self.params_:
             raise SkillLensError("NeuronAdjuster is not fitted: call fit(lm, forget, retain) or "
                                  "NeuronAdjuster.load(path, model) first")
 
@@ -193,11 +206,11 @@ class NeuronAdjuster:
         from skilllens.core.models import load_model
 
         lm = load_model(lm)
-        if self.fingerprint is not None:
-            check_fingerprint({"fingerprint": self.fingerprint}, lm, "this NeuronAdjuster")
+        if self.fingerprint_ is not None:
+            check_fingerprint({"fingerprint": self.fingerprint_}, lm, "this NeuronAdjuster")
         # each layer's parameters and random stream live on that layer's device (device_map)
-        devices = {l: lm.adapter.site_device(self.site, l) for l in self.params}
-        on_device = {l: p.to(devices[l]) for l, p in self.params.items()}
+        devices = {l: lm.adapter.site_device(self.site, l) for l in self.params_}
+        on_device = {l: p.to(devices[l]) for l, p in self.params_.items()}
         self.n_device_transfers += 1
         gens = {} if generator is None else {generator.device: generator}
         for dev in devices.values():
@@ -224,8 +237,8 @@ class NeuronAdjuster:
     def save(self, path: str | os.PathLike) -> Path:
         """Safetensors artifact with the selected neurons, their Gaussians and all scores."""
         self._check_fitted()
-        tensors = {"scores": self.scores}
-        for l, p in self.params.items():
+        tensors = {"scores": self.scores_}
+        for l, p in self.params_.items():
             for k in ("index", "mu_f", "sd_f", "mu_r", "sd_r"):
                 tensors[f"layer{l}.{k}"] = getattr(p, k)
         return save_fitted(self, path, tensors, "neuron_adjust")
@@ -234,12 +247,12 @@ class NeuronAdjuster:
     def load(cls, path: str | os.PathLike, model=None) -> "NeuronAdjuster":
         """Load a saved adjuster; with ``model`` its fingerprint must match."""
         obj, tensors = load_fitted(cls, path, "neuron_adjust", model)
-        obj.params = {l: _LayerParams(*(tensors[f"layer{l}.{k}"] for k in
+        obj.params_ = {l: _LayerParams(*(tensors[f"layer{l}.{k}"] for k in
                                         ("index", "mu_f", "sd_f", "mu_r", "sd_r")))
-                      for l in obj.fitted_layers if f"layer{l}.index" in tensors}
+                      for l in obj.fitted_layers_ if f"layer{l}.index" in tensors}
         return obj
 
     def __repr__(self) -> str:
-        state = f"{self.n_selected} neurons" if self.params else "not fitted"
+        state = f"{self.n_selected} neurons" if self.params_ else "not fitted"
         return (f"NeuronAdjuster(percent={self.percent}, rule={self.rule!r}, "
                 f"scope={self.scope!r}; {state})")

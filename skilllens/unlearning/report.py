@@ -10,6 +10,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from skilllens.eval.scores import format_relative
 from skilllens.io import write_text
 
 
@@ -52,7 +53,8 @@ def _tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     rel_rows = []
     for m, v in results["methods"].items():
         score_rows.append([m] + [_fmt(v["scores"][s]["score"]) for s in skills])
-        rel_rows.append([m] + [_fmt(v["relative"][s]) for s in skills])
+        rel_rows.append([m] + [format_relative(v["relative"][s], base[s]["score"])
+                               for s in skills])
     rel_def = results.get("relative_definition", "after / before")
     trunc = [["truncated to max_length"] + [str(base[s].get("n_truncated", "n/a")) for s in skills]]
     tables = [(f"Scores ({results['metric']}, eval items)", head, score_rows + trunc),
@@ -67,7 +69,9 @@ def _tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         if sweep:
             tables.append(("KSD relative performance over alpha (exact, from the same items)",
                            ["alpha"] + head[1:],
-                           [[f"{r['alpha']:g}"] + [_fmt(r["relative"][s], 2) for s in skills]
+                           [[f"{r['alpha']:g}"] + [format_relative(r["relative"][s],
+                                                                   base[s]["score"], 2)
+                                                   for s in skills]
                             for r in sweep]))
     det = results.get("detector")
     if det:
@@ -108,6 +112,8 @@ def render_markdown(results: dict, figures: list[str]) -> str:
            f"`{results['metric']}`. Relative performance: "
            f"{results.get('relative_definition', 'score after / score before')}. Abstention: "
            f"{results.get('abstention', 'an abstaining model scores 0 on that item')}.", ""]
+    out += [f"**Warning:** {w}" for w in results.get("warnings", [])] + \
+        ([""] if results.get("warnings") else [])
     for title, head, rows in _tables(results):
         out += [f"## {title}", "", _md_table(head, rows), ""]
     out += ["## Figures", ""]
@@ -125,6 +131,7 @@ def render_html(results: dict, figures: list[str]) -> str:
              f"</style></head><body><h1>Skill unlearning audit: {esc(results['model'])}</h1>"
              f"<p>Forget <b>{esc(results['forget'])}</b>, retain "
              f"{esc(', '.join(results['retain']))}; metric {esc(results['metric'])}.</p>"]
+    parts += [f"<p><b>Warning:</b> {esc(w)}</p>" for w in results.get("warnings", [])]
     for title, head, rows in _tables(results):
         parts.append(f"<h2>{esc(title)}</h2><table><tr>"
                      + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"

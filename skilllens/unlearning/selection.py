@@ -58,7 +58,7 @@ def collect_forget_retain(method, lm, forget, retain, stats: tuple[str, ...], *,
     """The fitting input every statistics-based method shares: ``forget`` (specs: their probe
     part) and the pooled ``retain`` skills resolved, checked disjoint and collected at
     ``method.site`` (``stats``), unless precomputed ``StatsCollection``s are given. Sets
-    ``method.meta`` (names, hashes, sources) and returns ``(forget_stats, retain_stats)``."""
+    ``method.meta_`` (names, hashes, sources) and returns ``(forget_stats, retain_stats)``."""
     from skilllens.core.collect import collect
     from skilllens.data import combine_skills, resolve_skills
 
@@ -69,7 +69,7 @@ def collect_forget_retain(method, lm, forget, retain, stats: tuple[str, ...], *,
               progress=progress)
     fs = forget_stats or collect(lm, f_skill, **kw)
     rs = retain_stats or collect(lm, r_skill, **kw)
-    method.meta = {"forget": f_skill.name, "retain": r_skill.name,
+    method.meta_ = {"forget": f_skill.name, "retain": r_skill.name,
                    "forget_hash": f_skill.digest(), "retain_hash": r_skill.digest(),
                    "forget_source": f_skill.source, "retain_source": r_skill.source}
     return fs, rs
@@ -85,6 +85,8 @@ def check_same_layers(forget_stats, retain_stats, site: str) -> list[int]:
 
 
 META_KEYS = ("forget", "retain", "forget_hash", "retain_hash")
+#: artifact metadata that is not fit metadata (``meta_`` gets every other key back on load)
+_SAVED_STATE = ("params", "fitted_layers", "fingerprint", "kind", "skilllens_version", "created")
 
 
 def save_fitted(method, path, tensors: dict, kind: str):
@@ -92,8 +94,8 @@ def save_fitted(method, path, tensors: dict, kind: str):
     and the fingerprint of the model it was fitted on."""
     from skilllens.core.artifacts import save_artifact
 
-    meta = {"params": method.get_params(), "fitted_layers": method.fitted_layers, **method.meta}
-    return save_artifact(path, tensors, meta, kind=kind, fingerprint=method.fingerprint)
+    meta = {"params": method.get_params(), "fitted_layers": method.fitted_layers_, **method.meta_}
+    return save_artifact(path, tensors, meta, kind=kind, fingerprint=method.fingerprint_)
 
 
 def load_fitted(cls, path, kind: str, model=None):
@@ -103,7 +105,7 @@ def load_fitted(cls, path, kind: str, model=None):
 
     tensors, meta = load_artifact(path, kind=kind, model=model)
     obj = cls(**meta["params"])
-    obj.fingerprint, obj.fitted_layers = meta.get("fingerprint"), meta["fitted_layers"]
-    obj.meta = {k: meta[k] for k in META_KEYS if k in meta}
-    obj.scores = tensors["scores"]
+    obj.fingerprint_, obj.fitted_layers_ = meta.get("fingerprint"), meta["fitted_layers"]
+    obj.meta_ = {k: v for k, v in meta.items() if k not in _SAVED_STATE}  # all fit metadata
+    obj.scores_ = tensors["scores"]
     return obj, tensors

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from skilllens.core.artifacts import check_fingerprint
+from skilllens._compat import DeprecatedAlias
 from skilllens.errors import SkillLensError
 from skilllens.core.hooks import Hook, hooks_applied
 from skilllens.unlearning.selection import (SCOPES, check_percent, check_same_layers,
@@ -36,7 +37,18 @@ def pruning_scores(abs_forget: torch.Tensor, abs_retain: torch.Tensor,
 
 
 class SelectivePruner:
-    """Zero the top ``percent`` % neurons by the forget/retain ratio of mean |activation|."""
+    """Zero the top ``percent`` % neurons by the forget/retain ratio of mean |activation|.
+
+    Fitted attributes (scikit-learn convention): ``selected_`` (per layer: neuron indices),
+    ``scores_`` ``[n_layers_fitted, d_ff]``, ``fitted_layers_``, ``fingerprint_``, ``meta_``.
+    """
+
+    # scikit-learn naming: fitted attributes end in "_" (old names: deprecated aliases)
+    selected = DeprecatedAlias("selected_")
+    scores = DeprecatedAlias("scores_")
+    fitted_layers = DeprecatedAlias("fitted_layers_")
+    fingerprint = DeprecatedAlias("fingerprint_")
+    meta = DeprecatedAlias("meta_")
 
     def __init__(self, percent: float = 0.5, site: str = "key", layers=None,
                  scope: str = "global", tokens: str = "all", eps: float = 1e-6,
@@ -46,15 +58,16 @@ class SelectivePruner:
             raise SkillLensError(f"unknown scope {scope!r}; use one of {', '.join(SCOPES)}")
         self.site, self.layers, self.scope, self.tokens = site, layers, scope, tokens
         self.eps, self.batch_size, self.max_length = float(eps), batch_size, max_length
-        self.selected: dict[int, torch.Tensor] = {}
-        self.scores: torch.Tensor | None = None
-        self.fitted_layers: list[int] = []
-        self.fingerprint: dict | None = None
-        self.meta: dict = {}
+        self.selected_: dict[int, torch.Tensor] = {}
+        self.scores_: torch.Tensor | None = None
+        self.fitted_layers_: list[int] = []
+        self.fingerprint_: dict | None = None
+        self.meta_: dict = {}
 
     def get_params(self) -> dict:
         return {"percent": self.percent, "site": self.site, "layers": self.layers,
-                "scope": self.scope, "tokens": self.tokens, "eps": self.eps}
+                "scope": self.scope, "tokens": self.tokens, "eps": self.eps,
+                "batch_size": self.batch_size, "max_length": self.max_length}
 
     def fit(self, lm, forget, retain, *, data_dir=None, progress: bool = True,
             forget_stats=None, retain_stats=None) -> "SelectivePruner":
@@ -69,34 +82,34 @@ class SelectivePruner:
 
     def fit_stats(self, forget_stats, retain_stats, lm=None) -> "SelectivePruner":
         layers = check_same_layers(forget_stats, retain_stats, self.site)
-        self.scores = pruning_scores(forget_stats.stacked(self.site, "mean_abs"),
+        self.scores_ = pruning_scores(forget_stats.stacked(self.site, "mean_abs"),
                                      retain_stats.stacked(self.site, "mean_abs"), self.eps)
-        picked = top_percent(self.scores, self.percent, self.scope)
-        self.fitted_layers = list(layers)
-        self.selected = {layers[r]: idx for r, idx in picked.items()}
+        picked = top_percent(self.scores_, self.percent, self.scope)
+        self.fitted_layers_ = list(layers)
+        self.selected_ = {layers[r]: idx for r, idx in picked.items()}
         if lm is not None:
-            self.fingerprint = lm.fingerprint
+            self.fingerprint_ = lm.fingerprint
         return self
 
     @property
     def n_selected(self) -> int:
-        return sum(int(i.numel()) for i in self.selected.values())
+        return sum(int(i.numel()) for i in self.selected_.values())
 
     def selected_per_layer(self) -> dict[int, int]:
-        return {l: int(self.selected[l].numel()) if l in self.selected else 0
-                for l in self.fitted_layers}
+        return {l: int(self.selected_[l].numel()) if l in self.selected_ else 0
+                for l in self.fitted_layers_}
 
     def hooks(self, lm) -> list[Hook]:
-        if not self.selected:
+        if not self.selected_:
             raise SkillLensError("SelectivePruner is not fitted: call fit(lm, forget, retain) or "
                                  "SelectivePruner.load(path, model) first")
         from skilllens.core.models import load_model
 
         lm = load_model(lm)
-        if self.fingerprint is not None:
-            check_fingerprint({"fingerprint": self.fingerprint}, lm, "this SelectivePruner")
+        if self.fingerprint_ is not None:
+            check_fingerprint({"fingerprint": self.fingerprint_}, lm, "this SelectivePruner")
         on_device = {l: i.to(lm.adapter.site_device(self.site, l))  # each layer's device
-                     for l, i in self.selected.items()}
+                     for l, i in self.selected_.items()}
 
         def make(idx):
             def fn(act):
@@ -114,15 +127,15 @@ class SelectivePruner:
             yield self
 
     def save(self, path: str | os.PathLike) -> Path:
-        if not self.selected:
+        if not self.selected_:
             raise SkillLensError("nothing to save: fit the SelectivePruner first")
-        tensors = {"scores": self.scores, **{f"layer{l}.index": i for l, i in self.selected.items()}}
+        tensors = {"scores": self.scores_, **{f"layer{l}.index": i for l, i in self.selected_.items()}}
         return save_fitted(self, path, tensors, "selective_pruning")
 
     @classmethod
     def load(cls, path: str | os.PathLike, model=None) -> "SelectivePruner":
         obj, tensors = load_fitted(cls, path, "selective_pruning", model)
-        obj.selected = {l: tensors[f"layer{l}.index"] for l in obj.fitted_layers
+        obj.selected_ = {l: tensors[f"layer{l}.index"] for l in obj.fitted_layers_
                         if f"layer{l}.index" in tensors}
         return obj
 
