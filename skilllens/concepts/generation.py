@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from skilllens.errors import DataError
+from skilllens.core.tokenizers import pad_id
 from skilllens.eval.generation import greedy_generate as _greedy
 
 QA_TEMPLATE = "Question: {q}\n Answer:"
@@ -58,9 +59,6 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 
     continuation, per-row edits) with the concept-QA conventions: batches of 64 and answers
     stripped of surrounding blanks. ``return_ids`` also returns the generated ids (prefix
     included, an ending EOS kept)."""
-    if tokenizer.pad_token_id is None:
-        raise DataError("the tokenizer has no pad token; set tokenizer.pad_token = "
-                        "tokenizer.eos_token before generating in batches")
     texts, ids = _greedy(model, tokenizer, prompts, max_new_tokens, stop, batch_size,
                          progress=progress, prefixes=prefixes, row_edit=row_edit,
                          return_ids=True)
@@ -95,7 +93,7 @@ def answer_logprob(lm, prompts: list[str], answers: list[str], batch_size: int =
     items = [Item(str(i), p, (" " + a) if a else "") for i, (p, a) in enumerate(zip(prompts, answers))]
     enc = encode_items(items, lm.tokenizer, max_length=min(1024, max_positions(lm)))
     res = torch.full((len(items),), float("nan"), dtype=torch.float64)
-    pad = lm.tokenizer.pad_token_id
+    pad = pad_id(lm.tokenizer)
     for b in iter_batches(enc, batch_size, pad, lm.device):
         logits = lm.model(**b.inputs).logits.float()
         logp = torch.log_softmax(logits[:, :-1], -1)

@@ -23,6 +23,7 @@ from skilllens.data import resolve_skills
 from skilllens.errors import ArtifactError, DataError, SiteError
 from skilllens.core.hooks import Hook, run_with_hooks
 from skilllens.core.models import load_model
+from skilllens.core.tokenizers import pad_id
 from skilllens.stats.neuron_stats import DEFAULT_STATS, NeuronStats
 
 
@@ -191,7 +192,7 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
                desc=f"collect {skill.name}")
     t0 = time.perf_counter()
     with torch.no_grad():
-        for b, batch in enumerate(iter_batches(encoded, batch_size, lm.tokenizer.pad_token_id,
+        for b, batch in enumerate(iter_batches(encoded, batch_size, pad_id(lm.tokenizer),
                                                device)):
             if b < done:
                 continue
@@ -277,7 +278,7 @@ def _agree_histogram_ranges(lm, collected, encoded, batch_size, tokens, backend)
 
     todo = {k: st.histogram for k, st in collected.items()
             if st.histogram is not None and st.histogram.lo is None}
-    first = next(iter(iter_batches(encoded, batch_size, lm.tokenizer.pad_token_id, lm.device)),
+    first = next(iter(iter_batches(encoded, batch_size, pad_id(lm.tokenizer), lm.device)),
                  None)
     if todo and first is not None:
         mask = first.token_mask(tokens)

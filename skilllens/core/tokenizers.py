@@ -30,3 +30,17 @@ def byte_tokenizer():
             fast.save_pretrained(tmp)
     # loading from a path gives the tokenizer a name_or_path (TransformerLens needs one)
     return PreTrainedTokenizerFast.from_pretrained(str(Path(target)))
+
+
+def pad_id(tokenizer) -> int:
+    """The id skilllens pads its own batches with, read from ``tokenizer`` without changing it:
+    the pad token, else the (first) EOS token, else 0. Padded positions are always masked out
+    (``attention_mask`` 0, never counted or scored), so any valid id does; the caller's
+    ``pad_token`` and ``padding_side`` are neither needed nor set."""
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    return 0

@@ -1,0 +1,236 @@
+"""Issue 20: skilllens never changes the caller's model or tokenizer, and takes models in the
+forms users hold them (bf16, own device, own tokenizer settings, PEFT, torch.compile) or
+refuses them up front (accelerate offload). Each test names the defect it pins down."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+import skilllens
+from skilllens.core.models import _tiny, copy_model
+from skilllens.core.tokenizers import byte_tokenizer, pad_id
+from skilllens.errors import ModelSpecError, SiteError
+
+from _snapshot import assert_unchanged, snapshot
+
+TEXTS = ["hello world, skills live in neurons", "2+2=4", "the cat sat on the mat"]
+
+
+def _pair(dtype=torch.float32):
+    return _tiny("tiny-llama").to(dtype), byte_tokenizer()
+
+
+def _forward_hook_count(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+# ------------------------------------------------------------------ 1. dtype and device
+def test_passed_in_model_keeps_dtype_device_and_mode():
+    """Defect 1: load_model((model, tok)) cast a bf16 model to float32 and called eval()."""
+    model, tok = _pair(torch.bfloat16)
+    model.train()
+    before = snapshot(model, tok)
+    lm = skilllens.load_model((model, tok))
+    assert lm.model is model and lm.tokenizer is tok
+    assert next(model.parameters()).dtype == torch.bfloat16 and model.training
+    assert_unchanged(before, model, tok)
+
+
+def test_explicit_dtype_and_device_still_cast_a_passed_in_model():
+    model, tok = _pair()
+    lm = skilllens.load_model((model, tok), dtype="bfloat16", device="cpu")
+    assert next(lm.model.parameters()).dtype == torch.bfloat16
+    assert skilllens.load_model("tiny-llama").model.dtype == torch.float32  # names: float32
+
+
+def test_bf16_statistics_accumulate_in_float64():
+    """A bf16 model collects from its own bf16 activations; the statistics equal a float64
+    computation over those activations, and the fp32 model's within bf16 tolerance."""
+    model, tok = _pair(torch.bfloat16)
+    lm = skilllens.load_model((model, tok))
+    # batch_size=1: no padding, so the reference below runs the very same bf16 forwards
+    res = skilllens.collect(lm, TEXTS, sites=["gate", "key"], batch_size=1, progress=False)
+    # independent reference: capture the bf16 activations of each text, one at a time
+    acts = {"gate": [], "key": []}
+    mlp = model.model.layers[1].mlp
+    h1 = mlp.gate_proj.register_forward_hook(lambda m, a, o: acts["gate"].append(o[0]))
+    h2 = mlp.down_proj.register_forward_pre_hook(lambda m, a: acts["key"].append(a[0][0]))
+    with torch.no_grad():
+        for t in TEXTS:
+            model(**tok(t, return_tensors="pt"))
+    h1.remove(), h2.remove()
+    for site in ("gate", "key"):
+        x = torch.cat(acts[site]).double()
+        st = res[site, 1]
+        assert st.mean.dtype == torch.float64 and x.dtype == torch.float64
+        # blocks are reduced in float32 and merged in float64 (skilllens.stats.partials): far
+        # below bf16's rounding (2**-8), which accumulating in the model's dtype would show
+        scale = float(x.abs().max())
+        torch.testing.assert_close(st.mean, x.mean(0), rtol=1e-5, atol=1e-6 * scale)
+        torch.testing.assert_close(st.var, x.var(0, unbiased=False), rtol=1e-5,
+                                   atol=1e-6 * scale ** 2)
+    ref = skilllens.collect(skilllens.load_model("tiny-llama"), TEXTS, sites=["gate"],
+                            progress=False)
+    torch.testing.assert_close(res["gate", 1].mean, ref["gate", 1].mean, rtol=0.05, atol=0.02)
+
+
+# ------------------------------------------------------------------ 2. tokenizer
+def test_callers_tokenizer_settings_survive_load_model_and_collect():
+    """Defect 2: padding_side was forced to 'right' and a missing pad set to eos, which changed
+    the caller's own batched generate."""
+    model, tok = _pair()
+    tok.padding_side = "left"
+    tok.pad_token = None
+    assert tok.pad_token_id is None
+    before = snapshot(model, tok)
+    lm = skilllens.load_model((model, tok))
+    skilllens.collect(lm, TEXTS, progress=False)
+    assert tok.padding_side == "left" and tok.pad_token is None
+    assert_unchanged(before, model, tok)
+
+
+def test_callers_batched_generate_is_unchanged_by_skilllens():
+    model, tok = _pair()
+    tok.padding_side = "left"
+    tok.pad_token = tok.eos_token
+    prompts = ["ab", "a much longer prompt"]
+
+    def gen():
+        enc = tok(prompts, return_tensors="pt", padding=True)
+        return model.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=258)
+
+    first = gen()
+    skilllens.collect(skilllens.load_model((model, tok)), TEXTS, progress=False)
+    torch.testing.assert_close(gen(), first)
+
+
+def test_pad_id_reads_pad_then_eos_then_zero_without_setting_anything():
+    tok = byte_tokenizer()
+    assert pad_id(tok) == tok.pad_token_id == 256
+    tok.pad_token = None
+    assert pad_id(tok) == tok.eos_token_id == 258 and tok.pad_token is None
+    tok.eos_token = None
+    assert pad_id(tok) == 0 and tok.eos_token is None
+
+
+# ------------------------------------------------------------------ 4. copies carry no hooks
+def test_finetune_inside_applied_leaves_no_hooks_on_the_copy():
+    """Defect 4: copy.deepcopy copied the active context's hooks onto ft.model for good."""
+    from skilllens.grafting.finetune import FineTuneConfig, finetune
+    from skilllens.grafting.tasks import build_task
+    from skilllens.unlearning.neuron_adjust import NeuronAdjuster
+
+    lm = skilllens.load_model("tiny-llama")
+    na = NeuronAdjuster(percent=20).fit(lm, ["2+2=4", "3*3=9"], ["the cat", "a dog"],
+                                        progress=False)
+    task = build_task("synthetic", n_train=4, n_dev=2, n_test=4)
+    with na.applied(lm):
+        assert _forward_hook_count(lm.model) == 2
+        ft = finetune(lm, task, FineTuneConfig(steps=1, progress=False))
+    assert _forward_hook_count(lm.model) == 0
+    assert _forward_hook_count(ft.model) == 0
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(ft.model(ids).logits, ft.model(ids).logits, rtol=0, atol=0)
+
+
+def test_load_finetuned_and_copy_model_drop_hooks(tmp_path):
+    from skilllens.core.hooks import Hook, hooks_applied
+    from skilllens.grafting.finetune import FineTuneConfig, finetune, load_finetuned
+    from skilllens.grafting.tasks import build_task
+
+    lm = skilllens.load_model("tiny-llama")
+    ft = finetune(lm, build_task("synthetic", n_train=4, n_dev=2, n_test=4),
+                  FineTuneConfig(steps=1, progress=False))
+    ft.save(tmp_path / "ft.safetensors")
+    zero = [Hook("key", 0, lambda a: a * 0)]
+    with hooks_applied(lm, zero):
+        again = load_finetuned(tmp_path / "ft.safetensors", lm)
+        plain = copy_model(lm.model)
+        leaked = copy.deepcopy(lm.model)  # what the old code did
+    assert _forward_hook_count(leaked) == 1  # the mechanism the fix removes
+    assert _forward_hook_count(again.model) == 0 and _forward_hook_count(plain) == 0
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, lm.model(ids).logits)
+    assert all(a is not b for a, b in zip(plain.parameters(), lm.model.parameters()))
+
+
+def test_copy_model_shares_tensors_through_memo():
+    model = _tiny("tiny-llama")
+    h = model.model.layers[0].mlp.register_forward_hook(lambda *a: None)
+    memo = {id(p): p for p in model.parameters()}
+    view = copy_model(model, memo)
+    assert all(a is b for a, b in zip(view.parameters(), model.parameters()))
+    assert _forward_hook_count(view) == 0 and _forward_hook_count(model) == 1
+    h.remove()
+
+
+# ------------------------------------------------------------------ 5. offloaded weights
+def _offloaded():
+    import accelerate
+
+    model, tok = _pair()
+    return accelerate.cpu_offload(model, execution_device="cpu"), tok
+
+
+def test_cpu_offloaded_model_is_refused_by_load_model_with_defaults():
+    """Defect 5: the default device moved the model: torch's 'Cannot copy out of meta tensor'."""
+    model, tok = _offloaded()
+    before = snapshot(model, tok)
+    for kw in ({}, {"device": None}, {"device": "cpu", "dtype": "bfloat16"}):
+        with pytest.raises(ModelSpecError, match="meta device.*offload"):
+            skilllens.load_model((model, tok), **kw)
+    with pytest.raises(ModelSpecError, match="meta device"):
+        skilllens.collect((model, tok), TEXTS, progress=False)
+    assert_unchanged(before, model, tok)
+
+
+def test_device_map_with_a_passed_in_model_is_refused():
+    with pytest.raises(ModelSpecError, match="dispatch it before"):
+        skilllens.load_model(_pair(), device_map="auto")
+
+
+# ------------------------------------------------------------------ other forms
+def test_peft_model_sites_are_found_through_the_wrapper():
+    """PEFT prefixes module paths with base_model.model.; the adapter looks the blocks up on the
+    base model, and hooks fire inside the PeftModel's forward (LoRA on attention)."""
+    peft = pytest.importorskip("peft")
+    base, tok = _pair()
+    ref = skilllens.collect(skilllens.load_model((copy.deepcopy(base), tok)), TEXTS,
+                            sites=["gate", "key"], progress=False)
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    before = snapshot(pm, tok)
+    lm = skilllens.load_model((pm, tok))
+    assert lm.adapter.layers_path == "model.layers" and lm.adapter.n_layers == 2
+    assert lm.adapter.site_module_path("key", 1)[0] == "base_model.model.model.layers.1.mlp.down_proj"
+    res = skilllens.collect(lm, TEXTS, sites=["gate", "key"], progress=False)
+    for k in ref.keys():  # LoRA B starts at zero: the wrapper computes the base model
+        torch.testing.assert_close(res[k].mean, ref[k].mean)
+    assert lm.adapter.final_norm() is base.model.norm
+    assert_unchanged(before, pm, tok)
+
+
+def test_peft_adapter_on_the_down_projection_refuses_value_vectors():
+    peft = pytest.importorskip("peft")
+    base, tok = _pair()
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["down_proj"]))
+    lm = skilllens.load_model((pm, tok))
+    skilllens.collect(lm, TEXTS, sites=["key"], progress=False)  # activations: fine
+    with pytest.raises(SiteError, match="merge_and_unload"):
+        lm.adapter.value_vectors(0)
+
+
+def test_torch_compiled_model_runs_eagerly_on_the_same_weights():
+    model, tok = _pair()
+    compiled = torch.compile(model, backend="eager")
+    before = snapshot(compiled, tok)
+    lm = skilllens.load_model((compiled, tok))
+    assert lm.model is model
+    ref = skilllens.collect(skilllens.load_model((model, tok)), TEXTS, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = skilllens.collect(lm, TEXTS, progress=False)
+    torch.testing.assert_close(res["gate", 0].mean, ref["gate", 0].mean)
+    assert_unchanged(before, compiled, tok)
