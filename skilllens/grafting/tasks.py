@@ -141,10 +141,13 @@ def encode_task_items(items: list[Item], tokenizer, kind: str, label_words=(),
 # ---------------------------------------------------------------- forward and scoring
 
 def _base_and_head(model: nn.Module):
-    base = model.base_model
+    from skilllens.core.architectures import site_root
+
+    root = site_root(model)[0]  # a PEFT wrapper's base model (its base_model is the tuner)
+    base = root.base_model
     prefix = next(n for n, m in model.named_modules() if m is base)
-    head = model.get_output_embeddings()
-    if head is None or base is model:
+    head = root.get_output_embeddings()
+    if head is None or base is root:
         raise DataError(f"{type(model).__name__} has no separate LM head; grafting tasks need a "
                         f"causal LM (AutoModelForCausalLM)")
     head_name = next(n for n, m in model.named_modules() if m is head)
