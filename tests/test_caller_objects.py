@@ -75,6 +75,21 @@ def test_bf16_statistics_accumulate_in_float64():
     torch.testing.assert_close(res["gate", 1].mean, ref["gate", 1].mean, rtol=0.05, atol=0.02)
 
 
+def test_train_mode_model_is_measured_without_dropout_and_stays_in_train_mode():
+    """GPT-2 has dropout 0.1: a caller's model in train mode (load_model no longer calls eval()
+    on it) must give the eval-mode statistics, and still be in train mode afterwards."""
+    model = _tiny("tiny-gpt2")
+    tok = byte_tokenizer()
+    ref = skilllens.collect(skilllens.load_model((model, tok)), TEXTS, progress=False)
+    model.train()
+    before = snapshot(model, tok)
+    torch.manual_seed(0)
+    got = skilllens.collect(skilllens.load_model((model, tok)), TEXTS, progress=False)
+    torch.testing.assert_close(got["gate", 1].mean, ref["gate", 1].mean)
+    assert model.training and all(m.training for m in model.modules())
+    assert_unchanged(before, model, tok)
+
+
 # ------------------------------------------------------------------ 2. tokenizer
 def test_callers_tokenizer_settings_survive_load_model_and_collect():
     """Defect 2: padding_side was forced to 'right' and a missing pad set to eos, which changed

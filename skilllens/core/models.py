@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from skilllens.core.architectures import ModelAdapter
-from skilllens.core.loaded_model import LoadedModel
+from skilllens.core.loaded_model import LoadedModel, check_in_memory  # noqa: F401 (re-export)
 from skilllens.core.cache import cache_dir
 from skilllens.errors import ModelSpecError
 from skilllens.io import atomic_dir
@@ -145,24 +145,6 @@ class _Default:
 AS_GIVEN_DEVICE, AS_GIVEN_DTYPE = _Default("auto"), _Default("float32")
 
 
-def check_in_memory(model: nn.Module) -> None:
-    """Raise :class:`ModelSpecError` when a parameter or buffer is on the ``meta`` device:
-    weights offloaded by accelerate (``cpu_offload``, ``disk_offload``, a ``device_map`` with
-    ``"cpu"``/``"disk"`` offload) or never materialised (``init_empty_weights``). skilllens reads
-    (fingerprints, statistics) and edits (grafting, value edits) the weights themselves, which
-    such a model does not hold; refusing up front beats a torch error half-way through."""
-    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
-        for name, t in named:
-            if t.device.type == "meta":
-                raise ModelSpecError(
-                    f"{kind} {name!r} is on the meta device: the model's weights are offloaded "
-                    f"(accelerate cpu_offload/disk_offload or a device_map with offload) or were "
-                    f"never loaded. skilllens needs every weight in memory; load the model "
-                    f"without offload (device_map onto GPUs/CPU that hold it all, e.g. "
-                    f"skilllens.load_model(path, device_map='auto') with enough memory, or a "
-                    f"smaller dtype)")
-
-
 def unwrap_compiled(model: nn.Module) -> nn.Module:
     """The eager module under ``torch.compile`` (same parameters; the caller's compiled wrapper
     is left as it is). Hooks added to a compiled module can be skipped by its cached graph."""
@@ -215,7 +197,7 @@ def _pair(spec, device, dtype, device_map) -> LoadedModel:
     check_in_memory(model)
     cfg = getattr(model, "config", None)
     name = getattr(cfg, "_name_or_path", "") or type(model).__name__
-    if not isinstance(dtype, _Default):
+    if _dtype(dtype) is not None:
         model.to(dtype=_dtype(dtype))
     if not isinstance(device, _Default) and resolve_device(device) is not None:
         model.to(resolve_device(device))
@@ -240,8 +222,7 @@ def load_model(spec=DEFAULT_MODEL, device: str | torch.device | None = AS_GIVEN_
     Raises :class:`ModelSpecError` for an unresolvable spec and for models whose weights are
     offloaded to the meta device (see :func:`check_in_memory`).
     """
-    if isinstance(spec, LoadedModel):
-        check_in_memory(spec.model)
+    if isinstance(spec, LoadedModel):  # checked when it was made (LoadedModel.__post_init__)
         return spec
     if isinstance(spec, tuple):
         return _pair(spec, device, dtype, device_map)

@@ -215,12 +215,10 @@ def score_task(model: nn.Module, data: TaskData, batch_size: int = 16,
     """Accuracy, mean NLL and expected calibration error of ``model`` on ``data``."""
     from skilllens.grafting.metrics import expected_calibration_error
 
-    was_training = model.training
-    model.eval()
-    try:
+    from skilllens.core.loaded_model import eval_mode
+
+    with eval_mode(model):  # each module's own train/eval flag comes back afterwards
         conf, correct, nll = predictions(model, data, batch_size, params)
-    finally:
-        model.train(was_training)
     return TaskScore(float(correct.double().mean()), float(nll.mean()),
                      expected_calibration_error(conf, correct, n_bins), data.n_items,
                      int(conf.numel()), float(conf.mean()))
