@@ -6,8 +6,9 @@ another is a change); per module: its class, ``training`` flag, every hook dict 
 pre-forward, with-kwargs, always-called, backward, state-dict hooks) and an instance-level
 ``forward`` (accelerate and nnsight patch it); the config and generation config; for the
 tokenizer its attributes (``padding_side``, ``truncation_side``, special tokens,
-``model_max_length``, ``init_kwargs`` ...) and the state of a fast tokenizer's backend (its
-padding/truncation settings and vocabulary); and torch's global grad mode and default dtype.
+``model_max_length``, ``init_kwargs`` ...) and a fast tokenizer's backend (vocabulary, added
+tokens, normaliser; not its per-call padding/truncation scratch state); and torch's global grad
+mode and default dtype.
 
 ``assert_unchanged(before, model, tokenizer)`` takes a second snapshot and names every field
 that differs.
@@ -85,9 +86,12 @@ def tokenizer_snapshot(tok) -> dict:
     snap["attrs"] = sorted(vars(tok))
     backend = getattr(tok, "_tokenizer", None) or getattr(tok, "backend_tokenizer", None)
     if backend is not None and hasattr(backend, "to_str"):
-        snap["backend_padding"] = repr(backend.padding)
-        snap["backend_truncation"] = repr(backend.truncation)
-        snap["backend"] = hashlib.sha256(backend.to_str().encode()).hexdigest()
+        # the backend's padding/truncation are per-call scratch state: transformers rewrites
+        # them at every ``tokenizer(...)`` call (the caller's own included), so they are not a
+        # setting anyone keeps; the vocabulary, normaliser and pre-tokeniser are
+        state = json.loads(backend.to_str())
+        state.pop("padding", None), state.pop("truncation", None)
+        snap["backend"] = hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
     return snap
 
 

@@ -49,6 +49,7 @@ def test_bf16_statistics_accumulate_in_float64():
     computation over those activations, and the fp32 model's within bf16 tolerance."""
     model, tok = _pair(torch.bfloat16)
     lm = skilllens.load_model((model, tok))
+    assert lm.model.dtype == torch.bfloat16  # statistics of the model the caller chose
     # batch_size=1: no padding, so the reference below runs the very same bf16 forwards
     res = skilllens.collect(lm, TEXTS, sites=["gate", "key"], batch_size=1, progress=False)
     # independent reference: capture the bf16 activations of each text, one at a time
@@ -249,3 +250,35 @@ def test_torch_compiled_model_runs_eagerly_on_the_same_weights():
         res = skilllens.collect(lm, TEXTS, progress=False)
     torch.testing.assert_close(res["gate", 0].mean, ref["gate", 0].mean)
     assert_unchanged(before, compiled, tok)
+
+
+# ------------------------------------------------------------------ the checker itself
+@pytest.mark.parametrize("change", ["value", "dtype", "replace", "requires_grad", "mode", "hook",
+                                    "config", "padding_side", "pad_token", "added_token"])
+def test_snapshot_sees_every_kind_of_change(change):
+    model, tok = _pair()
+    before = snapshot(model, tok)
+    p = model.model.layers[0].mlp.down_proj
+    if change == "value":
+        with torch.no_grad():
+            p.weight[0, 0] += 1e-6
+    elif change == "dtype":
+        p.to(torch.float64)
+    elif change == "replace":
+        p.weight = torch.nn.Parameter(p.weight.detach().clone())
+    elif change == "requires_grad":
+        p.weight.requires_grad_(False)
+    elif change == "mode":
+        model.model.layers[1].train(not model.model.layers[1].training)
+    elif change == "hook":
+        p.register_forward_pre_hook(lambda m, a: None)
+    elif change == "config":
+        model.config.use_cache = not model.config.use_cache
+    elif change == "padding_side":
+        tok.padding_side = "left"
+    elif change == "pad_token":
+        tok.pad_token = tok.eos_token
+    else:
+        tok.add_tokens(["<new>"])
+    with pytest.raises(AssertionError, match="changed"):
+        assert_unchanged(before, model, tok)
