@@ -91,6 +91,26 @@ def test_train_mode_model_is_measured_without_dropout_and_stays_in_train_mode():
     assert_unchanged(before, model, tok)
 
 
+def test_interrupt_during_collect_leaves_mode_and_hooks_as_they_were():
+    """Ctrl-C in the middle of a collection (here: raised by the caller's own hook on the
+    second batch) restores every module's train flag and removes skilllens's hooks."""
+    model, tok = _pair()
+    model.train()
+    calls = []
+
+    def interrupt(mod, args, out):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    model.model.layers[0].register_forward_hook(interrupt)
+    before = snapshot(model, tok)
+    with pytest.raises(KeyboardInterrupt):
+        skilllens.collect((model, tok), TEXTS, batch_size=1, progress=False)
+    assert len(calls) == 2
+    assert_unchanged(before, model, tok)
+
+
 # ------------------------------------------------------------------ 2. tokenizer
 def test_callers_tokenizer_settings_survive_load_model_and_collect():
     """Defect 2: padding_side was forced to 'right' and a missing pad set to eos, which changed
