@@ -37,6 +37,17 @@ def test_passed_in_model_keeps_dtype_device_and_mode():
     assert_unchanged(before, model, tok)
 
 
+def test_default_device_does_not_move_a_passed_in_model(monkeypatch):
+    """Defect 1: device="auto" moved the caller's model to CUDA when one was visible. Pretend
+    one is: the old code then called model.to("cuda"); a passed-in model must stay put."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model, tok = _pair()
+    before = snapshot(model, tok)
+    lm = skilllens.load_model((model, tok))
+    assert lm.device == torch.device("cpu")
+    assert_unchanged(before, model, tok)
+
+
 def test_explicit_dtype_and_device_still_cast_a_passed_in_model():
     model, tok = _pair()
     lm = skilllens.load_model((model, tok), dtype="bfloat16", device="cpu")
@@ -148,6 +159,36 @@ def test_pad_id_reads_pad_then_eos_then_zero_without_setting_anything():
     assert pad_id(tok) == tok.eos_token_id == 258 and tok.pad_token is None
     tok.eos_token = None
     assert pad_id(tok) == 0 and tok.eos_token is None
+
+
+@pytest.mark.parametrize("entry", ["collect", "evaluate", "greedy_generate"])
+def test_gpt2_style_tokenizer_without_pad_is_used_as_is(entry):
+    """GPT-2's own tokenizer has an EOS but no pad token (the common case the old code "fixed"
+    by setting pad = eos on the caller's tokenizer). Tied embeddings, Conv1D and dropout too.
+    Results equal those with a pad token: padded positions are masked whatever the pad id."""
+    from skilllens.eval.evaluation import evaluate
+    from skilllens.eval.generation import greedy_generate
+    from skilllens.data import Item
+
+    items = [Item("a", "2+2=", "4"), Item("b", "the cat ", "sat on it")]
+    run = {"collect": lambda m, t: skilllens.collect((m, t), TEXTS, sites=["gate"],
+                                                     batch_size=2, progress=False).stacked("gate"),
+           "evaluate": lambda m, t: torch.tensor(evaluate((m, t), items, "nll", batch_size=2,
+                                                          progress=False).score),
+           "greedy_generate": lambda m, t: greedy_generate(m, t, ["ab", "a longer one"], 4,
+                                                           batch_size=2)}[entry]
+    model = _tiny("tiny-gpt2").eval()
+    ref = run(model, byte_tokenizer())
+    tok = byte_tokenizer()
+    tok.pad_token = None
+    before = snapshot(model, tok)
+    got = run(model, tok)
+    assert_unchanged(before, model, tok)
+    assert tok.pad_token is None
+    if isinstance(ref, torch.Tensor):
+        torch.testing.assert_close(got, ref)
+    else:
+        assert got == ref
 
 
 # ------------------------------------------------------------------ 4. copies carry no hooks
