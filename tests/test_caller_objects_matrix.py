@@ -64,7 +64,7 @@ def _compiled():
     return torch.compile(m, backend="eager"), t
 
 
-def _device_map(tmp_path_factory=None):
+def _device_map():
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(_saved(), device_map={"": "cpu"}), byte_tokenizer()
@@ -100,9 +100,12 @@ _SAVED: list = []
 
 def _saved():
     if not _SAVED:
+        import atexit
+        import shutil
         import tempfile
 
         d = tempfile.mkdtemp(prefix="skilllens-tiny-")
+        atexit.register(shutil.rmtree, d, True)
         _tiny("tiny-llama").save_pretrained(d)
         _SAVED.append(d)
     return _SAVED[0]
