@@ -264,6 +264,30 @@ def test_cpu_offloaded_model_is_refused_by_load_model_with_defaults():
     assert_unchanged(before, model, tok)
 
 
+def test_device_map_with_disk_offload_and_empty_weights_are_refused(tmp_path):
+    """A device_map that offloads to disk leaves meta parameters behind accelerate's hooks, as
+    does init_empty_weights: both refused, by name and as a pair, before any work."""
+    import accelerate
+    from transformers import AutoModelForCausalLM
+
+    _tiny("tiny-llama").save_pretrained(tmp_path / "m")
+    byte_tokenizer().save_pretrained(tmp_path / "m")
+    dmap = {"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu",
+            "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    with pytest.raises(ModelSpecError, match="meta device"):
+        skilllens.load_model(str(tmp_path / "m"), device_map=dmap)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        offl = AutoModelForCausalLM.from_pretrained(tmp_path / "m", device_map=dmap,
+                                                    offload_folder=str(tmp_path / "off"))
+    with pytest.raises(ModelSpecError, match="meta device"):
+        skilllens.load_model((offl, byte_tokenizer()))
+    with accelerate.init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(_tiny("tiny-llama").config)
+    with pytest.raises(ModelSpecError, match="never loaded"):
+        skilllens.load_model((empty, byte_tokenizer()))
+
+
 def test_device_map_with_a_passed_in_model_is_refused():
     with pytest.raises(ModelSpecError, match="dispatch it before"):
         skilllens.load_model(_pair(), device_map="auto")
