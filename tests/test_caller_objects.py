@@ -313,6 +313,35 @@ def test_peft_model_sites_are_found_through_the_wrapper():
     assert_unchanged(before, pm, tok)
 
 
+@pytest.mark.parametrize("backend", ["torch", "nnsight", "lens"])
+def test_peft_model_with_a_trained_adapter_collects_what_the_merged_model_computes(backend):
+    """Non-zero LoRA updates on attention: every backend sees the adapted activations, equal to
+    those of an independent merge (merge_and_unload on a copy), and the PeftModel is unchanged.
+    (The lens backend built its bridge on the PeftModel itself: AttributeError.)"""
+    peft = pytest.importorskip("peft")
+    pytest.importorskip({"torch": "torch", "nnsight": "nnsight",
+                         "lens": "transformer_lens"}[backend])
+    base, tok = _pair()
+    unadapted = skilllens.collect((copy.deepcopy(base), tok), TEXTS, sites=["gate"], progress=False)
+    pm = peft.get_peft_model(base.eval(), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g))
+    merged = copy.deepcopy(pm).merge_and_unload()
+    ref = skilllens.collect((merged, tok), TEXTS, sites=["gate", "key"], progress=False)
+    assert not torch.allclose(ref["gate", 1].mean, unadapted["gate", 1].mean, atol=1e-3)
+    before = snapshot(pm, tok)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = skilllens.collect((pm, tok), TEXTS, sites=["gate", "key"], backend=backend,
+                                progress=False)
+    for k in ref.keys():
+        torch.testing.assert_close(res[k].mean, ref[k].mean, rtol=1e-4, atol=1e-5)
+    assert_unchanged(before, pm, tok)
+
+
 def test_peft_adapter_on_the_down_projection_refuses_value_vectors():
     peft = pytest.importorskip("peft")
     base, tok = _pair()
