@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from skilllens.errors import DataError
+from skilllens.core.tokenizers import pad_id
 from skilllens.eval.generation import greedy_generate as _greedy
 
 QA_TEMPLATE = "Question: {q}\n Answer:"

@@ -127,15 +127,30 @@ def _get(root: nn.Module, path: str) -> nn.Module | None:
     return mod
 
 
+def site_root(model: nn.Module) -> tuple[nn.Module, str]:
+    """``(module holding the blocks, its path in model + ".")``: the model itself, or the base
+    model under a PEFT wrapper (``PeftModel``: module paths gain ``base_model.model.``)."""
+    get = getattr(model, "get_base_model", None)
+    root = get() if callable(get) else model
+    if root is model:
+        return model, ""
+    name = next((n for n, m in model.named_modules() if m is root), None)
+    return (root, name + ".") if name else (model, "")
+
+
 class ModelAdapter:
-    """Binds an :class:`Architecture` to one model instance: layers, site modules, values."""
+    """Binds an :class:`Architecture` to one model instance: layers, site modules, values.
+
+    ``model`` runs the forward passes; the blocks are looked up on :func:`site_root` (the base
+    model of a PEFT ``PeftModel``, whose hooks then fire inside the wrapper's forward)."""
 
     def __init__(self, model: nn.Module, arch: Architecture | None = None):
         self.model = model
-        self.arch = arch or architecture_for(model.config)
+        self.root, self.root_path = site_root(model)
+        self.arch = arch or architecture_for(self.root.config)
         blocks = None
         for path in self.arch.layers:
-            blocks = _get(model, path)
+            blocks = _get(self.root, path)
             if blocks is not None:
                 self.layers_path = path
                 break
@@ -196,7 +211,7 @@ class ModelAdapter:
 
     def site_module_path(self, site: str, layer: int) -> tuple[str, str]:
         path, where = self.arch.site(site)
-        return f"{self.layers_path}.{layer}.{path}", where
+        return f"{self.root_path}{self.layers_path}.{layer}.{path}", where
 
     def value_weight(self, layer: int) -> torch.Tensor:
         """The down-projection weight of ``layer`` as stored (a Parameter)."""
@@ -204,12 +219,18 @@ class ModelAdapter:
 
     def value_vectors(self, layer: int) -> torch.Tensor:
         """All value vectors of ``layer``: ``[d_ff, d_model]`` (a view, no copy)."""
+        mod = self._module(layer, self.arch.value)
+        if hasattr(mod, "base_layer"):  # a PEFT adapter layer: base weight + adapter delta
+            raise SiteError(f"the down projection of layer {layer} is wrapped by a PEFT adapter, "
+                            f"so its value vectors are the base weight plus the adapter's update; "
+                            f"merge the adapter first (model = model.merge_and_unload()) or leave "
+                            f"the down projection out of target_modules")
         w = self.value_weight(layer)
         return w.t() if self.arch.value_layout == "columns" else w
 
     def final_norm(self) -> nn.Module | None:
         for path in self.arch.final_norm:
-            mod = _get(self.model, path)
+            mod = _get(self.root, path)
             if mod is not None:
                 return mod
         return None
@@ -217,10 +238,10 @@ class ModelAdapter:
     def unembedding(self) -> torch.Tensor:
         """``W_U`` as ``[vocab, d_model]`` (tied or untied)."""
         for path in self.arch.unembed:
-            mod = _get(self.model, path)
+            mod = _get(self.root, path)
             if mod is not None:
                 return mod.weight
-        emb = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        emb = self.root.get_output_embeddings() if hasattr(self.root, "get_output_embeddings") else None
         if emb is None:
             raise UnknownArchitectureError(f"{self.arch.name}: no unembedding found")
         return emb.weight

@@ -23,7 +23,9 @@ from skilllens.core.batching import (TOKEN_MODES, clamp_length, encode_items, it
 from skilllens.data import resolve_skills
 from skilllens.errors import ArtifactError, DataError, SiteError
 from skilllens.core.hooks import Hook, run_with_hooks
+from skilllens.core.loaded_model import eval_mode
 from skilllens.core.models import load_model
+from skilllens.core.tokenizers import pad_id
 from skilllens.stats.neuron_stats import DEFAULT_STATS, NeuronStats
 
 
@@ -213,7 +215,7 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
     bar = tqdm(total=total, initial=done, unit="batch", disable=not progress,
                desc=f"collect {skill.name}")
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(lm.model):  # no dropout; the caller's flags come back
         for b, batch in enumerate(iter_batches(encoded, batch_size, pad_id(lm.tokenizer),
                                                device)):
             if b < done:

@@ -208,7 +208,7 @@ def lens_bridge(lm):
 
 
 def _lens(lm):
-    model = _adapter(lm).model
+    model = _adapter(lm).root  # the base model under a PEFT wrapper (LoRA layers included)
     try:
         from transformer_lens.model_bridge import TransformerBridge
     except ImportError:
@@ -229,7 +229,7 @@ def _run_lens(lm, adapter, inputs, hooks):
     for h in hooks:
         name = LENS_HOOKS[h.site].format(i=h.layer)
         fwd.append((name, lambda act, hook, fn=h.fn: fn(act)))
-    with _users_hooks_on(adapter.model, named):
+    with _users_hooks_on(adapter.root, named):
         return bridge.run_with_hooks(inputs["input_ids"], fwd_hooks=fwd,
                                      attention_mask=inputs.get("attention_mask"))
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from skilllens.core.architectures import ModelAdapter
-from skilllens.core.loaded_model import LoadedModel
+from skilllens.core.loaded_model import LoadedModel, check_in_memory  # noqa: F401 (re-export)
 from skilllens.core.cache import cache_dir
 from skilllens.errors import ModelSpecError
 from skilllens.io import atomic_dir
@@ -131,33 +131,108 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device |
     return torch.device(device)
 
 
-def load_model(spec=DEFAULT_MODEL, device: str | torch.device | None = "auto",
-               dtype: str | torch.dtype = "float32", device_map=None) -> LoadedModel:
+class _Default:
+    """The default of ``device``/``dtype``: a loaded model gets ``"auto"``/``float32``, a model
+    you pass in keeps its own (tells "not given" apart from an explicit ``"auto"``)."""
+
+    def __init__(self, loaded: str):
+        self.loaded = loaded
+
+    def __repr__(self) -> str:
+        return f"<{self.loaded} when skilllens loads the model; kept for a model you pass in>"
+
+
+AS_GIVEN_DEVICE, AS_GIVEN_DTYPE = _Default("auto"), _Default("float32")
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The eager module under ``torch.compile`` (same parameters; the caller's compiled wrapper
+    is left as it is). Hooks added to a compiled module can be skipped by its cached graph."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
+def copy_model(model: nn.Module, memo: dict | None = None) -> nn.Module:
+    """A deep copy of ``model`` whose modules carry **no** hooks (forward, pre-forward and
+    backward hook dicts all empty), whatever was installed on ``model`` when it was copied:
+    ``copy.deepcopy`` would copy the hooks of an active context (``applied``, ``grafted``,
+    ``hooks_applied``) or the caller's own, whose removal handles point at the original only,
+    so they would stay on the copy for good. ``memo`` as in ``copy.deepcopy`` (e.g. map tensors
+    to themselves to share them). ``model`` itself is not changed."""
+    import copy
+    from collections import OrderedDict
+
+    from skilllens.core.hooks import _HOOK_DICTS
+
+    memo = dict(memo or {})
+    for mod in model.modules():
+        for d in _HOOK_DICTS:
+            hooks = getattr(mod, d, None)
+            if hooks is not None:
+                memo[id(hooks)] = OrderedDict()  # deepcopy takes this in place of the original
+    return copy.deepcopy(model, memo)
+
+
+def _dtype(dtype) -> torch.dtype | None:
+    if isinstance(dtype, _Default) or dtype is None:
+        return None
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ModelSpecError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
+        return DTYPES[dtype]
+    return dtype
+
+
+def _pair(spec, device, dtype, device_map) -> LoadedModel:
+    """A caller's ``(model, tokenizer)``: neither is changed unless ``device``/``dtype`` were
+    given (then the model is moved/cast in place, as ``model.to`` does)."""
+    if len(spec) != 2 or not isinstance(spec[0], nn.Module):
+        raise ModelSpecError("a model pair must be (torch.nn.Module, tokenizer)")
+    if device_map is not None:
+        raise ModelSpecError("device_map applies when skilllens loads the model; for your own "
+                             "model, dispatch it before passing it in (accelerate "
+                             "dispatch_model or from_pretrained(device_map=...))")
+    model, tok = spec
+    model = unwrap_compiled(model)
+    check_in_memory(model)
+    cfg = getattr(model, "config", None)
+    name = getattr(cfg, "_name_or_path", "") or type(model).__name__
+    if _dtype(dtype) is not None:
+        model.to(dtype=_dtype(dtype))
+    if not isinstance(device, _Default) and resolve_device(device) is not None:
+        model.to(resolve_device(device))
+    return LoadedModel(model, tok, ModelAdapter(model), name)
+
+
+def load_model(spec=DEFAULT_MODEL, device: str | torch.device | None = AS_GIVEN_DEVICE,
+               dtype: str | torch.dtype | None = AS_GIVEN_DTYPE, device_map=None) -> LoadedModel:
     """Load a model and return ``LoadedModel`` (unpacks as ``model, tokenizer, adapter``).
 
     ``spec``: ``"smollm2-135m"`` (embedded, default), a tiny test model (``"tiny-llama"``,
     ``"tiny-gpt2"``, ... see ``TINY_MODELS``), a local folder, a ``.gguf`` file, a hub id
     (``HF_HUB_OFFLINE=1`` is respected), a ``(model, tokenizer)`` pair or a ``LoadedModel``.
-    ``device``: ``"auto"`` (default: CUDA when available, else CPU), ``"cpu"``, ``"cuda:1"``
-    ..., or ``None`` to leave the model where it is. ``device_map`` (e.g. ``"auto"`` or a dict)
-    spreads a large model over several devices.
+    ``device``: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda:1"`` ..., or
+    ``None`` to leave the model where it is. ``dtype``: ``"float32"``, ``"bfloat16"``,
+    ``"float16"`` or a ``torch.dtype``. Defaults: a model skilllens loads goes to ``"auto"`` in
+    ``float32``; a ``(model, tokenizer)`` you pass in keeps its device, dtype, mode (train/eval),
+    hooks and tokenizer settings; only an explicit ``device``/``dtype`` moves/casts it (in
+    place, like ``model.to``). ``device_map`` (e.g. ``"auto"`` or a dict) spreads a large model
+    over several devices. Statistics accumulate in float64 whatever the model's dtype.
+
+    Raises :class:`ModelSpecError` for an unresolvable spec and for models whose weights are
+    offloaded to the meta device (see :func:`check_in_memory`).
     """
-    if isinstance(spec, LoadedModel):
+    if isinstance(spec, LoadedModel):  # checked when it was made (LoadedModel.__post_init__)
         return spec
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ModelSpecError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
-        dtype = DTYPES[dtype]
+    if isinstance(spec, tuple):
+        return _pair(spec, device, dtype, device_map)
+    if isinstance(spec, nn.Module):
+        raise ModelSpecError("pass a (model, tokenizer) pair, not a bare module")
+    dtype = _dtype(dtype) or torch.float32
+    device = "auto" if isinstance(device, _Default) else device
     if spec is None:
         spec = DEFAULT_MODEL
-    if isinstance(spec, tuple):
-        if len(spec) != 2 or not isinstance(spec[0], nn.Module):
-            raise ModelSpecError("a model pair must be (torch.nn.Module, tokenizer)")
-        model, tok = spec
-        name = getattr(model.config, "_name_or_path", "") or type(model).__name__
-    elif isinstance(spec, nn.Module):
-        raise ModelSpecError("pass a (model, tokenizer) pair, not a bare module")
-    elif spec in TINY_MODELS:
+    if spec in TINY_MODELS:
         from skilllens.core.tokenizers import byte_tokenizer
         model, tok, name = _tiny(spec), byte_tokenizer(), spec
     elif spec in (DEFAULT_MODEL, "smollm2", "smollm2-135m-instruct"):
@@ -183,15 +258,11 @@ def load_model(spec=DEFAULT_MODEL, device: str | torch.device | None = "auto",
                 + (" (HF_HUB_OFFLINE=1 is set)" if offline else "")
                 + f". Underlying error: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
             ) from None
+    check_in_memory(model)
     if device_map is None:
         model = model.to(dtype=dtype)
         device = resolve_device(device)
         if device is not None:
             model = model.to(device)
-    model.eval()
-    if getattr(tok, "pad_token", None) is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "right"
+    model.eval()  # skilllens made this model: nobody else holds it
     return LoadedModel(model, tok, ModelAdapter(model), name)
-
-

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from skilllens.core.cache import cache_dir
+from skilllens.core.batching import pad_id  # noqa: F401  (the one padding rule lives there)
 from skilllens.io import atomic_dir
 
 BYTE_VOCAB_SIZE = 259  # 256 bytes + <pad>, <s>, </s>

@@ -4,7 +4,8 @@ Few-shot (the task's train items, full batch or mini-batches), SGD (the default)
 trainable parameters chosen by name patterns (``fnmatch``), and an optional element-wise
 ``param_masks`` that lets only a known sparse set of entries change (used by the ground-truth
 test). The pre-trained model is
-never modified: a deep copy is trained.
+never modified: a deep copy is trained, without the hooks installed on it at the time
+(:func:`~skilllens.core.models.copy_model`).
 
 >>> from skilllens import load_model
 >>> from skilllens.grafting.tasks import build_task
@@ -15,7 +16,6 @@ True
 """
 from __future__ import annotations
 
-import copy
 import fnmatch
 import os
 from dataclasses import asdict, dataclass, field
@@ -25,7 +25,7 @@ import torch
 from skilllens.errors import ArtifactError, DataError
 from skilllens.grafting.tasks import GraftTask, encode_task_items, score_task
 from skilllens.core.loaded_model import LoadedModel
-from skilllens.core.models import load_model
+from skilllens.core.models import copy_model, load_model
 
 #: trainable/eligible by default: everything inside the transformer blocks
 DEFAULT_INCLUDE = ("*layers.*", "*.h.*", "*encoder.layer.*")
@@ -114,7 +114,7 @@ def load_finetuned(path: str | os.PathLike, base) -> FineTuned:
 
     base = load_model(base)
     tensors, meta = load_artifact(path, kind="finetuned", model=base, device=base.device)
-    model = copy.deepcopy(base.model)
+    model = copy_model(base.model)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n, t in tensors.items():
@@ -140,7 +140,7 @@ def finetune(lm, task: GraftTask, config: FineTuneConfig | None = None,
     config = config or FineTuneConfig()
     lm = load_model(lm)
     base_fp = lm.fingerprint
-    model = copy.deepcopy(lm.model)
+    model = copy_model(lm.model)
     trained = select_parameters(model, config.include, config.exclude)
     params = dict(model.named_parameters())
     for n, p in params.items():

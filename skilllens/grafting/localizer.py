@@ -35,7 +35,7 @@ from skilllens.grafting.finetune import (DEFAULT_EXCLUDE, DEFAULT_INCLUDE, FineT
                                          select_parameters)
 from skilllens.grafting.tasks import GraftTask, encode_task_items, score_task, task_loss
 from skilllens.core.fingerprint import fingerprints_match, model_fingerprint
-from skilllens.core.loaded_model import LoadedModel
+from skilllens.core.loaded_model import LoadedModel, eval_mode
 from skilllens.core.models import load_model
 from skilllens.grafting.workspace import (GraftError, GraftWorkspace, check_same_shapes,
                                           global_topk_masks)
@@ -143,8 +143,8 @@ class GraftLocalizer:
         train = enc(task.train)
         dev_data = enc(task.dev) if task.dev else None
         model = pre.model
-        was_training = model.training
-        model.eval()
+        mode = eval_mode(model)  # each module's own train/eval flag comes back afterwards
+        mode.__enter__()
         best, history, prev = None, [], None
         try:
             for step in tqdm(range(self.steps + 1), desc=f"graft {task.name}",
@@ -193,7 +193,7 @@ class GraftLocalizer:
                             s.grad = g
                         opt.step()
         finally:
-            model.train(was_training)
+            mode.__exit__(None, None, None)
         _, best_step, masks = best
         self.masks_ = {n: m for n, m in masks.items() if bool(m.any())}
         self.values_ = {n: ft_all[n].detach().to(dev)[m] for n, m in self.masks_.items()}

@@ -138,10 +138,13 @@ def encode_task_items(items: list[Item], tokenizer, kind: str, label_words=(),
 # ---------------------------------------------------------------- forward and scoring
 
 def _base_and_head(model: nn.Module):
-    base = model.base_model
+    from skilllens.core.architectures import site_root
+
+    root = site_root(model)[0]  # a PEFT wrapper's base model (its base_model is the tuner)
+    base = root.base_model
     prefix = next(n for n, m in model.named_modules() if m is base)
-    head = model.get_output_embeddings()
-    if head is None or base is model:
+    head = root.get_output_embeddings()
+    if head is None or base is root:
         raise DataError(f"{type(model).__name__} has no separate LM head; grafting tasks need a "
                         f"causal LM (AutoModelForCausalLM)")
     head_name = next(n for n, m in model.named_modules() if m is head)
@@ -209,12 +212,10 @@ def score_task(model: nn.Module, data: TaskData, batch_size: int = 16,
     """Accuracy, mean NLL and expected calibration error of ``model`` on ``data``."""
     from skilllens.grafting.metrics import expected_calibration_error
 
-    was_training = model.training
-    model.eval()
-    try:
+    from skilllens.core.loaded_model import eval_mode
+
+    with eval_mode(model):  # each module's own train/eval flag comes back afterwards
         conf, correct, nll = predictions(model, data, batch_size, params)
-    finally:
-        model.train(was_training)
     return TaskScore(float(correct.double().mean()), float(nll.mean()),
                      expected_calibration_error(conf, correct, n_bins), data.n_items,
                      int(conf.numel()), float(conf.mean()))
