@@ -396,3 +396,31 @@ def test_snapshot_sees_every_kind_of_change(change):
         tok.add_tokens(["<new>"])
     with pytest.raises(AssertionError, match="changed"):
         assert_unchanged(before, model, tok)
+
+
+def test_evaluate_and_generate_run_without_dropout_and_keep_train_mode():
+    """A caller's model left in train mode: evaluate/greedy_generate measure it without
+    dropout (equal to the eval-mode model) and hand back train mode afterwards."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import skilllens
+    from skilllens.core.tokenizers import byte_tokenizer
+    from skilllens.data import Item
+    from skilllens.eval.generation import greedy_generate
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.5,
+                      max_position_embeddings=256, pad_token_id=256, bos_token_id=257,
+                      eos_token_id=258)
+    model, tok = LlamaForCausalLM(cfg), byte_tokenizer()
+    items = [Item(str(i), f"q{i} is", f" answer number {i}") for i in range(4)]
+    model.eval()
+    ref = skilllens.evaluate((model, tok), items, progress=False).score
+    ref_gen = greedy_generate(model, tok, ["hello", "a b c"], max_new_tokens=6)
+    model.train()
+    for _ in range(2):
+        assert skilllens.evaluate((model, tok), items, progress=False).score == ref
+        assert greedy_generate(model, tok, ["hello", "a b c"], max_new_tokens=6) == ref_gen
+    assert model.training and all(m.training for m in model.modules())

@@ -285,10 +285,8 @@ def _compare(ref: dict, got: dict, form: str, entry: str) -> None:
             torch.testing.assert_close(g.double(), r.double(), rtol=0.05, atol=0.05, msg=k)
 
 
-#: known open: greedy_generate(model, tokenizer) takes a raw model and does not yet check for
-#: offloaded weights (torch's NotImplementedError); the fix is one call of
-#: skilllens.core.models.check_in_memory(model) at its top (eval/generation.py)
-OPEN = {("offloaded", "greedy_generate"): "greedy_generate does not call check_in_memory yet"}
+#: known open pairs (strict xfail): none today
+OPEN: dict = {}
 PAIRS = [pytest.param(f, e, id=f"{f}-{e}", marks=[pytest.mark.xfail(
              strict=True, raises=NotImplementedError, reason=OPEN[f, e])] if (f, e) in OPEN else [])
          for f in FORMS for e in ENTRY_POINTS

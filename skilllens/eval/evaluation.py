@@ -48,6 +48,7 @@ import re
 
 import torch
 
+from skilllens.core.loaded_model import eval_mode
 from skilllens.core.batching import clamp_length, encode_items, iter_batches, n_batches, pad_id
 from skilllens.data import Item, Skill, as_skill, load_skill, sample_skill
 from skilllens.errors import DataError, SkillLensError
@@ -243,7 +244,7 @@ def evaluate(lm, skill, metric: str = "token_accuracy", *, batch_size: int = 8,
     items = list(skill.items)
     abstained = _abstentions(abstainer, lm, items)
     answered = [it for it, a in zip(items, abstained) if not a]
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(lm.model):  # no dropout; the caller's flags come back
         if not answered:
             rows = []
         elif metric in TEACHER_FORCED:

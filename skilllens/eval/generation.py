@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from skilllens.core.loaded_model import check_in_memory, eval_mode
 from skilllens.core.batching import (context_limit, generation_prompts, left_padded, pad_id,
                                      plan_batches)
 from skilllens.errors import DataError
@@ -147,6 +148,7 @@ def generate_batched(model, tokenizer, prompts: list[str], max_new_tokens: int =
         raise DataError("no prompts to generate from")
     if max_new_tokens < 1:
         raise DataError("max_new_tokens must be at least 1")
+    check_in_memory(model)  # offloaded (meta) weights: one clear error before any work
     enc, cut, budget = generation_prompts(model, tokenizer, prompts, max_new_tokens, max_length)
     prefixes = [list(p) for p in prefixes] if prefixes is not None else [[] for _ in prompts]
     if len(prefixes) != len(prompts) or any(len(p) >= max_new_tokens for p in prefixes):
@@ -156,11 +158,13 @@ def generate_batched(model, tokenizer, prompts: list[str], max_new_tokens: int =
     stops = tuple(s for s in stops if s)
     out: list[list[int]] = [[] for _ in prompts]
     chunks = plan_batches([len(e) + len(p) for e, p in zip(enc, prefixes)], batch_size)
-    for chunk in tqdm(chunks, desc=desc, disable=not progress, leave=False):
-        got = _greedy_batch(model, tokenizer, [enc[i] for i in chunk], chunk, pad,
-                            max_new_tokens, stops, eos, [prefixes[i] for i in chunk], row_edit)
-        for i, g in zip(chunk, got):
-            out[i] = g
+    with eval_mode(model):  # no dropout; the caller's training flags come back afterwards
+        for chunk in tqdm(chunks, desc=desc, disable=not progress, leave=False):
+            got = _greedy_batch(model, tokenizer, [enc[i] for i in chunk], chunk, pad,
+                                max_new_tokens, stops, eos, [prefixes[i] for i in chunk],
+                                row_edit)
+            for i, g in zip(chunk, got):
+                out[i] = g
     texts = [ids_to_text(tokenizer, g, eos, stops) for g in out]
     return Generation(texts, out, cut, budget)
 
