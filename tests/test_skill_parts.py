@@ -147,3 +147,12 @@ def test_ksd_load_keeps_forget_source_and_heldout_scores(tiny_llama, tmp_path):
     assert torch.equal(back.probe_heldout_scores_, ksd.probe_heldout_scores_)
     retain = ksd.query_vectors(tiny_llama, ["a b c", "hello there", "x y z w"])
     assert back.calibrate_vectors(retain).alpha == ksd.calibrate_vectors(retain).alpha
+
+
+def test_generation_and_scoring_never_iterate_one_string(tiny_llama):
+    from skilllens.eval import generate_texts
+    from skilllens.core.batching import encode_items
+    with pytest.raises(DataError, match="one string"):
+        generate_texts(tiny_llama, "What is 2+2?", max_new_tokens=2, progress=False)
+    with pytest.raises(DataError, match="one string"):
+        encode_items("2+2=", tiny_llama.tokenizer)

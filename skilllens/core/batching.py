@@ -78,11 +78,18 @@ def _truncate(ids: list[int], p: int, n_lead: int, max_length: int) -> tuple[lis
     return prompt + ids[p:p + a_keep], len(prompt)
 
 
+def _not_one_string(seq, what: str) -> None:
+    """A bare string is never a sequence of one-character prompts (issue 21)."""
+    if isinstance(seq, (str, bytes)):
+        raise DataError(f"{what} must be a list, got one string {seq[:40]!r}; wrap it as [text]")
+
+
 def encode_items(items, tokenizer, max_length: int = 512) -> list[Encoded]:
     """Tokenise each item's ``prompt + answer`` jointly (see the module docstring for the answer
     span and what truncation keeps). Returns one :class:`Encoded` per item, in item order."""
     if max_length < 2:
         raise DataError("max_length must be at least 2")
+    _not_one_string(items, "items")
     items = list(items)
     if not items:
         return []
@@ -120,6 +127,7 @@ def encode_prompts(tokenizer, prompts: Sequence[str],
                    budget: int) -> tuple[list[list[int]], list[bool]]:
     """Token ids of each prompt (with special tokens) for generation, cut to ``budget`` tokens
     keeping the leading special tokens (BOS) and the prompt's end; and whether each was cut."""
+    _not_one_string(prompts, "prompts")
     specials = _special_ids(tokenizer)
     out, cut = [], []
     for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]:
