@@ -7,16 +7,12 @@ Adjust, one entry per ``na_percent``; ``sp``: Selective Pruning), scores each me
 ``results.json``, figures (PNG + SVG, drawn from ``results.json``), ``report.md`` and
 ``report.html`` into ``out``.
 
-Which items: every skill is split once into disjoint probe and eval parts; the methods are
-fitted (and KSD's alpha calibrated) on samples of the probe parts, scores come from samples of
-the eval parts, and ``results.json["data"]`` says for each skill which part and how many items
-of how many were used (``"probe part: 48 sampled of its 7473 (of 8792 items); eval: 1319"``).
-
-KSD's alpha is chosen by default on probe items only (``ksd_calibrate``; the rule is in
-:mod:`skilllens.unlearning.calibration`: the largest held-out catch of the forget probe queries
-with at most ``ksd_max_fpr`` of the retain probe queries in the cube, searched over
-``(0, ksd_alpha_cap]`` in both directions, margin ``ksd_margin``); ``results.json`` keeps the
-choice and its curve under ``methods.ksd.params.calibration``.
+Fits and KSD's calibration see samples of the probe parts only, scores samples of the eval
+parts; ``results.json["data"]`` says which part and how many items of how many each used.
+KSD's alpha is calibrated by default (:mod:`skilllens.unlearning.calibration`: searched over
+``(0, ksd_alpha_cap]``, largest held-out forget probe catch with at most ``ksd_max_fpr`` of the
+retain probes inside, margin ``ksd_margin``); the choice and its curve are in
+``methods.ksd.params.calibration``.
 
 KSD changes neither weights nor activations, so its scores are the baseline item scores with
 abstained items set to 0 (the decision itself is a prompt-only forward pass). This is the same
