@@ -36,8 +36,16 @@ def test_results_json_has_the_documented_fields(audit_dir):
     assert saved["neurons"]["na-3%"]["n_selected"] == round(0.03 * 2 * 64)
     sweep = {round(r["alpha"], 6): r for r in saved["methods"]["ksd"]["alpha_sweep"]}
     params = saved["methods"]["ksd"]["params"]
-    assert params["alpha"] <= 1.5 and params["calibration"]["alpha_max"] == 1.5
-    assert params["calibration"]["retain_probe_fpr"] <= 0.05  # default max FPR on the probes
+    cal = params["calibration"]  # searched over (0, cap], not narrowed from --alpha 1.5
+    assert cal["alpha_cap"] == 100.0 and params["alpha"] == cal["alpha"]
+    assert 0 < params["alpha"] <= cal["alpha_feasible_max"] <= 100.0
+    assert cal["retain_probe_fpr"] <= 0.05  # default max FPR on the probes
+    assert cal["n_forget_probe"] == 3 and cal["n_retain_probe"] == 6
+    assert any(c["alpha"] == cal["alpha"] for c in cal["curve"])
+    for s in ("xquad-de", "xquad-en", "xquad-es"):  # which part, how many of how many
+        d = saved["data"][s]
+        assert d["probe"].startswith("probe part: 3 sampled of its ") and d["n_eval"] == 3
+        assert d["eval"].startswith("eval part: 3 sampled of its ")
     assert sweep[round(params["alpha"], 6)]["relative"] == saved["methods"]["ksd"]["relative"]
     rates = [r["abstention_rate"]["xquad-de"] for r in saved["methods"]["ksd"]["alpha_sweep"]]
     assert rates == sorted(rates)  # a wider cube never abstains on fewer queries
@@ -59,6 +67,7 @@ def test_figures_and_reports_are_written(audit_dir):
     md = (out / "report.md").read_text()
     assert "Reproducibility manifest" in md and "model_fingerprint" in md
     assert "figures/relative_performance.png" in md
+    assert "KSD calibration curve" in md and "(chosen)" in md and "probe part: 3 sampled" in md
     assert "<table>" in (out / "report.html").read_text()
 
 

@@ -110,19 +110,35 @@ def test_save_load_and_fingerprint(tiny_llama, tmp_path):
         ksd.abstains(load_model("tiny-mistral"), PROBES)
 
 
-def _numpy_calibrated_alpha(probe, retain, max_fpr, margin, cap):
-    """METHODS.md 2b from the raw vectors, in numpy float64 (nothing from the detector): cube
-    m +- k*s with s the population std, k = max |v - m| / s over dims with s > 0; the alpha
-    the calibration must pick is the (floor(max_fpr*n)+1)-th smallest retain score (the
-    smallest alpha that puts that query inside the cube), shrunk by 1 + margin, capped."""
-    v, r = np.asarray(probe, dtype=np.float64), np.asarray(retain, dtype=np.float64)
+def _numpy_cube(v):
     m, s = v.mean(0), v.std(0)
     live = s > 0
-    k = (np.abs(v[:, live] - m[live]) / s[live]).max()
-    need = (np.abs(r[:, live] - m[live]) / (k * s[live])).max(1)  # alpha putting each inside
-    need.sort()
+    return m, s, (np.abs(v[:, live] - m[live]) / s[live]).max(), live
+
+
+def _numpy_score(r, m, s, k, live):
+    return (np.abs(r[:, live] - m[live]) / (k * s[live])).max(1)
+
+
+def _numpy_calibrated_alpha(probe, retain, max_fpr, margin, cap, folds=5):
+    """METHODS.md 2b and the calibration rule (skilllens.unlearning.calibration) from the raw
+    vectors, in numpy float64 (nothing from the detector): cube m +- k*s, s the population std,
+    k = max |v - m| / s over dims with s > 0. Retain bound: the (floor(max_fpr*n)+1)-th
+    smallest retain score over (1 + margin), capped; forget probe scores cross-fitted (fold
+    i % 5 scored by the cube of the other folds); alpha = the largest caught held-out score
+    times (1 + margin), within the bound."""
+    v, r = np.asarray(probe, dtype=np.float64), np.asarray(retain, dtype=np.float64)
+    m, s, k, live = _numpy_cube(v)
+    need = np.sort(_numpy_score(r, m, s, k, live))  # alpha putting each retain query inside
     n_fp = int(np.floor(max_fpr * len(r)))
-    return min(cap, need[n_fp] / (1 + margin)), m, s, k, live
+    a_hi = min(cap, np.nextafter(need[n_fp], 0), need[n_fp] / (1 + margin))
+    held = np.empty(len(v))
+    fold = np.arange(len(v)) % folds
+    for j in range(folds):
+        held[fold == j] = _numpy_score(v[fold == j], *_numpy_cube(v[fold != j]))
+    caught = held[held <= a_hi]
+    alpha = a_hi if len(caught) == 0 else min(a_hi, caught.max() * (1 + margin))
+    return alpha, a_hi, held, m, s, k, live
 
 
 def _numpy_inside_share(retain, m, s, k, live, alpha):
@@ -136,26 +152,53 @@ def test_calibration_matches_an_independent_numpy_computation():
     v[:, 3] = 0.7  # a degenerate dimension (s == 0) that must not decide
     ksd = KeySpaceDetector(alpha=3.0).fit_vectors(v)
     retain = v.mean(0) + 2.5 * torch.randn(50, 20, generator=g) * v.std(0).clamp(min=0.1)
-    for max_fpr, margin in ((0.0, 0.1), (0.1, 0.1), (0.3, 0.0)):
+    for max_fpr, margin in ((0.0, 0.1), (0.1, 0.1), (0.3, 0.0), (0.1, 0.5)):
         ksd.alpha = 3.0
         ksd.calibrate_vectors(retain, max_fpr=max_fpr, margin=margin)
-        want, m, s, k, live = _numpy_calibrated_alpha(v, retain, max_fpr, margin, 3.0)
-        assert want < 3.0  # the cap does not decide these cases
+        want, a_hi, held, m, s, k, live = _numpy_calibrated_alpha(v, retain, max_fpr, margin,
+                                                                  100.0)
         # the detector's m, s come from float32-accumulated statistics: ~1e-7 relative
         assert ksd.alpha == pytest.approx(want, rel=1e-6)
-        if margin > 0:
-            share = _numpy_inside_share(retain, m, s, k, live, ksd.alpha)
-            assert share <= max_fpr
-            assert ksd.calibration["retain_probe_fpr"] == pytest.approx(share)
-            assert np.array_equal(ksd.inside(retain).numpy(),
-                                  (np.abs(retain.double().numpy()[:, live] - m[live])
-                                   <= ksd.alpha * k * s[live]).all(1))
-        else:  # no margin: the (n_fp+1)-th retain query lies on the cube's face
-            assert _numpy_inside_share(retain, m, s, k, live, ksd.alpha * (1 - 1e-5)) <= max_fpr
-            assert _numpy_inside_share(retain, m, s, k, live, ksd.alpha * (1 + 1e-5)) > max_fpr
-    ksd.alpha = 3.0
+        cal = ksd.calibration
+        assert cal["alpha_feasible_max"] == pytest.approx(a_hi, rel=1e-6)
+        tol = 1 + 1e-9  # alpha may equal a held-out score (margin 0): rounding either way
+        assert cal["forget_probe_catch"] == pytest.approx(
+            float((held <= ksd.alpha * tol).mean()))
+        share = _numpy_inside_share(retain, m, s, k, live, ksd.alpha)
+        assert share <= max_fpr and cal["retain_probe_fpr"] == pytest.approx(share)
+        assert np.array_equal(ksd.inside(retain).numpy(),
+                              (np.abs(retain.double().numpy()[:, live] - m[live])
+                               <= ksd.alpha * k * s[live]).all(1))
+        # the curve is the catch and FPR over alpha, with the chosen point on it
+        point = next(c for c in cal["curve"] if c["alpha"] == ksd.alpha)
+        assert point["retain_probe_fpr"] == cal["retain_probe_fpr"]
+        catches = [c["forget_probe_catch"] for c in cal["curve"]]
+        assert catches == sorted(catches) and len(cal["curve"]) >= 25
     ksd.calibrate_vectors(v.mean(0, keepdim=True) + 100 * v.std(0), alpha_max=1.25)
-    assert ksd.alpha == 1.25                             # never wider than the upper bound
+    assert ksd.alpha <= 1.25                             # never wider than the cap
+
+
+def test_calibration_widens_as_well_as_narrows():
+    """Issue 21 item 11: calibration used the starting alpha as an upper bound, so a detector
+    whose retain probes lie far outside the cube kept the reference's 2.0 while the held-out
+    forget queries needed ~5. The search now goes both ways and never reads eval items."""
+    g = torch.Generator().manual_seed(3)
+    d = 40
+    probe = torch.randn(12, d, generator=g, dtype=torch.float64)   # few probes: a tight cube
+    retain = torch.randn(60, d, generator=g, dtype=torch.float64) * 0.5 + 12.0  # far away
+    ksd = KeySpaceDetector(alpha=2.0).fit_vectors(probe)
+    held = ksd.probe_heldout_scores_
+    assert float(held.max()) > 2.0  # some unseen forget queries need alpha > 2
+    ksd.calibrate_vectors(retain, max_fpr=0.05)
+    assert ksd.alpha > 2.0 and ksd.calibration["forget_probe_catch"] == 1.0
+    assert ksd.alpha == pytest.approx(float(held.max()) * 1.1)
+    assert ksd.calibration["retain_probe_fpr"] == 0.0
+    unseen = torch.randn(200, d, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    assert ksd.inside(unseen).double().mean() > KeySpaceDetector(alpha=2.0).fit_vectors(
+        probe).inside(unseen).double().mean()
+    ksd.alpha = 50.0  # and it narrows from a wide start when the retain probes come close
+    ksd.calibrate_vectors(probe[:6] * 0.9, max_fpr=0.0)
+    assert ksd.alpha < 1.0
 
 
 @pytest.mark.parametrize("kw", [dict(max_fpr=1.0), dict(max_fpr=-0.1), dict(margin=-1.0)])

@@ -34,14 +34,21 @@ def add_parser(sub):
     p.add_argument("--metric", default=d.metric,
                    help="token_accuracy (default), nll, exact_match, pass@1, f1, substring")
     p.add_argument("--alpha", type=float, default=d.alpha,
-                   help="KSD cube scale (default 2.0, the reference's GSM8K value); with "
-                        "calibration it is the upper bound")
+                   help="KSD cube scale with --no-ksd-calibrate (default 2.0, the reference's "
+                        "GSM8K value); calibration ignores it")
     p.add_argument("--no-ksd-calibrate", dest="ksd_calibrate", action="store_false",
-                   help="use --alpha as is (the reference); by default alpha is narrowed on the "
-                        "retain probe items so at most --ksd-max-fpr of them fall in the cube")
+                   help="use --alpha as is (the reference); by default alpha is searched over "
+                        "(0, --ksd-alpha-cap] on probe items only: the largest held-out catch of "
+                        "forget probe queries with at most --ksd-max-fpr of the retain probe "
+                        "queries in the cube")
     p.add_argument("--ksd-max-fpr", type=float, default=d.ksd_max_fpr,
                    help="share of retain probe queries allowed inside the calibrated cube "
                         "(default 0.05)")
+    p.add_argument("--ksd-alpha-cap", type=float, default=d.ksd_alpha_cap,
+                   help=f"largest alpha calibration may choose (default {d.ksd_alpha_cap:g})")
+    p.add_argument("--ksd-margin", type=float, default=d.ksd_margin,
+                   help=f"calibration margin: retain probe queries stay a factor 1 + margin "
+                        f"outside the cube (default {d.ksd_margin:g})")
     p.add_argument("--na-percent", default=",".join(f"{x:g}" for x in d.na_percent),
                    help="Neuron Adjust percent(s), comma-separated (default 1.5)")
     p.add_argument("--na-rule", default=d.na_rule,
@@ -77,7 +84,8 @@ def run(args) -> int:
                       eval_items=args.eval_items, out=args.out or default_out(),
                       data_dir=args.data_dir, metric=args.metric, seed=args.seed,
                       alpha=args.alpha, ksd_calibrate=args.ksd_calibrate,
-                      ksd_max_fpr=args.ksd_max_fpr, na_percent=na_percent, na_rule=args.na_rule,
+                      ksd_max_fpr=args.ksd_max_fpr, ksd_alpha_cap=args.ksd_alpha_cap,
+                      ksd_margin=args.ksd_margin, na_percent=na_percent, na_rule=args.na_rule,
                       sp_percent=args.sp_percent, batch_size=args.batch_size,
                       max_length=args.max_length, device=device,
                       progress=not args.no_progress)
@@ -85,6 +93,14 @@ def run(args) -> int:
     from skilllens.eval.scores import format_relative
     print(f"wrote {cfg.out}/results.json, report.md, report.html "
           f"({res['manifest']['timing_s']['total']:.0f} s)")
+    for s, d in res["data"].items():
+        print(f"  {s}: fitted on {d['probe']}; scored on {d['eval']}")
+    cal = res["methods"].get("ksd", {}).get("params", {}).get("calibration")
+    if cal:
+        print(f"  ksd: alpha {cal['alpha']:.4g} calibrated on probe items (held-out forget "
+              f"probe catch {cal['forget_probe_catch']:.2f}, retain probe FPR "
+              f"{cal['retain_probe_fpr']:.3f} <= {cal['max_fpr']:g}; feasible up to "
+              f"{cal['alpha_feasible_max']:.4g}, cap {cal['alpha_cap']:g})")
     for m, v in res["methods"].items():
         rel = ", ".join(f"{s} {format_relative(r, res['baseline'][s]['score'])}"
                         for s, r in v["relative"].items())

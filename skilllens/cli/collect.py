@@ -9,6 +9,7 @@ EXAMPLE = """examples:
   skilllens collect --model tiny-llama --data notes.txt --site key --tokens last --out k.safetensors
   skilllens collect --data xquad-ru=/data/xquad.ru.json --site gate --layers 0,5,-1 --out ru.safetensors
 
+Every item of --data is used unless --part probe|eval asks for one part of its split.
 The output holds tensors named {site}.{layer}.{stat} (count, mean, var, std, m2, min, max,
 mean_abs, frac_pos, n_nonfinite, ...) and JSON metadata (model fingerprint, arguments, data hash)."""
 
@@ -17,6 +18,9 @@ def add_parser(sub):
     p = command(sub, "collect", "collect per-neuron activation statistics", __doc__, EXAMPLE)
     p.add_argument("--data", required=True,
                    help="skill: gsm8k, humaneval, xquad-en..xquad-hi, NAME=PATH, or a .txt/.jsonl file")
+    p.add_argument("--part", default="all", choices=["all", "probe", "eval"],
+                   help="which items of --data: all (default: every item given), or the probe or "
+                        "eval part of its probe/eval split")
     p.add_argument("--site", default="gate", help="gate, up or key (comma-separated for several)")
     p.add_argument("--layers", default="all", help="all, or comma-separated indices (-1 = last)")
     p.add_argument("--tokens", default="all", choices=["all", "last", "answer"])
@@ -48,11 +52,11 @@ def run(args) -> int:
     res = collect(lm, args.data, sites=args.site.split(","), layers=layers, tokens=args.tokens,
                   batch_size=args.batch_size, max_length=args.max_length,
                   stats=tuple(args.stats.split(",")), bins=args.bins, backend=args.backend,
-                  max_items=args.max_items, data_dir=args.data_dir,
+                  max_items=args.max_items, data_dir=args.data_dir, part=args.part,
                   progress=not args.no_progress, checkpoint=args.checkpoint,
                   checkpoint_every=args.checkpoint_every, store=bool(args.store_dir),
                   store_dir=args.store_dir)
     res.save(args.out)
-    print(f"wrote {args.out}: {len(res.keys())} site/layer pairs, {res.meta['n_items']} items, "
-          f"{res.meta['n_tokens']} tokens")
+    print(f"wrote {args.out}: {len(res.keys())} site/layer pairs, {res.meta['n_items']} items "
+          f"({res.meta['data_part']}), {res.meta['n_tokens']} tokens")
     return 0

@@ -188,6 +188,12 @@ def _apart(it, tokenizer, specials: set[int]) -> tuple[list[int], int]:
     return p_ids + list(tokenizer(it.answer, add_special_tokens=False)["input_ids"]), len(p_ids)
 
 
+def _not_one_string(seq, what: str) -> None:
+    """A bare string is never a sequence of one-character prompts (issue 21)."""
+    if isinstance(seq, (str, bytes)):
+        raise DataError(f"{what} must be a list, got one string {seq[:40]!r}; wrap it as [text]")
+
+
 def encode_items(items, tokenizer, max_length: int = 512, *, split: bool = True) -> list[Encoded]:
     """Tokenise each item's ``prompt + answer`` jointly (see the module docstring for the answer
     span, merged boundary tokens and what truncation keeps). ``split=False``: the prompt/answer
@@ -197,6 +203,7 @@ def encode_items(items, tokenizer, max_length: int = 512, *, split: bool = True)
     Raises ``DataError`` for ``max_length < 2`` or an answer item with an empty prompt."""
     if max_length < 2:
         raise DataError("max_length must be at least 2")
+    _not_one_string(items, "items")
     items = list(items)
     if not items:
         return []
@@ -235,6 +242,7 @@ def encode_prompts(tokenizer, prompts: Sequence[str],
                    budget: int) -> tuple[list[list[int]], list[bool]]:
     """Token ids of each prompt (with special tokens) for generation, cut to ``budget`` tokens by
     :func:`truncate_prompt` (BOS and the prompt's end); and whether each was cut."""
+    _not_one_string(prompts, "prompts")
     specials = _special_ids(tokenizer)
     out, cut = [], []
     for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]:

@@ -119,12 +119,17 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
             batch_size: int = 16, max_length: int = 512, *, stats=DEFAULT_STATS, bins: int = 256,
             hist_range=None, backend: str = "torch", stats_backend: str = "auto",
             store: bool | list = False, store_dir: str | os.PathLike | None = None,
-            max_items: int | None = None, data_dir=None, progress: bool = True,
+            max_items: int | None = None, data_dir=None, part: str = "all",
+            progress: bool = True,
             checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 50,
             rank: int = 0, world_size: int = 1) -> StatsCollection:
     """Run batched forward passes over ``data`` and accumulate per-neuron statistics.
 
     ``model``: a spec or ``LoadedModel``; ``data``: a skill spec, ``Skill``, items or texts;
+    ``part``: which part of a spec's items (default ``"all"``: every item of what was given;
+    ``"probe"``/``"eval"``: that part of the probe/eval split, ``skilllens.data.split_skill``),
+    recorded with the counts in ``result.meta["data_part"]`` (``"probe part: 9 of 12 items;
+    eval: 3"``); ``max_items`` keeps the first items of that;
     ``sites`` from ``gate``/``up``/``key``; ``layers``: indices (default all); ``tokens``:
     ``all`` (every non-padding token), ``last`` (last prompt token) or ``answer``.
     ``store``: also keep the selected vectors (True = every site/layer, or a list of
@@ -146,7 +151,7 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
     for s in sites:
         adapter.arch.site(s)
     layers = adapter.check_layers(layers)
-    skill = resolve_skills(data, data_dir).head(max_items)  # specs: their probe part
+    skill = resolve_skills(data, data_dir, part).head(max_items)  # all items unless asked
     if tokens == "answer" and not any(it.answer for it in skill.items):
         raise DataError(f"tokens='answer' needs prompt/answer items; {skill.name!r} has no answers")
     device = lm.device
@@ -164,7 +169,7 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
             "rank": rank, "world_size": world_size, "store": sorted(store_keys),
             "hist_range": _range_key(hist_range)}
     meta = {"model": lm.name, "fingerprint": fp, "data": skill.name, "data_source": skill.source,
-            "data_hash": skill.digest(), "n_items": len(skill), "args": args,
+            "data_hash": skill.digest(), "n_items": len(skill), "data_part": skill.describe(), "args": args,
             "max_length": used_length, "n_truncated": n_truncated, "n_merged_boundary": n_merged}
     result = StatsCollection({}, meta)
     collected = {k: NeuronStats(adapter.d_ff, stats, bins, hist_range, backend=stats_backend)

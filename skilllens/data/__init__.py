@@ -15,13 +15,13 @@
 from skilllens.data.formats import (FAMILIES, ROWS, data_sources, load_hub, mbpp_prompt,
                                     mmlu_prompt, open_text, read_text)
 from skilllens.data.items import Item, Skill
-from skilllens.data.skills import (LOADERS, as_skill, combine_skills, from_texts, is_spec,
+from skilllens.data.skills import (LOADERS, PARTS, as_skill, combine_skills, from_texts, is_spec,
                                    load_skill, resolve_skills, sample_skill, split_skill)
 from skilllens.data.sources import (BUILTIN_SKILLS, CHOICES, COMPRESSED, HUB_PREFIX, HUB_REFS,
                                     PACKAGED, XQUAD_LANGS, data_dir, data_roots, describe_source,
                                     find_data_file, hub_allowed, plain_name)
 
-__all__ = ["Item", "Skill", "load_skill", "as_skill", "resolve_skills", "combine_skills",
+__all__ = ["Item", "Skill", "PARTS", "load_skill", "as_skill", "resolve_skills", "combine_skills",
            "from_texts", "is_spec", "sample_skill", "split_skill", "LOADERS", "FAMILIES", "ROWS",
            "load_hub", "data_sources", "mbpp_prompt", "mmlu_prompt", "open_text", "read_text",
            "BUILTIN_SKILLS", "XQUAD_LANGS", "CHOICES", "COMPRESSED", "HUB_PREFIX", "HUB_REFS",

@@ -22,11 +22,17 @@ A ``.txt`` (one item per non-empty line) or ``.jsonl``/``.json`` file (fields ``
 Probe and eval parts never overlap: upstream train/test files where they exist (GSM8K, MBPP's
 official task ranges, MMLU dev+val/test, hub splits), else a hash of each item's group (XQuAD
 paragraph, aligned across languages; HumanEval task); eval items whose id or prompt also occurs
-in the probe part are dropped. A spec string means its *probe* part unless ``part=`` says
-otherwise (fits and calibrations never see evaluation items); ``evaluate`` asks for ``"eval"``.
+in the probe part are dropped. Every caller names the part it needs (:func:`resolve_skills`'s
+``part``): fits and calibrations ask for ``"probe"`` (they never see evaluation items),
+evaluation entry points (``evaluate``, ``KeySpaceDetector.evaluate_detection``,
+``abstains``) for ``"eval"``, and statistics (``collect``, ``skilllens collect``) for ``"all"``:
+every item of what the user gave, unless a part is asked for. The returned ``Skill`` records
+its part and the part sizes (``Skill.part``, ``Skill.counts``, ``Skill.describe()``:
+``"probe part: 9 of 12 items; eval: 3"``) so that outputs can say which items were used.
 
 Lists (``retain=[...]``, :func:`resolve_skills`): ``Skill`` objects and ``Item`` lists are used as
-they are. A list of strings is a list of specs when every string is one (a known name,
+they are (whatever ``part`` says: they are the items the caller chose). A bare string is always
+one spec (``"gsm8k"``, ``"humaneval,xquad-en"``), never a sequence of characters. A list of strings is a list of specs when every string is one (a known name,
 ``NAME=PATH``, ``hub:...``, an existing file); it is a list of literal texts when none is one and
 none resembles one (``["The cat sat.", "2+2=4", "a"]``). A list mixing specs and other strings,
 or holding a near-miss name (``"humaneval2"``, ``"gsm8"``, ``"mbpp=x"``), is an error listing the
@@ -130,7 +136,7 @@ def load_skill(spec: str, data_dir_: str | os.PathLike | None = None,
         if family not in FAMILIES or FAMILIES[family][1] is None:
             raise DataError(f"{spec!r} is not a built-in skill; give a path: {spec}=PATH")
         skill = _builtin(spec, family, data_dir_)
-    skill = _nonempty(skill)
+    skill = replace(_nonempty(skill), part="all", counts={"all": len(skill)})
     return skill if part == "all" else split_skill(skill)[0 if part == "probe" else 1]
 
 
@@ -166,7 +172,9 @@ def split_skill(skill: Skill, probe_fraction: float = 0.5) -> tuple[Skill, Skill
     if not probe or not evals:
         raise DataError(f"skill {skill.name!r} has too few distinct items ({len(skill)}) to split "
                         f"into probe and eval parts; give a few dozen items or use part='all'")
-    return (replace(skill, items=probe, name=skill.name), replace(skill, items=evals))
+    counts = {"all": len(skill), "probe": len(probe), "eval": len(evals)}
+    return (replace(skill, items=probe, part="probe", counts=counts),
+            replace(skill, items=evals, part="eval", counts=dict(counts)))
 
 
 _NAME_LIKE = re.compile(r"^[A-Za-z][\w\-]*$")
@@ -205,28 +213,48 @@ def _near_name(s: str) -> bool:
 
 
 def from_texts(texts, name: str = "texts") -> Skill:
-    """A skill of literal texts (one item each), never read as skill names."""
-    texts = [str(t) for t in texts]
+    """A skill of literal texts (one item each), never read as skill names; a bare string is
+    one text."""
+    texts = [texts] if isinstance(texts, str) else [str(t) for t in texts]
     if not texts:
         raise DataError("the data set is empty; pass at least one text or item")
-    return Skill(name, [Item(f"{name}/{i}", t) for i, t in enumerate(texts)])
+    return Skill(name, [Item(f"{name}/{i}", t) for i, t in enumerate(texts)],
+                 counts={"all": len(texts)})
 
 
 def _pool(parts: list[Skill], name: str | None = None) -> Skill:
     if len(parts) == 1 and name is None:
         return parts[0]
+    kinds = {p.part for p in parts}
+    keys = set.intersection(*(set(p.counts) for p in parts)) if len(kinds) == 1 else set()
     return Skill(name or "+".join(p.name for p in parts), [it for p in parts for it in p.items],
                  ";".join(p.source for p in parts), parts[0].family
-                 if len({p.family for p in parts}) == 1 else "text")
+                 if len({p.family for p in parts}) == 1 else "text",
+                 parts[0].part if len(kinds) == 1 else "all",
+                 {k: sum(p.counts[k] for p in parts) for k in keys})
+
+
+PARTS = ("all", "probe", "eval")
 
 
 def resolve_skills(data, data_dir_=None, part: str = "probe", name: str | None = None) -> Skill:
-    """The one resolution of skill input (used by every estimator, ``collect`` and the CLI):
-    a ``Skill`` (as is), a spec string (``"humaneval,xquad-en"`` pools several), a list of
-    specs, ``Skill``s, ``Item``s or literal texts (rule in the module docstring). Specs give
-    their ``part`` (default ``"probe"``); several skills are pooled into one."""
+    """The one resolution of skill input (used by every estimator, ``collect``, ``evaluate``
+    and the CLI): a ``Skill`` (as is), a spec string (``"humaneval,xquad-en"`` pools several;
+    never iterated character by character), a list of specs, ``Skill``s, ``Item``s or literal
+    texts (rule in the module docstring), or one ``Item``. Specs give their ``part``:
+    ``"probe"`` (the default, what fits may see), ``"eval"`` (held-out items, for evaluation
+    entry points) or ``"all"`` (both, for statistics); ``Skill``s, items and texts are used as
+    given. Several skills are pooled into one. The result records its part and the part sizes
+    (``Skill.describe()``). Raises ``DataError`` for an unknown part, an empty input or a
+    string that is neither a spec nor (in a list) clearly a text."""
+    if part not in PARTS:
+        raise DataError(f"unknown part {part!r}; use all, probe or eval")
     if isinstance(data, Skill):
         return _nonempty(data)
+    if isinstance(data, Item):
+        data = [data]
+    if isinstance(data, bytes):
+        raise DataError("data is bytes; decode it to a spec string, or pass a list of texts")
     if isinstance(data, str):
         specs = [s.strip() for s in data.split(",") if s.strip()] \
             if "," in data and not is_spec(data) else [data]
@@ -238,7 +266,7 @@ def resolve_skills(data, data_dir_=None, part: str = "probe", name: str | None =
     if not data:
         raise DataError("the data set is empty; pass at least one skill, text or item")
     if all(isinstance(d, Item) for d in data):
-        return Skill(name or "items", data)
+        return Skill(name or "items", data, counts={"all": len(data)})
     if any(isinstance(d, Skill) for d in data):
         return _pool([resolve_skills(d, data_dir_, part) for d in data], name)
     strs = [d for d in data if isinstance(d, str)]
@@ -257,7 +285,7 @@ def resolve_skills(data, data_dir_=None, part: str = "probe", name: str | None =
 
 
 def as_skill(data, data_dir_=None, part: str = "probe") -> Skill:
-    """Accept a Skill, a spec string, a list of specs, Items or texts (see
+    """Accept a Skill, a spec string, a list of specs, Items or texts (the same as
     :func:`resolve_skills`); a spec gives its ``part`` (default ``"probe"``)."""
     return resolve_skills(data, data_dir_, part)
 

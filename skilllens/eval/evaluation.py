@@ -168,7 +168,7 @@ def _shots_for(skill: Skill, shots, n_shots: int, data_dir, seed: int) -> list[I
         if skill.family != "gsm8k":
             return []
         shots = load_skill("gsm8k", data_dir, part="probe")
-    pool = as_skill(shots)
+    pool = as_skill(shots, part="probe")
     ids, prompts = {it.id for it in skill}, {it.prompt for it in skill}
     if any(s.id in ids or s.prompt in prompts for s in pool):
         raise DataError("few-shot examples overlap the evaluated items; take shots from the "

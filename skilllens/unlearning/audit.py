@@ -7,6 +7,13 @@ Adjust, one entry per ``na_percent``; ``sp``: Selective Pruning), scores each me
 ``results.json``, figures (PNG + SVG, drawn from ``results.json``), ``report.md`` and
 ``report.html`` into ``out``.
 
+Fits and KSD's calibration see samples of the probe parts only, scores samples of the eval
+parts; ``results.json["data"]`` says which part and how many items of how many each used.
+KSD's alpha is calibrated by default (:mod:`skilllens.unlearning.calibration`: searched over
+``(0, ksd_alpha_cap]``, largest held-out forget probe catch with at most ``ksd_max_fpr`` of the
+retain probes inside, margin ``ksd_margin``); the choice and its curve are in
+``methods.ksd.params.calibration``.
+
 KSD changes neither weights nor activations, so its scores are the baseline item scores with
 abstained items set to 0 (the decision itself is a prompt-only forward pass). This is the same
 number ``evaluate(..., abstainer=ksd)`` returns, without scoring every kept item a second time.
@@ -21,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from skilllens.data import Skill, load_skill, sample_skill
+from skilllens.data import Skill, load_skill, sample_skill, split_skill
 from skilllens.errors import SkillLensError
 
 METHODS = ("ksd", "na", "sp")
@@ -48,6 +55,8 @@ class AuditConfig:
     alpha: float = 2.0
     ksd_calibrate: bool = True
     ksd_max_fpr: float = 0.05
+    ksd_alpha_cap: float = 100.0
+    ksd_margin: float = 0.1
     ksd_layer: int = -1
     na_percent: list[float] = field(default_factory=lambda: [1.5])
     na_rule: str = "signed"
@@ -77,6 +86,9 @@ class AuditConfig:
         if self.probe_items < 2 or self.eval_items < 1:
             raise SkillLensError("--probe-items must be >= 2 and --eval-items >= 1")
         _check_alpha(self.alpha)
+        _check_alpha(self.ksd_alpha_cap)
+        if not float(self.ksd_margin) >= 0.0:
+            raise SkillLensError(f"--ksd-margin must be >= 0, got {self.ksd_margin}")
         if not 0.0 <= float(self.ksd_max_fpr) < 1.0:
             raise SkillLensError(f"--ksd-max-fpr must be in [0, 1), got {self.ksd_max_fpr}")
         self.na_percent = [check_percent(p, "--na-percent") for p in self.na_percent]
@@ -85,9 +97,10 @@ class AuditConfig:
 
 
 def skill_parts(spec: str, n_probe: int, n_eval: int, seed: int, data_dir=None) -> tuple[Skill, Skill]:
-    """Disjoint probe and eval samples of one skill (checked: no shared ids or prompts)."""
-    probe = sample_skill(load_skill(spec, data_dir, part="probe"), n_probe, seed)
-    evals = sample_skill(load_skill(spec, data_dir, part="eval"), n_eval, seed)
+    """Disjoint probe and eval samples of one skill (checked: no shared ids or prompts); each
+    says which part and how many of how many items it holds (``Skill.describe()``)."""
+    probe, evals = split_skill(load_skill(spec, data_dir, part="all"))
+    probe, evals = sample_skill(probe, n_probe, seed), sample_skill(evals, n_eval, seed)
     if {it.id for it in probe} & {it.id for it in evals} or \
             {it.prompt for it in probe} & {it.prompt for it in evals}:
         raise SkillLensError(f"probe and eval items of {spec!r} overlap; use disjoint files")
@@ -162,6 +175,9 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
     results: dict = {"model": lm.name, "forget": cfg.forget, "retain": list(cfg.retain),
                      "metric": cfg.metric, "relative_definition": relative_definition(cfg.metric),
                      "abstention": ABSTENTION_RULE,
+                     "data": {s: {"probe": p.describe(), "eval": e.describe(),
+                                  "n_probe": len(p), "n_eval": len(e), "counts": p.counts}
+                              for s, (p, e) in parts.items()},
                      "baseline": {s: _score_entry(v) for s, v in baseline.items()},
                      "methods": {}, "neurons": {}}
     from skilllens.eval.scores import baseline_warnings
@@ -176,10 +192,11 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
 
         def ksd_run():
             ksd.fit(lm, parts[cfg.forget][0], progress=cfg.progress)
-            if cfg.ksd_calibrate:  # narrow the cube on the retain *probe* items only
+            if cfg.ksd_calibrate:  # alpha from the forget and retain *probe* items only
                 ksd.calibrate_vectors(torch.cat([ksd.query_vectors(lm, parts[s][0])
                                                  for s in cfg.retain]),
-                                      max_fpr=cfg.ksd_max_fpr, alpha_max=cfg.alpha)
+                                      max_fpr=cfg.ksd_max_fpr, margin=cfg.ksd_margin,
+                                      alpha_max=cfg.ksd_alpha_cap)
             vecs = {s: ksd.query_vectors(lm, parts[s][1]) for s in names}
             scores = {s: with_abstention(baseline[s], ksd.inside(vecs[s]).tolist())
                       for s in names}
@@ -297,7 +314,7 @@ def run_language_matrix(langs: list[str], out: str | os.PathLike, *, model="smol
                         methods=("ksd", "na"), probe_items: int = 16, eval_items: int = 12,
                         alphas=(1.0, 2.0), na_percent: float = 1.5, seed: int = 0,
                         data_dir=None, batch_size: int = 8, max_length: int = 384,
-                        progress: bool = True, lm=None, calibrate_max: float | None = 5.0,
+                        progress: bool = True, lm=None, calibrate_max: float | None = 100.0,
                         max_fpr: float = 0.05) -> dict:
     """Forgotten-language x tested-language matrix of relative scores, forgetting each of
     ``langs`` in turn while keeping the others. Baselines, key vectors and per-language
@@ -305,7 +322,8 @@ def run_language_matrix(langs: list[str], out: str | os.PathLike, *, model="smol
 
     Besides the fixed ``alphas``, ``calibrate_max`` adds a row set ``ksd@auto``: per forgotten
     language, alpha is calibrated on the other languages' *probe* items
-    (:meth:`KeySpaceDetector.calibrate_vectors`, upper bound ``calibrate_max``)."""
+    (:meth:`KeySpaceDetector.calibrate_vectors`: held-out catch of its own probe items, at
+    most ``max_fpr`` of the others' inside, cap ``calibrate_max``)."""
     from skilllens.eval import evaluate, relative
     from skilllens.io import write_json
     from skilllens.unlearning.key_space import KeySpaceDetector
@@ -330,7 +348,7 @@ def run_language_matrix(langs: list[str], out: str | os.PathLike, *, model="smol
         eval_v = {s: ksd.query_vectors(lm, parts[s][1]) for s in langs}
         ksd_rows = {f"ksd@{a:g}": [] for a in alphas}
         if calibrate_max is not None:
-            ksd_rows["ksd@auto"], chosen = [], {}
+            ksd_rows["ksd@auto"], chosen, cal = [], {}, {}
 
         def row(alpha: float) -> list[float]:
             return [relative(with_abstention(base[t], ksd.inside(eval_v[t], alpha=alpha)
@@ -342,15 +360,17 @@ def run_language_matrix(langs: list[str], out: str | os.PathLike, *, model="smol
             for a in alphas:
                 ksd_rows[f"ksd@{a:g}"].append(row(float(a)))
             if calibrate_max is not None:
-                ksd.alpha = float(calibrate_max)
                 ksd.calibrate_vectors(torch.cat([probe_v[t] for t in langs if t != f]),
-                                      max_fpr=max_fpr)
+                                      max_fpr=max_fpr, alpha_max=calibrate_max)
                 chosen[f] = ksd.alpha
+                cal[f] = {k: ksd.calibration_[k] for k in ("alpha_feasible_max",
+                                                          "forget_probe_catch",
+                                                          "retain_probe_fpr")}
                 ksd_rows["ksd@auto"].append(row(ksd.alpha))
         res["methods"].update(ksd_rows)
         if calibrate_max is not None:
             res["params"].update(calibrated_alpha=chosen, calibrate_max=calibrate_max,
-                                 max_fpr=max_fpr)
+                                 max_fpr=max_fpr, calibration=cal)
     if "na" in methods:
         from skilllens.core.collect import collect
         kw = dict(sites=["gate"], tokens="all", batch_size=batch_size, max_length=max_length,

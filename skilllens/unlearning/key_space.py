@@ -10,6 +10,12 @@ the forget skill iff its vector lies inside the cube on every dimension.
 Dimensions with ``s == 0`` (every probe vector equal there) cannot scale a cube; they are left
 out of the decision and counted in ``n_degenerate_dims``.
 
+Which items: ``fit`` and ``calibrate`` read the *probe* part of a spec (``"gsm8k"``,
+``["humaneval", "xquad-en"]``), ``evaluate_detection`` and ``abstains`` the *eval* part
+(:func:`skilllens.data.resolve_skills`); ``Skill``s, items and texts are used as given, and a bare
+string is a spec, never a sequence of one-character queries. ``calibrate`` chooses ``alpha`` in
+``(0, cap]`` from probe queries only (:mod:`skilllens.unlearning.calibration`).
+
 >>> import skilllens
 >>> from skilllens.unlearning.key_space import KeySpaceDetector
 >>> lm = skilllens.load_model("tiny-llama")
@@ -29,13 +35,14 @@ import torch
 
 from skilllens._compat import DeprecatedAlias
 from skilllens.core.artifacts import check_fingerprint, load_artifact, save_artifact
-from skilllens.data import Item, resolve_skills
-from skilllens.errors import SkillLensError
+from skilllens.data import Item, resolve_skills, sample_skill
+from skilllens.errors import DataError, SkillLensError
+from skilllens.unlearning.calibration import ALPHA_CAP, MARGIN, choose_alpha, heldout_scores
 
 K_MAX = 1e4
 #: artifact metadata keys that are not fit metadata (``meta_``)
 _SAVED_STATE = ("params", "k", "k_exact", "calibration", "fingerprint", "kind",
-                "skilllens_version", "created")
+                "skilllens_version", "created", "probe_heldout_scores")
 REFUSAL = "I cannot help with that."
 
 
@@ -135,21 +142,24 @@ class KeySpaceDetector:
         self.fingerprint_: dict | None = None
         self.meta_: dict = {}
         self.calibration_: dict | None = None  # set by calibrate(): how alpha was chosen
+        self.probe_heldout_scores_: torch.Tensor | None = None  # [n_probe] cross-fitted scores
 
     def get_params(self) -> dict:
         return {"alpha": self.alpha, "layer": self.layer, "site": self.site,
                 "batch_size": self.batch_size, "max_length": self.max_length}
 
     # -- vectors --
-    def query_vectors(self, lm, items, progress: bool = False) -> torch.Tensor:
+    def query_vectors(self, lm, items, progress: bool = False, *, part: str = "probe",
+                      data_dir=None) -> torch.Tensor:
         """``[n, d_ff]`` key vectors at the last prompt token (a forward pass stopped right after
-        the hooked layer; no answer tokens, no generation)."""
+        the hooked layer; no answer tokens, no generation). ``items``: anything
+        :func:`~skilllens.data.resolve_skills` takes; a spec gives its ``part``."""
         from skilllens.core.collect import collect
         from skilllens.core.models import load_model
 
         lm = load_model(lm)
         layer = lm.adapter.check_layers([self.layer])[0]
-        items = resolve_skills(items).items  # a Skill, items, texts or specs (probe part)
+        items = resolve_skills(items, data_dir, part=part).items
         items = [Item(it.id, it.prompt) for it in items]  # the prompt only: answers never seen
         res = collect(lm, items, sites=[self.site], layers=[layer], tokens="last",
                       batch_size=self.batch_size, max_length=self.max_length, stats=("moments",),
@@ -158,22 +168,24 @@ class KeySpaceDetector:
 
     # -- fitting --
     def fit(self, lm, forget, *, data_dir=None, progress: bool = True) -> "KeySpaceDetector":
-        """Probe ``forget`` (spec, Skill, items or texts) and build the cube. Returns ``self``."""
+        """Probe ``forget`` (spec: its probe part; Skill, items or texts) and build the cube.
+        Returns ``self``."""
         from skilllens.core.models import load_model
 
         lm = load_model(lm)
-        skill = resolve_skills(forget, data_dir)  # specs: their probe part
+        skill = resolve_skills(forget, data_dir, part="probe")
         if len(skill) < 2:
             raise SkillLensError(f"KSD needs at least 2 probe queries to estimate a spread; "
                                  f"{skill.name!r} has {len(skill)}")
         vectors = self.query_vectors(lm, skill.items, progress=progress)
         self.meta_ = {"forget": skill.name, "forget_hash": skill.digest(), "n_probe": len(skill),
-                     "forget_source": skill.source}
+                     "forget_source": skill.source, "forget_part": skill.describe()}
         self.fingerprint_ = lm.fingerprint
         return self.fit_vectors(vectors)
 
     def fit_vectors(self, vectors: torch.Tensor) -> "KeySpaceDetector":
-        """Build the cube from probe vectors ``[n, d]``."""
+        """Build the cube from probe vectors ``[n, d]``; also keeps each probe query's held-out
+        score (``probe_heldout_scores_``, K-fold cross-fitted) for :meth:`calibrate`."""
         from skilllens.stats.neuron_stats import NeuronStats
 
         if vectors.ndim != 2 or vectors.shape[0] < 2:
@@ -185,53 +197,46 @@ class KeySpaceDetector:
         if not math.isclose(self.k_, self.k_exact_, rel_tol=1e-6, abs_tol=1e-9):
             raise SkillLensError(f"internal check failed: binary-search k={self.k_} differs from "
                                  f"the exact k={self.k_exact_}")
+        self.probe_heldout_scores_ = heldout_scores(vectors)
         return self
 
     # -- calibration --
-    def calibrate(self, lm, retain, *, max_fpr: float = 0.05, margin: float = 0.1,
-                  alpha_max: float | None = None, data_dir=None,
+    def calibrate(self, lm, retain, *, max_fpr: float = 0.05, margin: float = MARGIN,
+                  alpha_max: float | None = ALPHA_CAP, data_dir=None,
                   progress: bool = False) -> "KeySpaceDetector":
-        """Choose ``alpha`` from held-out *retain probe* queries (never the evaluation items).
-
-        ``alpha`` becomes ``min(alpha_max, r / (1 + margin))`` where ``r`` is the
-        ``(floor(max_fpr * n) + 1)``-th smallest cube score of the retain probe queries, so at
-        most a ``max_fpr`` share of them falls inside the cube (``alpha_max`` defaults to the
-        current ``alpha``: calibration only ever narrows the cube). The default ``max_fpr`` of
-        5% spends half of a 10% retain-loss budget on false detections. Returns ``self``."""
+        """Choose ``alpha`` in ``(0, alpha_max]`` from probe queries only (never evaluation
+        items): the largest held-out catch of the forget probe queries subject to at most a
+        ``max_fpr`` share of the ``retain`` *probe* queries inside the cube, with ``margin``
+        (rule: :mod:`skilllens.unlearning.calibration`). The search goes in both directions
+        from the current ``alpha``; ``alpha_max`` (default 100; ``None``: the same) caps it.
+        The default ``max_fpr`` of 5% spends half of a 10% retain-loss budget on false
+        detections. Sets ``alpha`` and ``calibration`` (the choice and its curve); returns
+        ``self``."""
         from skilllens.core.models import load_model
 
         lm = load_model(lm)
-        skill = resolve_skills(retain, data_dir)  # specs and lists of specs: probe parts
+        skill = resolve_skills(retain, data_dir, part="probe")
         vecs = self.query_vectors(lm, skill.items, progress=progress)
-        return self.calibrate_vectors(vecs, max_fpr=max_fpr, margin=margin, alpha_max=alpha_max)
+        self.calibrate_vectors(vecs, max_fpr=max_fpr, margin=margin, alpha_max=alpha_max)
+        self.calibration_["retain_part"] = skill.describe()
+        return self
 
     def calibrate_vectors(self, retain_vectors: torch.Tensor, *, max_fpr: float = 0.05,
-                          margin: float = 0.1, alpha_max: float | None = None
+                          margin: float = MARGIN, alpha_max: float | None = ALPHA_CAP
                           ) -> "KeySpaceDetector":
-        """:meth:`calibrate` on retain probe vectors ``[n, d]``."""
+        """:meth:`calibrate` on retain probe vectors ``[n, d]`` (the forget probe queries'
+        held-out scores come from the fit)."""
         self._check_fitted()
-        if not 0.0 <= float(max_fpr) < 1.0:
-            raise SkillLensError(f"max_fpr must be in [0, 1) (the share of retain probe queries "
-                                 f"allowed inside the cube), got {max_fpr}")
-        if not float(margin) >= 0.0:
-            raise SkillLensError(f"margin must be >= 0, got {margin}")
         if retain_vectors.ndim != 2 or retain_vectors.shape[0] == 0:
             raise SkillLensError("calibration needs at least one retain probe query")
-        cap = _check_alpha(self.alpha if alpha_max is None else alpha_max)
-        r = self.scores(retain_vectors).sort().values
-        n_fp = int(math.floor(float(max_fpr) * len(r)))
-        if n_fp >= len(r):
-            alpha = cap
-        else:
-            alpha = min(cap, float(r[n_fp]) / (1.0 + float(margin)))
-        if not alpha > 0:
-            raise SkillLensError("calibration found a retain probe query at the cube's centre "
-                                 "(score 0); the forget and retain probes are not separable here")
-        self.alpha = alpha
-        self.calibration_ = {"alpha_max": cap, "max_fpr": float(max_fpr), "margin": float(margin),
-                            "n_retain_probe": len(r), "alpha": alpha,
-                            "retain_probe_fpr": float((r <= alpha).double().mean()),
-                            "min_retain_probe_score": float(r[0])}
+        if self.probe_heldout_scores_ is None:
+            raise SkillLensError("this detector has no held-out probe scores (saved by an older "
+                                 "version); refit it to calibrate")
+        cap = _check_alpha(ALPHA_CAP if alpha_max is None else alpha_max)
+        self.calibration_ = choose_alpha(self.probe_heldout_scores_, self.scores(retain_vectors),
+                                        max_fpr=max_fpr, margin=margin, cap=cap)
+        self.calibration_["alpha_max"] = cap  # the cap, under its old name
+        self.alpha = self.calibration_["alpha"]
         return self
 
     # -- decisions --
@@ -262,13 +267,15 @@ class KeySpaceDetector:
         return self.scores(vectors) <= (self.alpha if alpha is None else _check_alpha(alpha))
 
     def abstains(self, lm, items) -> torch.Tensor:
-        """``BoolTensor[n]``: True where the prompt's key vector lies inside the cube."""
+        """``BoolTensor[n]``: True where the prompt's key vector lies inside the cube
+        (``items``: items, a Skill, texts, or a spec: its eval part)."""
         self._check_fitted()
         self._check_model(lm)
-        items = list(items)
-        if not items:
-            return torch.zeros(0, dtype=torch.bool)
-        return self.inside(self.query_vectors(lm, items))
+        if not isinstance(items, (str, Item)) and not hasattr(items, "items"):
+            items = list(items)
+            if not items:
+                return torch.zeros(0, dtype=torch.bool)
+        return self.inside(self.query_vectors(lm, items, part="eval"))
 
     def _check_model(self, lm):
         from skilllens.core.models import load_model
@@ -282,7 +289,10 @@ class KeySpaceDetector:
         ``refusal`` and are never generated."""
         from skilllens.core.models import load_model
 
+        if isinstance(prompts, str):
+            raise DataError("generate takes a list of prompts; wrap one prompt as [prompt]")
         lm = load_model(lm)
+        prompts = list(prompts)
         items = [Item(f"q{i}", p) for i, p in enumerate(prompts)]
         abstain = self.abstains(lm, items).tolist()
         out = [refusal if a else None for a in abstain]
@@ -333,16 +343,24 @@ class KeySpaceDetector:
             retain_scores=r.tolist(), retain_rejecting_dims=outside.sum(1).tolist(),
             top_deciding_dims=top, n_degenerate_dims=self.n_degenerate_dims)
 
-    def evaluate_detection(self, lm, forget_items, retain_items, top_dims: int = 20) -> DetectorReport:
-        """:meth:`report` on the key vectors of held-out forget and retain queries."""
-        return self.report(self.query_vectors(lm, list(forget_items)),
-                           self.query_vectors(lm, list(retain_items)), top_dims)
+    def evaluate_detection(self, lm, forget_items, retain_items, top_dims: int = 20, *,
+                           max_items: int | None = None, seed: int = 0,
+                           data_dir=None) -> DetectorReport:
+        """:meth:`report` on the key vectors of held-out forget and retain queries: specs
+        (``"gsm8k"``, ``["humaneval", "xquad-en"]``) give their *eval* part, never the probe
+        part the cube was fitted on; ``Skill``s, items and texts are used as given.
+        ``max_items``: at most that many of each side (seeded sample, ``seed``)."""
+        f, r = (sample_skill(resolve_skills(x, data_dir, part="eval"), max_items, seed)
+                for x in (forget_items, retain_items))
+        return self.report(self.query_vectors(lm, f), self.query_vectors(lm, r), top_dims)
 
     # -- persistence --
     def save(self, path: str | os.PathLike) -> Path:
         self._check_fitted()
         meta = {"params": self.get_params(), "k": self.k_, "k_exact": self.k_exact_, **self.meta_,
-                "calibration": self.calibration_}
+                "calibration": self.calibration_,
+                "probe_heldout_scores": None if self.probe_heldout_scores_ is None
+                else self.probe_heldout_scores_.tolist()}
         return save_artifact(path, {"m": self.m_, "s": self.s_}, meta, kind="key_space",
                              fingerprint=self.fingerprint_)
 

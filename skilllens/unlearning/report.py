@@ -57,7 +57,11 @@ def _tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                                for s in skills])
     rel_def = results.get("relative_definition", "after / before")
     trunc = [["truncated to max_length"] + [str(base[s].get("n_truncated", "n/a")) for s in skills]]
-    tables = [(f"Scores ({results['metric']}, eval items)", head, score_rows + trunc),
+    data = results.get("data")
+    tables = [("Items used (probe: fitting and calibration; eval: every score)",
+               ["skill", "probe", "eval"],
+               [[s, data[s]["probe"], data[s]["eval"]] for s in skills])] if data else []
+    tables += [(f"Scores ({results['metric']}, eval items)", head, score_rows + trunc),
               (f"Relative performance ({rel_def}; target: forget <= 0.2, retain >= 0.9)",
                head, rel_rows)]
     if "ksd" in results["methods"]:
@@ -87,6 +91,14 @@ def _tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
              f"{min(rej)} / {sorted(rej)[len(rej) // 2]} / {max(rej)}" if rej else "n/a"],
             ["top deciding dims (retain queries rejected)", dims or "none"],
             ["zero-variance dims left out", str(det["n_degenerate_dims"])]]))
+    cal = results.get("methods", {}).get("ksd", {}).get("params", {}).get("calibration") or {}
+    if cal.get("curve"):
+        tables.append(("KSD calibration curve (probe items only; chosen alpha marked)",
+                       ["alpha", "forget probe catch (held-out)", "retain probe FPR"],
+                       [[f"{c['alpha']:.4g}" + (" (chosen)" if c["alpha"] == cal["alpha"]
+                                                else ""),
+                         _fmt(c["forget_probe_catch"], 2), _fmt(c["retain_probe_fpr"], 3)]
+                        for c in cal["curve"]]))
     return tables
 
 
@@ -94,9 +106,15 @@ def _calibration_text(params: dict) -> str:
     cal = params.get("calibration")
     if not cal:
         return "the user (fixed)"
-    return (f"calibration on {cal['n_retain_probe']} retain probe queries (upper bound "
-            f"{cal['alpha_max']:g}, max FPR {cal['max_fpr']:g}, margin {cal['margin']:g}; "
-            f"probe FPR {cal['retain_probe_fpr']:.3f})")
+    if "forget_probe_catch" not in cal:  # results written before the two-sided search
+        return (f"calibration on {cal['n_retain_probe']} retain probe queries (upper bound "
+                f"{cal['alpha_max']:g}, max FPR {cal['max_fpr']:g}, margin {cal['margin']:g}; "
+                f"probe FPR {cal['retain_probe_fpr']:.3f})")
+    return (f"calibration on probe items only: largest held-out catch of "
+            f"{cal['n_forget_probe']} forget probe queries ({cal['forget_probe_catch']:.2f}) "
+            f"with at most {cal['max_fpr']:g} of {cal['n_retain_probe']} retain probe queries "
+            f"inside ({cal['retain_probe_fpr']:.3f}); searched over (0, {cal['alpha_cap']:g}], "
+            f"feasible up to {cal['alpha_feasible_max']:.4g}, margin {cal['margin']:g}")
 
 
 def _md_table(head, rows) -> str:

@@ -62,7 +62,8 @@ def collect_forget_retain(method, lm, forget, retain, stats: tuple[str, ...], *,
     from skilllens.core.collect import collect
     from skilllens.data import combine_skills, resolve_skills
 
-    f_skill, r_skill = resolve_skills(forget, data_dir), combine_skills(retain, data_dir)
+    f_skill = resolve_skills(forget, data_dir, part="probe")
+    r_skill = combine_skills(retain, data_dir)  # the probe parts
     check_disjoint(f_skill, r_skill)
     kw = dict(sites=[method.site], layers=method.layers, tokens=method.tokens,
               batch_size=method.batch_size, max_length=method.max_length, stats=stats,
