@@ -373,6 +373,9 @@ class KeySpaceDetector:
         obj.k_, obj.k_exact_, obj.fingerprint_ = meta["k"], meta["k_exact"], meta.get("fingerprint")
         obj.meta_ = {k: v for k, v in meta.items() if k not in _SAVED_STATE}  # all fit metadata
         obj.calibration_ = meta.get("calibration")
+        if meta.get("probe_heldout_scores") is not None:
+            obj.probe_heldout_scores_ = torch.tensor(meta["probe_heldout_scores"],
+                                                     dtype=torch.float64)
         return obj
 
     def __repr__(self) -> str:
