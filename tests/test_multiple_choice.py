@@ -27,7 +27,8 @@ def _items(n=6):
 
 
 def test_loglikelihood_matches_a_float64_reference(lm):
-    pairs = [("The cat sat on the", " mat"), ("Q?\nAnswer:", " B"), ("Hi", " there you are")]
+    pairs = [("The cat sat on the", " mat"), ("Q?\nAnswer:", " B"), ("Hi", " there you are"),
+             ("The cat sat on the", "."), ("The cat sat on the", "a")]   # shared context
     got = continuation_loglikelihoods(lm, pairs, batch_size=2)
     m = lm.model.double()
     try:
@@ -41,6 +42,7 @@ def test_loglikelihood_matches_a_float64_reference(lm):
             assert greedy == bool((lp[t].argmax(-1) == ids[0, 1:][nc - 1:]).all())
     finally:
         lm.model.float()
+    assert sum(n == 1 for _, _, n in got) >= 2   # the one-forward path for one-token choices ran
 
 
 def test_acc_is_argmax_of_choice_loglikelihoods_and_counts_abstention(lm):

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from skilllens.core.batching import encode_items, iter_batches, n_batches
+from skilllens.core.batching import Encoded, encode_items, iter_batches, n_batches
 from skilllens.data import Item, as_skill
 from skilllens.errors import DataError
 
@@ -80,11 +80,22 @@ def continuation_loglikelihoods(lm, pairs: list[tuple[str, str]], *, batch_size:
         raise DataError("a continuation is empty; nothing to score")
     model, tok = lm.model, lm.tokenizer
     encoded = encode_items(items, tok, max_length)
+    # one-token continuations of the same context share one forward pass (MMLU's " A".." D")
+    reps, members, by_prompt = [], [], {}
+    for e in encoded:
+        key = tuple(e.ids[:e.prompt_len]) if len(e.ids) - e.prompt_len == 1 else None
+        if key is not None and key in by_prompt:
+            members[by_prompt[key]].append(e)
+            continue
+        if key is not None:
+            by_prompt[key] = len(reps)
+        reps.append(Encoded(e.ids, e.prompt_len, len(reps), e.truncated))
+        members.append([e])
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     keep_arg = _accepts_logits_to_keep(model)
     out: list = [None] * len(items)
-    batches = iter_batches(encoded, batch_size, pad, lm.device)
-    for b in _progress(batches, n_batches(len(encoded), batch_size), desc, progress):
+    batches = iter_batches(reps, batch_size, pad, lm.device)
+    for b in _progress(batches, n_batches(len(reps), batch_size), desc, progress):
         ids = b.input_ids
         pos = torch.arange(ids.shape[1] - 1, device=ids.device)[None]  # position t predicts t+1
         need = (pos >= b.prompt_lens[:, None] - 1) & (pos < b.lengths[:, None] - 1)  # [B, T-1]
@@ -94,12 +105,15 @@ def continuation_loglikelihoods(lm, pairs: list[tuple[str, str]], *, batch_size:
         else:
             logits = model(**b.inputs).logits[:, cols]
         logp = torch.log_softmax(logits.float(), -1)
-        sel, target = need[:, cols], ids[:, cols + 1]                   # [B, K]
-        tok_lp = logp.gather(-1, target[..., None])[..., 0]
-        greedy = (logp.argmax(-1) == target) | ~sel
-        for r, idx in enumerate(b.index.tolist()):
-            out[idx] = (float(tok_lp[r][sel[r]].double().sum()), bool(greedy[r].all()),
-                        int(sel[r].sum()))
+        col_of = {int(c): j for j, c in enumerate(cols.tolist())}
+        for r, rep in enumerate(b.index.tolist()):
+            for e in members[rep]:
+                at = [col_of[t] for t in range(e.prompt_len - 1, len(e.ids) - 1)]
+                target = torch.tensor(e.ids[e.prompt_len:], device=logp.device)
+                rows = logp[r, at]                                      # [n, V]
+                lp = rows.gather(-1, target[:, None])[:, 0]
+                out[e.index] = (float(lp.double().sum()), bool((rows.argmax(-1) == target).all()),
+                                len(at))
     return out
 
 
