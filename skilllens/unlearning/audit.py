@@ -25,7 +25,7 @@ from skilllens.errors import SkillLensError
 
 METHODS = ("ksd", "na", "sp")
 DEFAULT_FORGET = "gsm8k"
-DEFAULT_RETAIN = ("humaneval", "xquad-en")
+DEFAULT_RETAIN = ("humaneval", "xquad-en", "mmlu-redux")
 ABSTENTION_RULE = ("an abstained item counts in every mean: score 0 (token accuracy and "
                    "generation metrics), NLL log(V) nats/token (nll; the uniform distribution)")
 
@@ -158,11 +158,18 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
         return res
 
     baseline = timed("baseline", lambda: {s: evaluate(lm, parts[s][1], **ev) for s in names})
+    from skilllens.unlearning import columns as mcq  # multiple-choice skills (MMLU-Redux)
+    mc_names = mcq.multiple_choice_skills({s: parts[s] for s in cfg.retain})
+    mc_base = timed("baseline_mc", lambda: mcq.score_multiple_choice(lm, parts, mc_names, ev))
     results: dict = {"model": lm.name, "forget": cfg.forget, "retain": list(cfg.retain),
                      "metric": cfg.metric, "relative_definition": relative_definition(cfg.metric),
                      "abstention": ABSTENTION_RULE,
                      "baseline": {s: _score_entry(v) for s, v in baseline.items()},
                      "methods": {}, "neurons": {}}
+    if mc_names:
+        from skilllens.eval.multiple_choice import CHANCE
+        results["multiple_choice"] = {"chance": CHANCE, "baseline": mcq.entry(mc_base),
+                                      "methods": {}}
     methods = results["methods"]
 
     if "ksd" in cfg.methods:
@@ -189,6 +196,11 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
                           "relative": _relative(entry, results["baseline"], cfg.metric),
                           "abstained": {s: v.n_abstained for s, v in scores.items()}}
         results["detector"] = asdict(report)
+        if mc_names:
+            from skilllens.eval.multiple_choice import with_abstention as mc_abstain
+            results["multiple_choice"]["methods"]["ksd"] = mcq.entry(
+                {s: mc_abstain(mc_base[s], ksd.inside(vecs[s]).tolist()) for s in mc_names},
+                mc_base)
         methods["ksd"]["alpha_sweep"] = _alpha_sweep(ksd, vecs, baseline, names, cfg.metric)
 
     fitters = []
@@ -213,8 +225,11 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
 
             def run_method(method=method):
                 with method.applied(lm):
-                    return {s: evaluate(lm, parts[s][1], **ev) for s in names}
-            scores = timed(name, run_method)
+                    return ({s: evaluate(lm, parts[s][1], **ev) for s in names},
+                            mcq.score_multiple_choice(lm, parts, mc_names, ev))
+            scores, mc = timed(name, run_method)
+            if mc_names:
+                results["multiple_choice"]["methods"][name] = mcq.entry(mc, mc_base)
             method.save(out / f"{name.replace('%', '')}.safetensors")
             entry = {s: _score_entry(v) for s, v in scores.items()}
             methods[name] = {"params": method.get_params(), "scores": entry,
