@@ -58,6 +58,9 @@ class SkillLensLM(HFLM):
 
         kwargs.pop("max_batch_size", None)
         if lm is None:
+            import torch
+            if str(device).startswith("cuda") and not torch.cuda.is_available():
+                device = "auto"  # lm_eval's --device defaults to cuda; run where we can
             lm = load_model(pretrained, device=device or "auto", dtype=dtype)
         self.skilllens_lm = lm
         self.edit_paths = parse_edits(edits)
