@@ -23,8 +23,7 @@ loglikelihood is -inf for every continuation (an abstained question scores as wr
 def add_parser(sub):
     from skilllens.cli.common import formatter
     p = sub.add_parser("lm-eval", help="run lm-evaluation-harness on a model with skilllens "
-                       "edits", description=__doc__, epilog=EXAMPLE, formatter_class=formatter,
-                       add_help=False)
+                       "edits", description=__doc__, epilog=EXAMPLE, formatter_class=formatter)
     p.add_argument("lm_eval_args", nargs=argparse.REMAINDER,
                    help="arguments for lm_eval (see: skilllens lm-eval --help)")
     return p
