@@ -17,7 +17,7 @@ ROOT = Path(skilllens.__file__).resolve().parent
 #: lower number = lower layer; a module may import its own subpackage and lower layers only
 LAYERS = {"errors": 0, "_version": 0, "_compat": 0, "io": 1, "stats": 2, "data": 2,
           "sandbox": 2, "core": 3, "eval": 4, "unlearning": 5, "grafting": 5, "concepts": 5,
-          "cli": 6}
+          "lmeval": 6, "cli": 7}
 
 
 def _modules() -> dict[str, Path]:

@@ -8,7 +8,7 @@ import sys
 
 from skilllens.errors import SkillLensError
 
-COMMANDS = ["info", "collect", "audit", "localize", "concepts"]
+COMMANDS = ["info", "collect", "audit", "localize", "concepts", "lmeval"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"] and not {"-h", "--help"} >= set(argv[1:2]):
+        # lm_eval's own options pass through untouched (argparse would claim them)
+        argv = ["lm-eval", "--", *argv[1:]] if len(argv) > 1 else argv
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()

@@ -4,7 +4,7 @@ from __future__ import annotations
 from skilllens.cli.common import command
 
 EXAMPLE = """examples:
-  skilllens audit                                   # smollm2-135m, forget gsm8k, keep humaneval,xquad-en
+  skilllens audit                                   # smollm2-135m, forget gsm8k, keep humaneval,xquad-en,mmlu-redux
   skilllens audit --forget gsm8k --retain humaneval,xquad-en --methods ksd,na,sp --out runs/gsm8k
   skilllens audit --forget xquad-de --retain xquad-en,xquad-es --methods ksd --alpha 1.5
   skilllens audit --model tiny-llama --probe-items 4 --eval-items 4 --out /tmp/smoke
@@ -105,4 +105,7 @@ def run(args) -> int:
         rel = ", ".join(f"{s} {format_relative(r, res['baseline'][s]['score'])}"
                         for s, r in v["relative"].items())
         print(f"  {m}: relative {rel}")
+    from skilllens.unlearning.columns import format_columns
+    print("relative performance, the papers' columns (< 1: worse; MMLU: lm-eval acc):")
+    print("\n".join(format_columns(res)))
     return 0

@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from skilllens.data.items import Item, Skill
+from skilllens.data.mmlu import FOLDER as _REDUX_FOLDER, load_family as _mmlu_redux
 from skilllens.data.sources import (BUILTIN_SKILLS, HUB_PREFIX, HUB_REFS, data_roots,
                                     describe_source, find_data_file, hub_allowed, plain_name)
 from skilllens.errors import DataError
@@ -237,6 +238,7 @@ FAMILIES = {
     "xquad": (_squad, "xquad/xquad.{lang}.json", None),
     "mbpp": (_mbpp, "mbpp/mbpp.jsonl", None),
     "mmlu": (_mmlu, "mmlu", None),
+    "mmlu-redux": (_mmlu_redux, _REDUX_FOLDER, None),
     "mlqa": (_squad, None, None),
     "squad": (_squad, None, None),
     "jsonl": (_jsonl, None, None),
@@ -303,11 +305,11 @@ def data_sources(data_dir_=None) -> dict:
     roots = data_roots(data_dir_)
     out = {}
     for name in (*BUILTIN_SKILLS, "mbpp", "mmlu"):
-        fam = name.split("-")[0]
+        fam = name if name in FAMILIES else name.split("-")[0]
         rel = FAMILIES[fam][1].format(lang=name.split("-", 1)[-1])
         found = find_data_file(rel, roots=roots)
         out[name] = describe_source(*found) if found else \
-            ("hub:" + HUB_REFS[fam].format(lang=name.split("-", 1)[-1]) if hub_allowed()
+            ("hub:" + HUB_REFS[fam].format(lang=name.split("-", 1)[-1]) if hub_allowed() and fam in HUB_REFS
              else f"not found ({rel}; pass {name}=PATH or --data-dir)")
     found = find_data_file("conceptvectors/llama2-7b_concepts_dev.json", roots=roots)
     out["concepts"] = describe_source(*found) if found else "not found"

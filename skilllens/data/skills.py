@@ -60,6 +60,9 @@ LOADERS = {}
 
 
 def _family(name: str) -> str:
+    head = name.split(":", 1)[0]  # a family named in full (mmlu-redux, mmlu-redux:SUBJECT)
+    if head in FAMILIES or head in LOADERS:
+        return head
     base = name.split("-")[0]
     if base in FAMILIES or base in LOADERS:
         return base
@@ -181,6 +184,8 @@ _NAME_LIKE = re.compile(r"^[A-Za-z][\w\-]*$")
 
 
 def _known_name(s: str) -> bool:
+    if s.split(":", 1)[0] in BUILTIN_SKILLS:  # mmlu-redux:SUBJECT
+        return True
     fam = s.split("-")[0]
     return s in BUILTIN_SKILLS or (fam in FAMILIES and FAMILIES[fam][1] is not None and
                                    (fam == "xquad") == bool(re.fullmatch(r"xquad-\w{2,}", s)))

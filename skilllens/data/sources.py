@@ -12,7 +12,8 @@ from pathlib import Path
 from skilllens.errors import DataError
 
 XQUAD_LANGS = ("en", "de", "es", "ar", "zh", "vi", "hi")
-BUILTIN_SKILLS = ("gsm8k", "humaneval") + tuple(f"xquad-{l}" for l in XQUAD_LANGS)
+BUILTIN_SKILLS = ("gsm8k", "humaneval") + tuple(f"xquad-{l}" for l in XQUAD_LANGS) + \
+    ("mmlu-redux",)
 HUB_PREFIX = "hub:"
 PACKAGED = Path(__file__).resolve().parent / "packaged"
 COMPRESSED = (".xz", ".gz")

@@ -28,12 +28,13 @@ from pathlib import Path
 
 import torch
 
-from skilllens.data import Skill, load_skill, sample_skill, split_skill
 from skilllens.errors import SkillLensError
+from skilllens.unlearning.language_matrix import run_language_matrix  # noqa: F401  (public here)
+from skilllens.unlearning.parts import skill_parts, with_abstention  # noqa: F401
 
 METHODS = ("ksd", "na", "sp")
 DEFAULT_FORGET = "gsm8k"
-DEFAULT_RETAIN = ("humaneval", "xquad-en")
+DEFAULT_RETAIN = ("humaneval", "xquad-en", "mmlu-redux")
 ABSTENTION_RULE = ("an abstained item counts in every mean: score 0 (token accuracy and "
                    "generation metrics), NLL log(V) nats/token (nll; the uniform distribution)")
 
@@ -96,31 +97,6 @@ class AuditConfig:
         return self
 
 
-def skill_parts(spec: str, n_probe: int, n_eval: int, seed: int, data_dir=None) -> tuple[Skill, Skill]:
-    """Disjoint probe and eval samples of one skill (checked: no shared ids or prompts); each
-    says which part and how many of how many items it holds (``Skill.describe()``)."""
-    probe, evals = split_skill(load_skill(spec, data_dir, part="all"))
-    probe, evals = sample_skill(probe, n_probe, seed), sample_skill(evals, n_eval, seed)
-    if {it.id for it in probe} & {it.id for it in evals} or \
-            {it.prompt for it in probe} & {it.prompt for it in evals}:
-        raise SkillLensError(f"probe and eval items of {spec!r} overlap; use disjoint files")
-    return probe, evals
-
-
-def with_abstention(base, mask: list[bool]):
-    """A baseline ``SkillScore`` with the abstained items scored as ``evaluate`` scores them
-    (0, or ``abstain_nll`` for NLL; :mod:`skilllens.eval.evaluation`), i.e. what ``evaluate`` returns
-    with an abstainer on an unmodified model. Same aggregation code path as ``evaluate``."""
-    from skilllens.eval import abstained_row, summarize
-
-    if len(mask) != len(base.per_item):
-        raise SkillLensError(f"abstention mask has {len(mask)} entries for "
-                             f"{len(base.per_item)} items")
-    rows = [{**r, **abstained_row(base.metric, base.abstain_nll), "abstained": True} if a
-            else dict(r) for r, a in zip(base.per_item, mask)]
-    return summarize(base.skill, base.metric, rows, base.abstain_nll)
-
-
 def _score_entry(s) -> dict:
     return s.to_dict(per_item=False)
 
@@ -172,6 +148,9 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
         return res
 
     baseline = timed("baseline", lambda: {s: evaluate(lm, parts[s][1], **ev) for s in names})
+    from skilllens.unlearning import columns as mcq  # multiple-choice skills (MMLU-Redux)
+    mc_names = mcq.multiple_choice_skills({s: parts[s] for s in cfg.retain})
+    mc_base = timed("baseline_mc", lambda: mcq.score_multiple_choice(lm, parts, mc_names, ev))
     results: dict = {"model": lm.name, "forget": cfg.forget, "retain": list(cfg.retain),
                      "metric": cfg.metric, "relative_definition": relative_definition(cfg.metric),
                      "abstention": ABSTENTION_RULE,
@@ -184,6 +163,10 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
     results["warnings"] = baseline_warnings(baseline, {s: parts[s][1] for s in names})
     for w in results["warnings"]:  # at/near 0 or at chance: relative says nothing
         warnings.warn(w, RuntimeWarning, stacklevel=2)
+    if mc_names:
+        from skilllens.eval.multiple_choice import CHANCE
+        results["multiple_choice"] = {"chance": CHANCE, "baseline": mcq.entry(mc_base),
+                                      "methods": {}}
     methods = results["methods"]
 
     if "ksd" in cfg.methods:
@@ -211,6 +194,11 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
                           "relative": _relative(entry, results["baseline"], cfg.metric),
                           "abstained": {s: v.n_abstained for s, v in scores.items()}}
         results["detector"] = asdict(report)
+        if mc_names:
+            from skilllens.eval.multiple_choice import with_abstention as mc_abstain
+            results["multiple_choice"]["methods"]["ksd"] = mcq.entry(
+                {s: mc_abstain(mc_base[s], ksd.inside(vecs[s]).tolist()) for s in mc_names},
+                mc_base)
         methods["ksd"]["alpha_sweep"] = _alpha_sweep(ksd, vecs, baseline, names, cfg.metric)
 
     fitters = []
@@ -235,8 +223,11 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
 
             def run_method(method=method):
                 with method.applied(lm):
-                    return {s: evaluate(lm, parts[s][1], **ev) for s in names}
-            scores = timed(name, run_method)
+                    return ({s: evaluate(lm, parts[s][1], **ev) for s in names},
+                            mcq.score_multiple_choice(lm, parts, mc_names, ev))
+            scores, mc = timed(name, run_method)
+            if mc_names:
+                results["multiple_choice"]["methods"][name] = mcq.entry(mc, mc_base)
             method.save(out / f"{name.replace('%', '')}.safetensors")
             entry = {s: _score_entry(v) for s, v in scores.items()}
             methods[name] = {"params": method.get_params(), "scores": entry,
@@ -303,94 +294,3 @@ def parse_list(text: str | None) -> list[str]:
 
 def default_out() -> str:
     return os.path.join("audit", time.strftime("%Y%m%d-%H%M%S"))
-
-
-def _copy_stats(sc):
-    from skilllens.core.collect import StatsCollection
-    return StatsCollection.from_state(sc.state_dict(), dict(sc.meta))
-
-
-def run_language_matrix(langs: list[str], out: str | os.PathLike, *, model="smollm2-135m",
-                        methods=("ksd", "na"), probe_items: int = 16, eval_items: int = 12,
-                        alphas=(1.0, 2.0), na_percent: float = 1.5, seed: int = 0,
-                        data_dir=None, batch_size: int = 8, max_length: int = 384,
-                        progress: bool = True, lm=None, calibrate_max: float | None = 100.0,
-                        max_fpr: float = 0.05) -> dict:
-    """Forgotten-language x tested-language matrix of relative scores, forgetting each of
-    ``langs`` in turn while keeping the others. Baselines, key vectors and per-language
-    statistics are computed once and reused (the pooled retain statistics are exact merges).
-
-    Besides the fixed ``alphas``, ``calibrate_max`` adds a row set ``ksd@auto``: per forgotten
-    language, alpha is calibrated on the other languages' *probe* items
-    (:meth:`KeySpaceDetector.calibrate_vectors`: held-out catch of its own probe items, at
-    most ``max_fpr`` of the others' inside, cap ``calibrate_max``)."""
-    from skilllens.eval import evaluate, relative
-    from skilllens.io import write_json
-    from skilllens.unlearning.key_space import KeySpaceDetector
-    from skilllens.core.models import load_model
-    from skilllens.unlearning.neuron_adjust import NeuronAdjuster
-
-    if len(set(langs)) != len(langs) or len(langs) < 2:
-        raise SkillLensError("give at least two different languages, e.g. xquad-en,xquad-de")
-    t0 = time.perf_counter()
-    lm = lm if lm is not None else load_model(model)
-    parts = {s: skill_parts(s, probe_items, eval_items, seed, data_dir) for s in langs}
-    ev = dict(batch_size=batch_size, max_length=max_length, progress=progress)
-    base = {s: evaluate(lm, parts[s][1], **ev) for s in langs}
-    res = {"model": lm.name, "metric": "token_accuracy", "forgotten": list(langs),
-           "tested": list(langs), "baseline": {s: base[s].score for s in langs},
-           "methods": {}, "detector_auc": {}, "params": {
-               "probe_items": probe_items, "eval_items": eval_items, "alphas": list(alphas),
-               "na_percent": na_percent, "seed": seed, "max_length": max_length}}
-    if "ksd" in methods:
-        ksd = KeySpaceDetector(alpha=alphas[0], batch_size=batch_size, max_length=max_length)
-        probe_v = {s: ksd.query_vectors(lm, parts[s][0]) for s in langs}
-        eval_v = {s: ksd.query_vectors(lm, parts[s][1]) for s in langs}
-        ksd_rows = {f"ksd@{a:g}": [] for a in alphas}
-        if calibrate_max is not None:
-            ksd_rows["ksd@auto"], chosen, cal = [], {}, {}
-
-        def row(alpha: float) -> list[float]:
-            return [relative(with_abstention(base[t], ksd.inside(eval_v[t], alpha=alpha)
-                                             .tolist()).score, base[t].score) for t in langs]
-        for f in langs:  # the cube (m, s, k) depends on the forgotten language, not on alpha
-            ksd.fit_vectors(probe_v[f])
-            res["detector_auc"][f] = ksd.report(
-                eval_v[f], torch.cat([eval_v[t] for t in langs if t != f])).auc
-            for a in alphas:
-                ksd_rows[f"ksd@{a:g}"].append(row(float(a)))
-            if calibrate_max is not None:
-                ksd.calibrate_vectors(torch.cat([probe_v[t] for t in langs if t != f]),
-                                      max_fpr=max_fpr, alpha_max=calibrate_max)
-                chosen[f] = ksd.alpha
-                cal[f] = {k: ksd.calibration_[k] for k in ("alpha_feasible_max",
-                                                          "forget_probe_catch",
-                                                          "retain_probe_fpr")}
-                ksd_rows["ksd@auto"].append(row(ksd.alpha))
-        res["methods"].update(ksd_rows)
-        if calibrate_max is not None:
-            res["params"].update(calibrated_alpha=chosen, calibrate_max=calibrate_max,
-                                 max_fpr=max_fpr, calibration=cal)
-    if "na" in methods:
-        from skilllens.core.collect import collect
-        kw = dict(sites=["gate"], tokens="all", batch_size=batch_size, max_length=max_length,
-                  stats=("moments",), progress=progress)
-        stats = {s: collect(lm, parts[s][0], **kw) for s in langs}
-        rows = []
-        for f in langs:
-            others = [t for t in langs if t != f]
-            pooled = _copy_stats(stats[others[0]])
-            for t in others[1:]:
-                pooled.merge(stats[t])
-            na = NeuronAdjuster(percent=na_percent, seed=seed).fit_stats(stats[f], pooled, lm)
-            with na.applied(lm):
-                rows.append([relative(evaluate(lm, parts[t][1], **ev).score, base[t].score)
-                             for t in langs])
-        res["methods"][f"na@{na_percent:g}%"] = rows
-    res["seconds"] = round(time.perf_counter() - t0, 1)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "language_matrix.json", res)
-    from skilllens.unlearning.figures import language_matrix
-    language_matrix({"language_matrix": res}, out)
-    return res

@@ -64,6 +64,8 @@ def _tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     tables += [(f"Scores ({results['metric']}, eval items)", head, score_rows + trunc),
               (f"Relative performance ({rel_def}; target: forget <= 0.2, retain >= 0.9)",
                head, rel_rows)]
+    if results.get("multiple_choice"):
+        tables.append(_columns_table(results))
     if "ksd" in results["methods"]:
         ab = results["methods"]["ksd"].get("abstained", {})
         n = {s: base[s]["n_items"] for s in skills}
@@ -100,6 +102,21 @@ def _tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                          _fmt(c["forget_probe_catch"], 2), _fmt(c["retain_probe_fpr"], 3)]
                         for c in cal["curve"]]))
     return tables
+
+
+def _columns_table(results: dict) -> tuple[str, list[str], list[list[str]]]:
+    """Forget / other skills / MMLU-Redux (lm-eval acc), as the unlearning papers report."""
+    from skilllens.unlearning.columns import three_columns
+
+    mc = results["multiple_choice"]
+    skill = next(iter(mc["baseline"]))
+    rows = [[r["state"], _fmt(r["forget"], 2), _fmt(r["other"], 2),
+             f"{_fmt(r['mmlu_acc'])} ({_fmt(r['mmlu'], 2)})"
+             + (" near chance" if r["mmlu_near_chance"] else "")]
+            for r in three_columns(results)]
+    return (f"Forget / other skills / {skill} (relative; {skill}: lm-eval acc (relative), "
+            f"chance {mc['chance']:g})", ["state", f"forget ({results['forget']})",
+                                          "other skills (mean)", f"{skill} acc"], rows)
 
 
 def _calibration_text(params: dict) -> str:
