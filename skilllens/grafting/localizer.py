@@ -99,6 +99,14 @@ class GraftLocalizer:
         self.result_: GraftFitResult | None = None
         self.meta_: dict = {}
 
+    def __repr__(self) -> str:
+        from skilllens.grafting.display import localizer_display
+        return localizer_display(self).text
+
+    def _repr_html_(self) -> str:
+        from skilllens.grafting.display import localizer_display
+        return localizer_display(self)._repr_html_()
+
     # ------------------------------------------------------------ fitting
     def fit(self, pre, ft, task: GraftTask) -> "GraftLocalizer":
         """Localize ``task``'s skill: ``pre``/``ft`` are specs, LoadedModels or FineTuned."""

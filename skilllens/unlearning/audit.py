@@ -231,7 +231,8 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
     from skilllens.io import write_json
     write_json(out / "results.json", results)
     write_report(out)  # figures and report are drawn from the saved results.json
-    return results
+    from skilllens.unlearning.display import AuditResults
+    return AuditResults(results)  # a dict; displays as the score and relative tables
 
 
 ALPHA_GRID = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0)
