@@ -56,6 +56,7 @@ class AuditConfig:
     device: str | None = None
     dtype: str = "float32"
     progress: bool = True
+    neuron_views: int = 2  # neurons per method shown in the report (0: none)
 
     def check(self) -> "AuditConfig":
         from skilllens.unlearning.key_space import _check_alpha
@@ -221,6 +222,10 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
                              "relative": _relative(entry, results["baseline"], cfg.metric)}
             results["neurons"][name] = _neuron_summary(method, fs, rs)
 
+    from skilllens.unlearning.neuron_report import audit_neuron_views
+    results["neuron_views"] = timed("neuron_views", lambda: audit_neuron_views(
+        lm, dict(fitters), results, {s: parts[s][0] for s in names}, cfg.neuron_views,
+        batch_size=cfg.batch_size, max_length=min(cfg.max_length, 256)))
     if _is_language_audit(cfg):
         results["language_matrix"] = {
             "forgotten": [cfg.forget], "tested": names,
