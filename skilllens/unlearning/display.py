@@ -130,25 +130,10 @@ def detector_display(ksd) -> Display:
     return Display(body, text, "KeySpaceDetector")
 
 
-def roc_figure(rep, width="column"):
-    """ROC of a DetectorReport (dict or dataclass) with the operating point at its alpha."""
-    g = rep if isinstance(rep, dict) else vars(rep)
-    fig, axes = paper_figure(width=width, height=2.6)
-    ax = axes[0, 0]
-    ax.plot(g["roc_fpr"], g["roc_tpr"], label=f"ROC, AUC {g['auc']:.3f}")
-    ax.scatter([g["fpr"]], [g["tpr"]], color="#D55E00", zorder=3, s=14,
-               label=f"alpha = {g['alpha']:.3g}")
-    ax.plot([0, 1], [0, 1], color="0.6", lw=0.7, ls="--", label="chance")
-    ax.set_xlabel("false positive rate (retain queries abstained)")
-    ax.set_ylabel("true positive rate (forget queries abstained)")
-    ax.set_xlim(-0.02, 1.02)
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend(loc="lower right", frameon=False)
-    return fig
-
-
 def report_display(rep) -> Display:
     """A DetectorReport: AUC, the operating point, the ROC curve and the deciding dims."""
+    from skilllens.unlearning.figures import roc_figure
+
     g = vars(rep)
     facts = {"ROC AUC (forget vs retain queries)": f"{g['auc']:.4f}",
              "alpha": f"{g['alpha']:.4g}", "k": f"{g['k']:.4g}",

@@ -150,9 +150,24 @@ def detector_roc(results: dict, folder: Path, formats=FORMATS) -> str | None:
     det = results.get("detector")
     if not det:
         return None
-    from skilllens.unlearning.display import roc_figure
-
     return _save(roc_figure(det), folder, "detector_roc", formats)
+
+
+def roc_figure(rep, width="column"):
+    """ROC of a DetectorReport (dict or dataclass) with the operating point at its alpha."""
+    g = rep if isinstance(rep, dict) else vars(rep)
+    fig, axes = paper_figure(width=width, height=2.6)
+    ax = axes[0, 0]
+    ax.plot(g["roc_fpr"], g["roc_tpr"], label=f"ROC, AUC {g['auc']:.3f}")
+    ax.scatter([g["fpr"]], [g["tpr"]], color="#D55E00", zorder=3, s=14,
+               label=f"alpha = {g['alpha']:.3g}")
+    ax.plot([0, 1], [0, 1], color="0.6", lw=0.7, ls="--", label="chance")
+    ax.set_xlabel("false positive rate (retain queries abstained)")
+    ax.set_ylabel("true positive rate (forget queries abstained)")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(loc="lower right", frameon=False)
+    return fig
 
 
 def language_matrix(results: dict, folder: Path, method: str | None = None,
