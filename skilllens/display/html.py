@@ -23,7 +23,8 @@ CSS = ("<style>.skl{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;fo
        "padding:2px 7px;text-align:left;vertical-align:top}.skl th{background:#f3f3f3}"
        ".skl img{max-width:100%;height:auto}.skl .note{color:#555;font-size:12px}"
        ".skl mark{background:#ffd866;padding:0 1px;border-radius:2px}"
-       ".skl code{font-size:12px}</style>")
+       ".skl code{font-size:12px}.skl p,.skl h1,.skl h2,.skl h3,.skl h4,.skl li,"
+       ".skl figcaption{overflow-wrap:anywhere}</style>")
 
 
 def esc(x) -> str:
