@@ -28,8 +28,8 @@ def audit(tmp_path_factory, data_dir):
 def test_neuron_views_show_distinct_top_neurons_of_every_method(audit):
     _, res, saved = audit
     views = saved["neuron_views"]
-    keys = [(v["site"], v["layer"], v["neuron"]) for v in views]
-    assert len(keys) == len(set(keys))  # no neuron twice, even across NA percentages
+    keys = [(v["layer"], v["neuron"]) for v in views]
+    assert len(keys) == len(set(keys))  # no FFN neuron twice, across NA percentages and sites
     by = {}
     for v in views:
         by.setdefault(v["method"], []).append(v)
@@ -133,3 +133,17 @@ def test_the_browser_check_catches_a_broken_page(tmp_path):
     assert got["broken"] == ["missing.png"] and any("console: x" in e for e in got["errors"])
     assert got["viewport"] != 390  # no viewport meta: a phone lays it out 980 px wide
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_old_results_without_histograms_still_show_distinct_neurons():
+    """results.json written before the neuron views: Gaussians only, but no neuron repeated
+    across methods (the old figure drew the same four neurons for every NA percentage)."""
+    from skilllens.unlearning.figures import _gaussian_panels
+
+    top = [{"layer": 1, "neuron": n, "score": 1.0 / (n + 1), "mu_f": 1.0, "sd_f": 1.0,
+            "mu_r": 0.0, "sd_r": 1.0} for n in range(6)]
+    res = {"neurons": {"na-1%": {"site": "gate", "top": top},
+                       "na-3%": {"site": "gate", "top": top}}}
+    titles = [t for t, _ in _gaussian_panels(res)]
+    assert titles == ["na-1%: gate L1 n0", "na-1%: gate L1 n1", "na-3%: gate L1 n2",
+                      "na-3%: gate L1 n3"]

@@ -1,7 +1,8 @@
 """Neuron views for the audit report: the top neurons each method selected (Neuron Adjust and
-Selective Pruning: highest selection score; KSD: the key dimensions that decide most
-abstentions), each shown on the forget and retain probe items. Every neuron appears once: a
-method (e.g. a second NA percentage) shows its next-best neurons not shown before."""
+Selective Pruning: highest selection score; KSD: the key dimensions that reject most retain
+queries), each shown on the forget and retain probe items. Every FFN neuron ``(layer, index)``
+appears once, whichever site a method reads: a method (e.g. a second NA percentage) shows its
+next-best neurons not shown before."""
 from __future__ import annotations
 
 
@@ -21,7 +22,8 @@ def _ranked(method) -> list[tuple[int, int]]:
 
 
 def pick_neurons(fitted: dict, results: dict, per_method: int, n_layers: int) -> list[tuple]:
-    """``[(method, site, layer, neuron, label)]``: ``per_method`` distinct neurons per method."""
+    """``[(method, site, layer, neuron, label)]``: ``per_method`` neurons per method, each FFN
+    neuron ``(layer, index)`` once (NA and SP by their scores in fit order, then KSD)."""
     seen, out = set(), []
 
     def take(name, site, ranked, why):
@@ -29,20 +31,20 @@ def pick_neurons(fitted: dict, results: dict, per_method: int, n_layers: int) ->
         for r, (layer, j) in enumerate(ranked):
             if n >= per_method:
                 break
-            if (site, layer, j) in seen:
+            if (layer, j) in seen:  # one FFN neuron, whichever site a method reads
                 continue
-            seen.add((site, layer, j))
+            seen.add((layer, j))
             out.append((name, site, layer, j, f"{name}: {why} #{r + 1}"))
             n += 1
 
+    for name, m in fitted.items():
+        take(name, m.site, _ranked(m), "selection score rank")
     det = results.get("detector")
     if det and "ksd" in results.get("methods", {}):
         p = results["methods"]["ksd"]["params"]
         layer = p["layer"] % n_layers
         take("ksd", p["site"], [(layer, d["dim"]) for d in det["top_deciding_dims"]],
              "key dimension rejecting most retain queries")
-    for name, m in fitted.items():
-        take(name, m.site, _ranked(m), "selection score rank")
     return out
 
 
