@@ -50,6 +50,15 @@ def find_chromium() -> str | None:
     return None
 
 
+def _high(fd: int) -> int:
+    """``fd`` moved to a number >= 10 (close-on-exec), clear of the 3 and 4 the child uses."""
+    import fcntl
+
+    new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+    os.close(fd)
+    return new
+
+
 class Browser:
     """One headless Chromium process driven over the DevTools pipe (a context manager)."""
 
@@ -59,17 +68,19 @@ class Browser:
             raise RuntimeError("no Chromium found: apt-get install chromium (or set $CHROMIUM)")
         self.timeout, self._id, self._buf, self.events = timeout, 0, b"", []
         self._profile = tempfile.mkdtemp(prefix="skl-chromium-")
-        to_child, self._w = os.pipe()      # we write commands -> child's fd 3
-        self._r, from_child = os.pipe()    # child's fd 4 -> we read replies
+        self._log = open(os.path.join(self._profile, "stderr.log"), "wb")  # never a full pipe
+        to_child, self._w = map(_high, os.pipe())    # we write commands -> child's fd 3
+        self._r, from_child = map(_high, os.pipe())  # child's fd 4 -> we read replies
 
-        def fds():  # in the child: the pipe ends become fds 3 and 4, inheritable
-            a, b = os.dup(to_child), os.dup(from_child)  # >= 5: safe from the dup2s below
-            os.dup2(a, 3, inheritable=True)
-            os.dup2(b, 4, inheritable=True)
-        self.proc = subprocess.Popen([self.exe, *FLAGS[:-1], f"--user-data-dir={self._profile}",
-                                      FLAGS[-1]], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     preexec_fn=fds, close_fds=False)  # fds 3, 4 survive
+        # bash maps the pipe ends onto fds 3 and 4 (no preexec_fn: safe in a process that
+        # already runs threads, e.g. torch's)
+        redirect = (f'exec "$0" "$@" 3<&{to_child} 4>&{from_child} {to_child}<&- '
+                    f'{from_child}>&-')
+        self.proc = subprocess.Popen([shutil.which("bash") or "/bin/bash", "-c", redirect,
+                                      self.exe, *FLAGS[:-1],
+                                      f"--user-data-dir={self._profile}", FLAGS[-1]],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=self._log, pass_fds=(to_child, from_child))
         os.close(to_child)
         os.close(from_child)
         os.set_blocking(self._r, True)
@@ -89,6 +100,7 @@ class Browser:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+        self._log.close()
         for fd in (self._w, self._r):
             try:
                 os.close(fd)
@@ -100,8 +112,8 @@ class Browser:
         while b"\0" not in self._buf:
             chunk = os.read(self._r, 1 << 20)
             if not chunk:
-                err = self.proc.stderr.read().decode(errors="replace")[-800:] \
-                    if self.proc.poll() is not None else ""
+                self._log.flush()
+                err = Path(self._log.name).read_text(errors="replace")[-800:]
                 raise RuntimeError(f"Chromium closed the DevTools pipe: {err}")
             self._buf += chunk
         msg, self._buf = self._buf.split(b"\0", 1)
