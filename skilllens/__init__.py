@@ -26,7 +26,8 @@ _compat.install()
 _LAZY = {"NeuronAdjuster": "unlearning.neuron_adjust", "KeySpaceDetector": "unlearning.key_space",
          "SelectivePruner": "unlearning.selective_pruning", "GraftLocalizer": "grafting.localizer",
          "evaluate": "eval.evaluation", "AuditConfig": "unlearning.audit",
-         "run_audit": "unlearning.audit", "FineTuneConfig": "grafting.finetune"}
+         "run_audit": "unlearning.audit", "FineTuneConfig": "grafting.finetune",
+         "show_neuron": "core.neuron_view", "NeuronView": "core.neuron_view"}
 
 __all__ = ["Architecture", "ModelAdapter", "register_architecture", "supported_architectures",
            "SkillLensError", "LoadedModel", "load_model", "model_fingerprint", "__version__",

@@ -15,7 +15,8 @@ from skilllens import _compat
 
 ROOT = Path(skilllens.__file__).resolve().parent
 #: lower number = lower layer; a module may import its own subpackage and lower layers only
-LAYERS = {"errors": 0, "_version": 0, "_compat": 0, "io": 1, "stats": 2, "data": 2,
+#: (display: HTML/figure helpers above io, below everything that renders with them)
+LAYERS = {"errors": 0, "_version": 0, "_compat": 0, "io": 1, "display": 1.5, "stats": 2, "data": 2,
           "sandbox": 2, "core": 3, "eval": 4, "unlearning": 5, "grafting": 5, "concepts": 5,
           "lmeval": 6, "cli": 7}
 

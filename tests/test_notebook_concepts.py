@@ -35,6 +35,8 @@ def test_concept_vectors_notebook_runs(tmp_path, data_dir, monkeypatch):
     assert "restored exactly: True" in text
     assert "model unchanged after fitting and applying: True" in text
     assert any("image/png" in o.get("data", {}) for o in outputs)
+    assert any("ConceptSearch:" in h and "<h4>Poland</h4>" in h and "top tokens" in h
+               for h in (o.get("data", {}).get("text/html", "") for o in outputs))
 
     out = tmp_path / "concept_vectors_run"
     assert (out / "concept_vectors.png").stat().st_size > 0

@@ -16,3 +16,6 @@ def test_grafting_notebook_runs():
                       for o in c.get("outputs", []))
     assert "restored exactly: True" in outputs
     assert "recovered" in outputs
+    html = [o["data"]["text/html"] for c in nb.cells if c.cell_type == "code"
+            for o in c.get("outputs", []) if "text/html" in o.get("data", {})]
+    assert any("parameters grafted" in h and "Grafted entries per tensor" in h for h in html)

@@ -17,3 +17,9 @@ def test_skill_unlearning_notebook_executes(data_dir):
     assert not [o for o in outputs if o.get("output_type") == "error"]
     text = "".join(o.get("text", "") for o in outputs)
     assert "AUC=" in text
+    html = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
+    assert any("LoadedModel" in h and "fingerprint" in h for h in html)
+    assert any("NeuronAdjuster:" in h and "neurons selected" in h for h in html)
+    assert any("Detector calibration" in h for h in html)          # the fitted KSD
+    assert any("DetectorReport: AUC" in h and "data:image/png" in h for h in html)
+    assert any("Top activating contexts: gsm8k" in h and "<mark>" in h for h in html)

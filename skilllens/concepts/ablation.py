@@ -47,6 +47,14 @@ class ColumnEdit:
         self.original_: torch.Tensor | None = None
         self.fingerprint_: dict | None = None
 
+    def __repr__(self) -> str:
+        from skilllens.concepts.display import edit_display
+        return edit_display(self).text
+
+    def _repr_html_(self) -> str:
+        from skilllens.concepts.display import edit_display
+        return edit_display(self)._repr_html_()
+
     def _check_fitted(self):
         if self.new_vector_ is None:
             raise ArtifactError(f"{type(self).__name__} is not fitted; call .fit(lm) first")

@@ -191,6 +191,14 @@ class ConceptSearch:
         self.weights_: dict[str, torch.Tensor] = {}
         self.fingerprint_: dict | None = None
 
+    def __repr__(self) -> str:
+        from skilllens.concepts.display import search_display
+        return search_display(self).text
+
+    def _repr_html_(self) -> str:
+        from skilllens.concepts.display import search_display
+        return search_display(self)._repr_html_()
+
     def fit(self, lm, concepts: list[Concept], background: list[str] | None = None,
             projection: VocabProjection | None = None, progress: bool = True) -> "ConceptSearch":
         """Score every value vector for every concept; fills ``candidates_`` and ``weights_``."""

@@ -96,6 +96,19 @@ class StatsCollection:
                 c.to(device)
         return self
 
+    def display(self, stat: str = "mean", site: str | None = None):
+        """A display (``_repr_html_``, ``save``): sites x layers summary and one panel per layer
+        of the per-neuron ``stat`` at ``site``."""
+        from skilllens.core.display import stats_display
+        return stats_display(self, stat, site)
+
+    def __repr__(self) -> str:
+        from skilllens.core.display import stats_display
+        return stats_display(self, figure=False).text
+
+    def _repr_html_(self) -> str:
+        return self.display()._repr_html_()
+
 
 def _args_hash(d: dict) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

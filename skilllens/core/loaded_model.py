@@ -36,6 +36,14 @@ class LoadedModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def __repr__(self) -> str:  # architecture, sizes, dtype, device, fingerprint
+        from skilllens.core.display import model_display
+        return model_display(self).text
+
+    def _repr_html_(self) -> str:
+        from skilllens.core.display import model_display
+        return model_display(self)._repr_html_()
+
 
 def check_in_memory(model: nn.Module) -> None:
     """Raise :class:`ModelSpecError` when a parameter or buffer is on the ``meta`` device:

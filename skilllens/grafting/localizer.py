@@ -110,6 +110,14 @@ class GraftLocalizer:
                                               "bias", "l1", "optimizer", "max_length",
                                               "batch_size", "progress")}
 
+    def __repr__(self) -> str:
+        from skilllens.grafting.display import localizer_display
+        return localizer_display(self).text
+
+    def _repr_html_(self) -> str:
+        from skilllens.grafting.display import localizer_display
+        return localizer_display(self)._repr_html_()
+
     # ------------------------------------------------------------ fitting
     def fit(self, pre, ft, task: GraftTask) -> "GraftLocalizer":
         """Localize ``task``'s skill: ``pre``/``ft`` are specs, LoadedModels or FineTuned."""

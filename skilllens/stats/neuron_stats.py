@@ -251,3 +251,10 @@ class NeuronStats:
                           stacklevel=2)
         return worst
 
+    def __repr__(self) -> str:
+        from skilllens.stats.display import neuron_stats_display
+        return neuron_stats_display(self, figure=False).text
+
+    def _repr_html_(self) -> str:
+        from skilllens.stats.display import neuron_stats_display
+        return neuron_stats_display(self)._repr_html_()

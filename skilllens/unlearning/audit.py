@@ -67,6 +67,7 @@ class AuditConfig:
     device: str | None = None
     dtype: str = "float32"
     progress: bool = True
+    neuron_views: int = 2  # neurons per method shown in the report (0: none)
 
     def check(self) -> "AuditConfig":
         from skilllens.unlearning.key_space import _check_alpha
@@ -234,6 +235,10 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
                              "relative": _relative(entry, results["baseline"], cfg.metric)}
             results["neurons"][name] = _neuron_summary(method, fs, rs)
 
+    from skilllens.unlearning.neuron_report import audit_neuron_views
+    results["neuron_views"] = timed("neuron_views", lambda: audit_neuron_views(
+        lm, dict(fitters), results, {s: parts[s][0] for s in names}, cfg.neuron_views,
+        batch_size=cfg.batch_size, max_length=min(cfg.max_length, 256)))
     if _is_language_audit(cfg):
         results["language_matrix"] = {
             "forgotten": [cfg.forget], "tested": names,
@@ -244,7 +249,8 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
     from skilllens.io import write_json
     write_json(out / "results.json", results)
     write_report(out)  # figures and report are drawn from the saved results.json
-    return results
+    from skilllens.unlearning.display import AuditResults
+    return AuditResults(results)  # a dict; displays as the score and relative tables
 
 
 ALPHA_GRID = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0)

@@ -110,6 +110,14 @@ class DetectorReport:
     top_deciding_dims: list[dict] = field(default_factory=list)     # {"dim", "n_rejected"}
     n_degenerate_dims: int = 0
 
+    def __repr__(self) -> str:  # the summary, not every ROC point
+        from skilllens.unlearning.display import report_display
+        return report_display(self).text
+
+    def _repr_html_(self) -> str:  # ROC curve, AUC, deciding dimensions
+        from skilllens.unlearning.display import report_display
+        return report_display(self)._repr_html_()
+
 
 class KeySpaceDetector:
     """KSD hypercube at ``site`` (``key``) of ``layer`` (default the last), scaled by ``alpha``.
@@ -381,3 +389,7 @@ class KeySpaceDetector:
     def __repr__(self) -> str:
         state = f"k={self.k_:.4g}" if self.k_ is not None else "not fitted"
         return f"KeySpaceDetector(alpha={self.alpha}, layer={self.layer}, {state})"
+
+    def _repr_html_(self) -> str:  # notebook display: parameters, fitted on, selection
+        from skilllens.unlearning.display import detector_display
+        return detector_display(self)._repr_html_()

@@ -256,3 +256,7 @@ class NeuronAdjuster:
         state = f"{self.n_selected} neurons" if self.params_ else "not fitted"
         return (f"NeuronAdjuster(percent={self.percent}, rule={self.rule!r}, "
                 f"scope={self.scope!r}; {state})")
+
+    def _repr_html_(self) -> str:  # notebook display: parameters, fitted on, selection
+        from skilllens.unlearning.display import estimator_display
+        return estimator_display(self)._repr_html_()

@@ -140,6 +140,34 @@ def _md_table(head, rows) -> str:
     return "\n".join(lines)
 
 
+def _command(results: dict) -> str:
+    cmd = (results.get("manifest") or {}).get("command")
+    return cmd or "skilllens.run_audit(AuditConfig(...)) in Python (config in the manifest)"
+
+
+def _caption(name: str, results: dict) -> str:
+    from skilllens.unlearning.figures import CAPTIONS
+
+    return (f"{CAPTIONS.get(name, name)} Drawn from results.json; made by: "
+            f"{_command(results)}")
+
+
+def _view_rows(results: dict) -> list[list[str]]:
+    rows = []
+    for v in results.get("neuron_views") or []:
+        tops = "; ".join(f"{e['skill']}: " + (repr(e["contexts"][0]["token"]) + f" "
+                                              f"{e['contexts'][0]['value']:.3g}"
+                                              if e["contexts"] else "none")
+                         for e in v["skills"])
+        rows.append([v["method"], v["site"], str(v["layer"]), str(v["neuron"]), tops,
+                     ", ".join(repr(t) for t, _ in v["promoted"][:5])])
+    return rows
+
+
+VIEW_HEAD = ["method", "site", "layer", "neuron", "top activating token per skill",
+             "promoted tokens (W_U v)"]
+
+
 def render_markdown(results: dict, figures: list[str]) -> str:
     man = results.get("manifest", {})
     out = [f"# Skill unlearning audit: {results['model']}", "",
@@ -152,44 +180,65 @@ def render_markdown(results: dict, figures: list[str]) -> str:
     for title, head, rows in _tables(results):
         out += [f"## {title}", "", _md_table(head, rows), ""]
     out += ["## Figures", ""]
-    out += [f"![{f}](figures/{f}.png)" for f in figures]
+    for f in figures:
+        out += [f"![{f}](figures/{f}.png)", "", f"*{_caption(f, results)}*", ""]
+    if results.get("neuron_views"):
+        out += ["## Top neurons each method selected", "",
+                "Contexts, histograms and vocabulary projections: see report.html.", "",
+                _md_table(VIEW_HEAD, _view_rows(results)), ""]
     out += ["", "## Reproducibility manifest", "", "```json",
             json.dumps(man, indent=2, default=str), "```", ""]
     return "\n".join(out)
 
 
 def render_html(results: dict, figures: list[str]) -> str:
+    from skilllens.core.neuron_view import NeuronView
+    from skilllens.display.html import CSS, table
+
     esc = html.escape
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>skilllens audit</title>"
-             f"<style>body{{font-family:sans-serif;max-width:1000px;margin:auto}}"
-             f"table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px}}"
-             f"</style></head><body><h1>Skill unlearning audit: {esc(results['model'])}</h1>"
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+             f"<meta name='viewport' content='width=device-width,initial-scale=1'>"
+             f"<title>skilllens audit: {esc(results['model'])}</title>{CSS}"
+             f"<style>body{{margin:0 auto;padding:0 12px;max-width:1000px}}"
+             f"figure{{margin:1em 0}}figure img{{width:min(100%,680px)}}"
+             f"figcaption{{font-size:12px;color:#444;max-width:680px}}"
+             f"pre{{overflow-x:auto;font-size:11px}}</style></head><body class='skl'>"
+             f"<h1>Skill unlearning audit: {esc(results['model'])}</h1>"
              f"<p>Forget <b>{esc(results['forget'])}</b>, retain "
              f"{esc(', '.join(results['retain']))}; metric {esc(results['metric'])}.</p>"]
     parts += [f"<p><b>Warning:</b> {esc(w)}</p>" for w in results.get("warnings", [])]
     for title, head, rows in _tables(results):
-        parts.append(f"<h2>{esc(title)}</h2><table><tr>"
-                     + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"
-                     + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>"
-                               for r in rows) + "</table>")
+        parts.append(f"<h2>{esc(title)}</h2>" + table(head, rows))
     parts.append("<h2>Figures</h2>")
-    parts += [f"<p><img src='figures/{esc(f)}.svg' alt='{esc(f)}' style='max-width:100%'></p>"
-              for f in figures]
+    parts += [f"<figure id='fig-{esc(f)}'><img src='figures/{esc(f)}.svg' alt='{esc(f)}'>"
+              f"<figcaption>{esc(_caption(f, results))}</figcaption></figure>" for f in figures]
+    views = results.get("neuron_views") or []
+    if views:
+        parts.append("<h2>Top neurons each method selected</h2><p>Each neuron on the probe "
+                     "items of every skill: the contexts where it is most active (activating "
+                     "token marked), its activation histogram with the fitted Gaussian, and the "
+                     "tokens its value vector promotes and suppresses.</p>"
+                     + table(VIEW_HEAD, _view_rows(results)))
+        for v in views:
+            d = {k: x for k, x in v.items() if k != "method"}
+            parts.append(f"<section class='neuron'>{NeuronView.from_dict(d).display().html}"
+                         f"</section>")
     parts.append("<h2>Reproducibility manifest</h2><pre>"
                  + esc(json.dumps(results.get("manifest", {}), indent=2, default=str))
                  + "</pre></body></html>")
     return "\n".join(parts)
 
 
-def write_report(folder: str | Path, results: dict | None = None) -> list[Path]:
-    """Draw the figures from ``results`` (default: ``folder/results.json``) and write
-    ``report.md`` and ``report.html``."""
+def write_report(folder: str | Path, results: dict | None = None,
+                 formats=("png", "svg")) -> list[Path]:
+    """Draw the figures from ``results`` (default: ``folder/results.json``) in ``formats``
+    (add ``"pdf"`` for a paper) and write ``report.md`` and ``report.html``."""
     from skilllens.unlearning.figures import draw_all
 
     folder = Path(folder)
     if results is None:
         results = json.loads((folder / "results.json").read_text())
-    figures = draw_all(results, folder / "figures")
+    figures = draw_all(results, folder / "figures", formats)
     write_text(folder / "report.md", render_markdown(results, figures))
     write_text(folder / "report.html", render_html(results, figures))
     return [folder / "report.md", folder / "report.html"]

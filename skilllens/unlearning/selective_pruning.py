@@ -141,3 +141,7 @@ class SelectivePruner:
 
     def __repr__(self) -> str:
         return f"SelectivePruner(percent={self.percent}, site={self.site!r}; {self.n_selected} neurons)"
+
+    def _repr_html_(self) -> str:  # notebook display: parameters, fitted on, selection
+        from skilllens.unlearning.display import estimator_display
+        return estimator_display(self)._repr_html_()
