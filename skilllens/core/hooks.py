@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from skilllens.core.architectures import ACTIVATION_SITES, LENS_HOOKS, ModelAdapter
+from skilllens.core.architectures import ACTIVATION_SITES, LENS_HOOKS, PARTS, ModelAdapter
 from skilllens.core.loaded_model import LoadedModel
 from skilllens.errors import SiteError
 
@@ -76,20 +76,55 @@ def check_hooks(adapter, hooks: list[Hook], backend: str = "torch") -> list[Hook
     return sorted(out, key=lambda h: (h.layer, order[h.site]))
 
 
+def _split(act: torch.Tensor, part: str | None):
+    """``(view, index)``: the site's slice of a module tensor (``index`` None for all of it)."""
+    if part is None:
+        return act, None
+    index = (Ellipsis, PARTS[part](act.shape[-1] // 2))
+    return act[index], index
+
+
+def _merge(act: torch.Tensor, index, new: torch.Tensor) -> torch.Tensor:
+    """``act`` with the slice ``index`` replaced by ``new`` (a copy; ``act`` is untouched)."""
+    if index is None:
+        return new
+    out = act.clone()
+    out[index] = new.to(out.dtype)
+    return out
+
+
+def site_call(fn: HookFn, act: torch.Tensor, part: str | None, lead=None):
+    """Apply ``fn`` to the site's view of module tensor ``act``: its ``part`` (fused
+    ``gate_up_proj`` halves) reshaped to ``[*lead, d_ff]`` when the block flattened its tokens
+    (``lead`` = ``(batch, seq)``). Returns the full replacement tensor or None (read only)."""
+    view, index = _split(act, part)
+    flat = lead is not None and view.dim() == 2 and len(lead) == 2
+    new = fn(view.reshape(*lead, view.shape[-1]) if flat else view)
+    if new is None:
+        return None
+    if flat:
+        new = new.reshape(view.shape)
+    return _merge(act, index, new)
+
+
 @contextlib.contextmanager
 def hooks_applied(lm, hooks: list[Hook], stop_after_last: bool = False):
     """Install ``hooks`` as torch hooks for the duration of the block (any forward/generate).
 
     ``stop_after_last``: raise :class:`StopForward` after the last hook ran (read-only passes).
+    Sites that are slices of one module's output (fused ``gate_up_proj``) read and replace
+    their slice only; blocks that flatten tokens (OPT) are seen as ``[batch, seq, d_ff]``.
     """
     adapter = _adapter(lm)
     hooks = check_hooks(adapter, hooks, "torch")
     handles = []
     last = hooks[-1] if (hooks and stop_after_last) else None
+    flat = bool(getattr(adapter.arch, "flat_tokens", False))
+    leads: dict[int, tuple] = {}
 
-    def wrap(h: Hook, where: str):
+    def wrap(h: Hook, where: str, part):
         def call(act):
-            new = h.fn(act)
+            new = site_call(h.fn, act, part, leads.get(h.layer) if flat else None)
             if h is last:
                 raise StopForward
             return new
@@ -102,13 +137,25 @@ def hooks_applied(lm, hooks: list[Hook], stop_after_last: bool = False):
             return None if new is None else (new,) + tuple(args[1:])
         return pre
 
+    def lead_of(layer):
+        def pre(mod, args, kwargs):
+            hs = args[0] if args else kwargs.get("hidden_states")
+            if isinstance(hs, torch.Tensor):
+                leads[layer] = tuple(hs.shape[:-1])
+        return pre
+
     try:
+        if flat:
+            for layer in sorted({h.layer for h in hooks}):
+                handles.append(adapter.blocks[layer].register_forward_pre_hook(
+                    lead_of(layer), with_kwargs=True))
         for h in hooks:
             mod, where = adapter.site_module(h.site, h.layer)
+            fn = wrap(h, where, adapter.site_part(h.site))
             if where == "output":
-                handles.append(mod.register_forward_hook(wrap(h, where)))
+                handles.append(mod.register_forward_hook(fn))
             else:
-                handles.append(mod.register_forward_pre_hook(wrap(h, where)))
+                handles.append(mod.register_forward_pre_hook(fn))
         yield adapter
     finally:
         for handle in handles:
@@ -245,11 +292,13 @@ def _envoy(nm, path: str):
 
 def _run_nnsight(adapter, inputs, hooks, forward_kwargs):
     nm, named = _nnsight_model(adapter.model)
+    lead = tuple(inputs["input_ids"].shape) if adapter.arch.flat_tokens else None
     with _users_hooks_on(adapter.model, named), nm.trace(**inputs, **forward_kwargs):
         for h in hooks:
             path, where = adapter.site_module_path(h.site, h.layer)
             envoy = _envoy(nm, path)
-            new = h.fn(envoy.output if where == "output" else envoy.input)
+            act = envoy.output if where == "output" else envoy.input
+            new = site_call(h.fn, act, adapter.site_part(h.site), lead)
             if new is not None:
                 if where == "output":
                     envoy.output = new
