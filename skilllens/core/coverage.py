@@ -44,8 +44,9 @@ def _how(ad) -> str:
     return ", ".join(parts) + (f" ({'; '.join(extra)})" if extra else "")
 
 
-def check_type(model_type: str) -> dict:
-    """``{"model_type", "status", "how"}``: the outcome of opening a tiny ``model_type``."""
+def check_type(model_type: str, model=None) -> dict:
+    """``{"model_type", "status", "how"}``: the outcome of opening a tiny ``model_type`` (or
+    ``model``, an already built one)."""
     import torch
 
     from skilllens.core.architectures import ModelAdapter, _registered
@@ -54,7 +55,7 @@ def check_type(model_type: str) -> dict:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = tiny_model(model_type)
+            model = tiny_model(model_type) if model is None else model
     except SkillLensError as e:
         return {"model_type": model_type, "status": "untested", "how": _short(e)}
     except Exception as e:  # noqa: BLE001 - transformers' own config errors

@@ -6,6 +6,9 @@ activation ``[batch, seq, d_ff]`` and may return a replacement (an edit) or ``No
 * ``torch`` (default, fastest): plain forward hooks / pre-hooks on the site's module.
 * ``lens``: TransformerLens ``TransformerBridge`` hook points (``blocks.{i}.mlp.hook_pre`` ...),
   on a view of the model that shares its weights (the user's module tree is never rewrapped).
+  On first use per model and site the bridge's hook is checked to read what the torch site
+  reads; an architecture the bridge does not map (or maps differently) is refused with a
+  :class:`~skilllens.errors.SiteError`.
 * ``nnsight``: an ``nnsight.NNsight`` trace over the same modules (also on a view).
 
 >>> import torch, skilllens
@@ -40,6 +43,8 @@ HookFn = Callable[[torch.Tensor], "torch.Tensor | None"]
 # is stored on the user's model)
 _BRIDGES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _NNSIGHT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# per model: the sites whose lens hooks were checked to read what the torch sites read
+_LENS_OK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -259,13 +264,57 @@ def _lens(lm):
     if tok is None:
         raise SiteError("the 'lens' backend needs a tokenizer: pass a LoadedModel")
     name = getattr(lm, "name", None) or model.config._name_or_path or "model"
-    return _wrapped(model, _BRIDGES, lambda view: TransformerBridge.boot_transformers(
-        name, hf_model=view, tokenizer=tok, device=next(model.parameters()).device,
-        dtype=model.dtype))
+    try:
+        return _wrapped(model, _BRIDGES, lambda view: TransformerBridge.boot_transformers(
+            name, hf_model=view, tokenizer=tok, device=next(model.parameters()).device,
+            dtype=model.dtype))
+    except Exception as e:  # noqa: BLE001 - TransformerLens' own errors, reported as a refusal
+        raise _lens_refusal(model, f"its bridge does not build ({type(e).__name__}: "
+                                   f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _lens_refusal(model, why: str) -> SiteError:
+    return SiteError(f"the 'lens' backend does not support {model.config.model_type!r}: {why}; "
+                     f"use backend='torch' (or 'nnsight')")
+
+
+def _check_lens(lm, adapter, bridge, named, inputs, sites) -> None:
+    """Once per model and site: the bridge's hook must read what skilllens' site reads (layer 0
+    and the last, to float tolerance), else the backend refuses the architecture."""
+    done = _LENS_OK.setdefault(adapter.model, set())
+    todo = sorted(set(sites) - done)
+    if not todo:
+        return
+    layers = sorted({0, adapter.n_layers - 1})
+    ours, theirs = {}, {}
+
+    def keep(store, key):
+        def fn(act, hook=None):
+            store[key] = act.detach().clone()
+        return fn
+
+    probe = [Hook(s, l, keep(ours, (s, l))) for s in todo for l in layers]
+    with torch.no_grad():
+        run_with_hooks(adapter, inputs, probe)
+        fwd = [(LENS_HOOKS[s].format(i=l), keep(theirs, (s, l))) for s in todo for l in layers]
+        try:
+            with _users_hooks_on(adapter.model, named):
+                bridge.run_with_hooks(inputs["input_ids"], fwd_hooks=fwd,
+                                      attention_mask=inputs.get("attention_mask"))
+        except Exception as e:  # noqa: BLE001
+            raise _lens_refusal(adapter.model, f"its bridge fails ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    for key, a in ours.items():
+        b = theirs.get(key)
+        if b is None or b.shape != a.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
+            raise _lens_refusal(adapter.model, f"hook {LENS_HOOKS[key[0]].format(i=key[1])} is "
+                                f"not skilllens' site {key[0]!r} at layer {key[1]}")
+    done.update(todo)
 
 
 def _run_lens(lm, adapter, inputs, hooks):
     bridge, named = _lens(lm)
+    _check_lens(lm, adapter, bridge, named, inputs, {h.site for h in hooks})
     fwd = []
     for h in hooks:
         name = LENS_HOOKS[h.site].format(i=h.layer)

@@ -103,8 +103,27 @@ def _rope(rope: dict) -> dict:
     return out
 
 
-def tiny_config(model_type: str, vocab: int | None = None):
-    """A shrunk config of ``model_type`` (see the module docstring).
+def _tree(defaults: dict, vocab: int, tower: bool) -> dict:
+    """Shrunk keyword arguments of a config and, recursively, of its sub-configs (towers get
+    1 layer and keep their own vocabulary)."""
+    kw = _shrunk(defaults, vocab, 1 if tower else 2)
+    if tower and "vocab_size" in defaults:
+        kw["vocab_size"] = min(defaults["vocab_size"], 1024)
+    for sub, value in defaults.items():
+        if isinstance(value, dict) and "model_type" in value:
+            kw[sub] = {**value, **_tree(value, vocab, tower or sub in _TOWERS)}
+    if "attention_types" in defaults and isinstance(defaults["attention_types"], list):
+        kinds = [k for kinds, _ in defaults["attention_types"] for k in kinds]  # GPT-Neo
+        kw["attention_types"] = [[list(dict.fromkeys(kinds)), 1]]
+        for n in _DIMS[2]:
+            if n in kw:
+                kw[n] = len(dict.fromkeys(kinds))
+    return kw
+
+
+def tiny_config(model_type: str, vocab: int | None = None, **overrides):
+    """A shrunk config of ``model_type`` (see the module docstring); ``overrides`` are further
+    config arguments (e.g. ``use_double_wide_mlp=True``).
 
     Raises :class:`~skilllens.errors.ModelSpecError` for a type transformers does not know."""
     from transformers import CONFIG_MAPPING
@@ -115,16 +134,7 @@ def tiny_config(model_type: str, vocab: int | None = None):
     if model_type not in CONFIG_MAPPING:
         raise ModelSpecError(f"transformers has no model type {model_type!r}")
     cls = CONFIG_MAPPING[model_type]
-    defaults = cls().to_dict()
-    kw = _shrunk(defaults, vocab)
-    for sub, value in defaults.items():
-        if not (sub.endswith("_config") and isinstance(value, dict) and "model_type" in value):
-            continue
-        tower = sub in _TOWERS
-        kw[sub] = {**value, **_shrunk(value, vocab, 1 if tower else 2)}
-        if tower:
-            kw[sub] = {k: v for k, v in kw[sub].items() if k != "vocab_size"} | (
-                {"vocab_size": value["vocab_size"]} if "vocab_size" in value else {})
+    kw = {**_tree(cls().to_dict(), vocab, tower=False), **overrides}
     try:
         return cls(**kw)
     except Exception as e:  # noqa: BLE001 - any config validation error: say which type
@@ -155,13 +165,14 @@ def candidate_types() -> list[str]:
                   | set(m.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES))
 
 
-def tiny_model(model_type: str, seed: int = 0) -> nn.Module:
-    """A tiny random-initialised model of ``model_type`` (float32, eval mode, seeded)."""
+def tiny_model(model_type: str, seed: int = 0, **overrides) -> nn.Module:
+    """A tiny random-initialised model of ``model_type`` (float32, eval mode, seeded);
+    ``overrides`` go to :func:`tiny_config`."""
     auto = head_class(model_type)
     if auto is None:
         raise ModelSpecError(f"{model_type!r} has no causal-LM, masked-LM or image-text-to-text "
                              f"head in transformers")
-    config = tiny_config(model_type)
+    config = tiny_config(model_type, **overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
