@@ -54,11 +54,18 @@ class StatsCollection:
         return sorted(l for s, l in self.stats if s == site)
 
     def stacked(self, site: str, stat: str = "mean") -> torch.Tensor:
-        """``[n_layers_collected, d]`` tensor of one statistic (float64) over the site's layers."""
+        """``[n_layers_collected, d]`` tensor of one statistic (float64) over the site's layers.
+
+        Layers with fewer neurons than the widest (a per-layer ``d_ff``, Gemma-4's double-wide
+        MLP) are padded with NaN, which every selection ranks last."""
         layers = self.layers(site)
         if not layers:
             raise SiteError(f"site {site!r} was not collected; collected: {sorted(self.stats)}")
-        return torch.stack([getattr(self.stats[(site, l)], stat).to("cpu") for l in layers])
+        rows = [getattr(self.stats[(site, l)], stat).to("cpu") for l in layers]
+        width = max(r.shape[-1] for r in rows)
+        return torch.stack([torch.nn.functional.pad(r.double(), (0, width - r.shape[-1]),
+                                                    value=float("nan"))
+                            if r.shape[-1] < width else r for r in rows])
 
     def merge(self, other: "StatsCollection") -> "StatsCollection":
         if set(other.stats) != set(self.stats):
@@ -185,8 +192,8 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
             "data_hash": skill.digest(), "n_items": len(skill), "data_part": skill.describe(), "args": args,
             "max_length": used_length, "n_truncated": n_truncated, "n_merged_boundary": n_merged}
     result = StatsCollection({}, meta)
-    collected = {k: NeuronStats(adapter.d_ff, stats, bins, hist_range, backend=stats_backend)
-                 for k in keys}
+    collected = {k: NeuronStats(adapter.d_ff_at(k[1]), stats, bins, hist_range,
+                                backend=stats_backend) for k in keys}  # d_ff may vary per layer
     done, n_tokens = 0, 0
     buffers: dict[tuple[str, int], list[torch.Tensor]] = {k: [] for k in store_keys}
     item_rows: list[torch.Tensor] = []
@@ -268,7 +275,7 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
         perm = torch.argsort(order, stable=True)
         result.vector_items = order[perm]
         for k, chunks in buffers.items():
-            d = adapter.d_ff
+            d = adapter.d_ff_at(k[1])
             vec = torch.cat(chunks).cpu() if chunks else torch.zeros(0, d)
             result.vectors[k] = vec[perm]
         if store_dir is not None:
