@@ -220,12 +220,18 @@ class ModelAdapter:
                 f"{type(model).__name__}; register an Architecture with the right 'layers' path")
         self.blocks: nn.ModuleList = blocks
         self.n_layers = len(blocks)
-        shapes = [self.value_vectors(i).shape for i in range(self.n_layers)]
+        # [d_ff, d_model] per layer from the stored weight (a PEFT-wrapped down projection
+        # still has its base weight's shape; value_vectors refuses it, sizes do not)
+        shapes = [self._value_shape(i) for i in range(self.n_layers)]
         #: ``d_ff`` of every layer (Gemma-4 ``use_double_wide_mlp`` doubles some of them)
         self.d_ffs: list[int] = [int(s[0]) for s in shapes]
         self.d_ff = self.d_ffs[0]
         self.d_model = int(shapes[0][1])
         self._norm_checked: float | None | bool = False
+
+    def _value_shape(self, layer: int) -> tuple[int, int]:
+        w = self.value_weight(layer)
+        return tuple(w.shape[::-1]) if self.arch.value_layout == "columns" else tuple(w.shape)
 
     def d_ff_at(self, layer: int) -> int:
         """Number of neurons (``d_ff``) of ``layer`` (negative counts from the end)."""
