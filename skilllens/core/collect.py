@@ -23,6 +23,8 @@ from skilllens.data import resolve_skills
 from skilllens.errors import ArtifactError, DataError, SiteError
 from skilllens.core.hooks import Hook, run_with_hooks
 from skilllens.core.models import load_model
+from skilllens.core.moe import layer_experts_meta
+from skilllens.core.moe_collect import is_moe_key, moe_plan
 from skilllens.stats.neuron_stats import DEFAULT_STATS, NeuronStats
 
 
@@ -51,11 +53,15 @@ class StatsCollection:
         return sorted(l for s, l in self.stats if s == site)
 
     def stacked(self, site: str, stat: str = "mean") -> torch.Tensor:
-        """``[n_layers_collected, d]`` tensor of one statistic (float64) over the site's layers."""
+        """``[n_layers_collected, d]`` tensor of one statistic (float64) over the site's layers
+        (rows of narrower layers, e.g. dense layers of a MoE model, end in NaN)."""
         layers = self.layers(site)
         if not layers:
             raise SiteError(f"site {site!r} was not collected; collected: {sorted(self.stats)}")
-        return torch.stack([getattr(self.stats[(site, l)], stat).to("cpu") for l in layers])
+        rows = [getattr(self.stats[(site, l)], stat).to("cpu") for l in layers]
+        width = max(r.shape[0] for r in rows)  # layers of other widths (dense + MoE): NaN-padded
+        return torch.stack([torch.cat([r, r.new_full((width - r.shape[0],), float("nan"))])
+                            for r in rows])
 
     def merge(self, other: "StatsCollection") -> "StatsCollection":
         if set(other.stats) != set(self.stats):
@@ -122,7 +128,7 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
         raise DataError(f"unknown token selection {tokens!r}; use one of {TOKEN_MODES}")
     sites = [sites] if isinstance(sites, str) else list(sites)
     if not sites:
-        raise SiteError("no sites given; choose from gate, up, key")
+        raise SiteError("no sites given; choose from gate, up, key (MoE: also router, routing)")
     for s in sites:
         adapter.arch.site(s)
     layers = adapter.check_layers(layers)
@@ -141,9 +147,18 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
             "rank": rank, "world_size": world_size, "store": sorted(store_keys)}
     meta = {"model": lm.name, "fingerprint": fp, "data": skill.name, "data_source": skill.source,
             "data_hash": skill.digest(), "n_items": len(skill), "args": args}
+    experts_meta = layer_experts_meta(adapter, layers)
+    if experts_meta:  # flat neuron j of a MoE layer = neuron j - offsets[e] of expert e
+        meta["experts"] = experts_meta
     result = StatsCollection({}, meta)
-    collected = {k: NeuronStats(adapter.d_ff, stats, bins, hist_range, backend=stats_backend)
-                 for k in keys}
+    current: dict = {}
+    stats_args = dict(stats=stats, bins=bins, hist_range=hist_range, backend=stats_backend)
+    moe_keys = [k for k in keys if is_moe_key(adapter, k)]
+    collected, moe_hooks, moe_finish = moe_plan(adapter, moe_keys, stats_args, current,
+                                                store_keys)
+    width = getattr(adapter, "width", lambda layer: adapter.d_ff)
+    collected.update({k: NeuronStats(width(k[1]), **stats_args) for k in keys
+                      if k not in collected})
     done, n_tokens = 0, 0
     buffers: dict[tuple[str, int], list[torch.Tensor]] = {k: [] for k in store_keys}
     item_rows: list[torch.Tensor] = []
@@ -154,7 +169,10 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
         if ck_meta.get("args_hash") == ckpt_hash:
             tensors, _ = load_artifact(checkpoint, kind="checkpoint")
             for k, st in StatsCollection.from_state(tensors, {}).stats.items():
-                collected[k] = st
+                if k in moe_keys:  # the hooks hold the per-expert objects: merge into them
+                    collected[k].merge(st)
+                else:
+                    collected[k] = st
             done, n_tokens = ck_meta["batches_done"], ck_meta["n_tokens"]
             vec["shards"] = ck_meta.get("vector_shards", 0)
             _load_vector_shards(checkpoint, vec["shards"], buffers, item_rows)
@@ -165,7 +183,6 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
     for st in collected.values():
         for c in st.components:
             c.to(device)
-    current: dict = {}
 
     def checkpoint_now():
         _save_vector_shard(checkpoint, vec, buffers, item_rows, fp)
@@ -181,7 +198,8 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
                 buffers[key].append(act[mask].detach().to(torch.float32))
         return fn
 
-    hooks = [Hook(s, l, make_hook((s, l))) for (s, l) in keys]
+    hooks = [Hook(s, l, make_hook((s, l))) for (s, l) in keys if (s, l) not in moe_keys]
+    hooks += moe_hooks
     total = n_batches(len(encoded), batch_size)
     if world_size > 1 and hist_range is None and "histogram" in stats:
         _agree_histogram_ranges(lm, collected, encoded, batch_size, tokens, backend)
@@ -201,6 +219,8 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
                 item_rows.append(torch.repeat_interleave(batch.index, rows).cpu())
             run_with_hooks(lm, batch.inputs, hooks, backend=backend,
                            stop_after_last=(backend == "torch"), use_cache=False)
+            for k, rows in moe_finish(current["mask"]).items():
+                buffers[k].append(rows)
             n_tokens += batch.n_tokens
             done = b + 1
             bar.update(1)
@@ -225,7 +245,7 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
         perm = torch.argsort(order, stable=True)
         result.vector_items = order[perm]
         for k, chunks in buffers.items():
-            d = adapter.d_ff
+            d = collected[k].d
             vec = torch.cat(chunks).cpu() if chunks else torch.zeros(0, d)
             result.vectors[k] = vec[perm]
         if store_dir is not None:

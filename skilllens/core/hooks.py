@@ -30,8 +30,10 @@ from typing import Callable
 
 import torch
 
-from skilllens.core.architectures import ACTIVATION_SITES, LENS_HOOKS, ModelAdapter
+from skilllens.core.architectures import ACTIVATION_SITES, LENS_HOOKS
 from skilllens.core.loaded_model import LoadedModel
+from skilllens.core.moe import MoeAdapter, adapter_for
+from skilllens.core.moe_hooks import ExpertHook, RouterHook, moe_hooks_applied
 from skilllens.errors import SiteError
 
 BACKENDS = ("torch", "lens", "nnsight")
@@ -60,7 +62,11 @@ def _adapter(lm):
         return lm.adapter
     if hasattr(lm, "blocks") and hasattr(lm, "arch"):
         return lm
-    return ModelAdapter(lm)
+    return adapter_for(lm)
+
+
+def _is_moe_hook(h) -> bool:
+    return isinstance(h, (ExpertHook, RouterHook))
 
 
 def check_hooks(adapter, hooks: list[Hook], backend: str = "torch") -> list[Hook]:
@@ -68,12 +74,16 @@ def check_hooks(adapter, hooks: list[Hook], backend: str = "torch") -> list[Hook
     if backend not in BACKENDS:
         raise SiteError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     order = {s: i for i, s in enumerate(ACTIVATION_SITES)}
+    moe = [h for h in hooks if _is_moe_hook(h)]
+    if backend != "torch" and (moe or isinstance(adapter, MoeAdapter)):
+        raise SiteError(f"the {backend!r} backend does not support mixture-of-experts models "
+                        f"(it sees a MoE block's input and output only); use backend='torch'")
     out = []
-    for h in hooks:
+    for h in (h for h in hooks if not _is_moe_hook(h)):
         adapter.arch.site(h.site)  # raises for unknown / absent sites
         layer = adapter.check_layers([h.layer])[0]
         out.append(Hook(h.site, layer, h.fn))
-    return sorted(out, key=lambda h: (h.layer, order[h.site]))
+    return sorted(out, key=lambda h: (h.layer, order[h.site])) + moe
 
 
 @contextlib.contextmanager
@@ -84,8 +94,17 @@ def hooks_applied(lm, hooks: list[Hook], stop_after_last: bool = False):
     """
     adapter = _adapter(lm)
     hooks = check_hooks(adapter, hooks, "torch")
+    moe = [h for h in hooks if _is_moe_hook(h)]
+    hooks = [h for h in hooks if not _is_moe_hook(h)]
     handles = []
     last = hooks[-1] if (hooks and stop_after_last) else None
+    stop_layer = None
+    if moe and stop_after_last:  # MoE hooks run inside a block: stop after the block instead
+        stop_layer = max(adapter.check_layers([h.layer])[0] for h in moe)
+        if last is not None and last.layer > stop_layer:
+            stop_layer = None
+        else:
+            last = None
 
     def wrap(h: Hook, where: str):
         def call(act):
@@ -109,7 +128,10 @@ def hooks_applied(lm, hooks: list[Hook], stop_after_last: bool = False):
                 handles.append(mod.register_forward_hook(wrap(h, where)))
             else:
                 handles.append(mod.register_forward_pre_hook(wrap(h, where)))
-        yield adapter
+        with contextlib.ExitStack() as stack:
+            if moe or stop_layer is not None:
+                stack.enter_context(moe_hooks_applied(adapter, moe, stop_layer, StopForward()))
+            yield adapter
     finally:
         for handle in handles:
             handle.remove()

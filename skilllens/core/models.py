@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from skilllens.core.architectures import ModelAdapter
+from skilllens.core.moe import adapter_for
 from skilllens.core.loaded_model import LoadedModel
 from skilllens.core.cache import cache_dir
 from skilllens.errors import ModelSpecError
@@ -30,7 +30,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 def _tiny_configs():
     from transformers import (BertConfig, GemmaConfig, GPT2Config, GPTNeoXConfig, LlamaConfig,
-                              MistralConfig, OlmoConfig, Qwen2Config, RobertaConfig)
+                              MistralConfig, MixtralConfig, OlmoConfig, Qwen2Config,
+                              RobertaConfig)
     from skilllens.core.tokenizers import BYTE_VOCAB_SIZE as V
 
     llama = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -39,6 +40,9 @@ def _tiny_configs():
     return {
         "tiny-llama": lambda: LlamaConfig(**llama),
         "tiny-mistral": lambda: MistralConfig(**llama),
+        # mixture of experts: 4 experts of 32 neurons, top-2 routing (see core/moe.py)
+        "tiny-mixtral": lambda: MixtralConfig(**{**llama, "intermediate_size": 32},
+                                              num_local_experts=4, num_experts_per_tok=2),
         "tiny-qwen2": lambda: Qwen2Config(**llama),
         "tiny-gemma": lambda: GemmaConfig(**llama, head_dim=8),
         "tiny-olmo": lambda: OlmoConfig(**llama),
@@ -57,8 +61,8 @@ def _tiny_configs():
     }
 
 
-TINY_MODELS = ("tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-gemma", "tiny-olmo", "tiny-gpt2",
-               "tiny-neox", "tiny-bert", "tiny-roberta")
+TINY_MODELS = ("tiny-llama", "tiny-mistral", "tiny-mixtral", "tiny-qwen2", "tiny-gemma",
+               "tiny-olmo", "tiny-gpt2", "tiny-neox", "tiny-bert", "tiny-roberta")
 
 
 def _tiny(name: str) -> nn.Module:
@@ -192,6 +196,6 @@ def load_model(spec=DEFAULT_MODEL, device: str | torch.device | None = "auto",
     if getattr(tok, "pad_token", None) is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
-    return LoadedModel(model, tok, ModelAdapter(model), name)
+    return LoadedModel(model, tok, adapter_for(model), name)
 
 
