@@ -78,3 +78,30 @@ def moe_plan(adapter, keys, stats_args: dict, current: dict, store_keys: set):
         return out
 
     return collected, hooks, finish
+
+
+def neuron_hooks(adapter, site: str, layer: int, index: torch.Tensor, make) -> list:
+    """Hooks that edit the flat neurons ``index`` of ``layer``: one ``Hook`` on a dense layer,
+    one :class:`ExpertHook` per expert holding selected neurons on a MoE layer.
+
+    ``make(positions, local_index) -> fn(act)``: ``positions`` are the entries of ``index``
+    that fall into this expert (``None`` on a dense layer: all of them) and ``local_index``
+    their neuron indices inside the expert."""
+    from skilllens.core.hooks import Hook
+    from skilllens.core.moe import split_index
+
+    info = getattr(adapter, "layers_info", [None] * (layer + 1))[layer]
+    if info is None:
+        return [Hook(site, layer, make(None, index))]
+    dev = index.device
+    return [ExpertHook(site, layer, e, make(pos.to(dev), local.to(dev)))
+            for e, (pos, local) in split_index(info.widths, index).items()]
+
+
+def unseen(forget_stats, retain_stats, site: str, need_retain: bool = True) -> torch.Tensor:
+    """``[n_layers, d]`` True for neurons without a forget (or, with ``need_retain``, a
+    retain) token: experts the data never routed to; their scores must not be ranked."""
+    out = forget_stats.stacked(site, "count") <= 0
+    if need_retain:
+        out |= retain_stats.stacked(site, "count") <= 0
+    return out
