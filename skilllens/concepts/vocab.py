@@ -25,6 +25,12 @@ def check_index(lm, layer: int, index: int) -> tuple[int, int]:
     """Validate a (layer, neuron index) pair; negative layers count from the end."""
     ad = _adapter(lm)
     layer = ad.check_layers([layer])[0]
+    moe = getattr(ad, "moe_layer", None)
+    if moe is not None and moe(layer) is not None:
+        raise SiteError(f"layer {layer} is a mixture-of-experts layer: editing expert value "
+                        f"vectors (concept ablation, Needle) is not supported yet; concept "
+                        f"search over them works (MoeAdapter.value_vectors flattens the "
+                        f"experts), or pick a dense layer")
     if not 0 <= int(index) < ad.d_ff:
         raise SiteError(f"value index {index} is out of range: layer {layer} has {ad.d_ff} value "
                         f"vectors (0..{ad.d_ff - 1})")
