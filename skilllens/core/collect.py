@@ -23,7 +23,7 @@ from skilllens.data import resolve_skills
 from skilllens.errors import ArtifactError, DataError, SiteError
 from skilllens.core.hooks import Hook, run_with_hooks
 from skilllens.core.models import load_model
-from skilllens.core.moe import layer_experts_meta
+from skilllens.core.moe import ROUTER_SITES, layer_experts_meta
 from skilllens.core.moe_collect import is_moe_key, moe_plan
 from skilllens.stats.neuron_stats import DEFAULT_STATS, NeuronStats
 
@@ -130,6 +130,8 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
     if not sites:
         raise SiteError("no sites given; choose from gate, up, key (MoE: also router, routing)")
     for s in sites:
+        if s in ROUTER_SITES and not hasattr(adapter, "layers_info"):
+            raise SiteError(f"site {s!r} exists on mixture-of-experts models only")
         adapter.arch.site(s)
     layers = adapter.check_layers(layers)
     skill = resolve_skills(data, data_dir).head(max_items)  # specs: their probe part
