@@ -174,3 +174,23 @@ def test_clear_errors_on_moe_and_dense_mismatches(lm):
     with pytest.raises(SiteError, match="experts 0..3"):
         run_with_hooks(lm, {"input_ids": torch.tensor([[1, 2]])},
                        [ExpertHook("key", 0, 7, lambda a: None)])
+
+
+def test_grafting_over_expert_parameters(lm):
+    from skilllens.grafting import GraftLocalizer
+    from skilllens.grafting.finetune import FineTuneConfig, finetune
+    from skilllens.grafting.metrics import expert_location
+    from skilllens.grafting.tasks import build_task
+
+    task = build_task("synthetic", n_train=8, n_dev=4, n_test=4)
+    ft = finetune(lm, task, FineTuneConfig(steps=2, progress=False))
+    loc = GraftLocalizer(sparsity=0.05, steps=1, include="*experts*", progress=False).fit(
+        lm, ft, task)
+    where = expert_location(loc.masks_)
+    assert set(where) <= {0, 1} and sum(sum(r.values()) for r in where.values()) > 0
+    ids = {"input_ids": torch.tensor([[1, 2, 3, 4]])}
+    with torch.no_grad():
+        before = lm.model(**ids).logits
+        with loc.grafted(lm):
+            assert not torch.equal(lm.model(**ids).logits, before)
+        assert torch.equal(lm.model(**ids).logits, before)
