@@ -17,7 +17,8 @@ def add_parser(sub):
     p = command(sub, "collect", "collect per-neuron activation statistics", __doc__, EXAMPLE)
     p.add_argument("--data", required=True,
                    help="skill: gsm8k, humaneval, xquad-en..xquad-hi, NAME=PATH, or a .txt/.jsonl file")
-    p.add_argument("--site", default="gate", help="gate, up or key (comma-separated for several)")
+    p.add_argument("--site", default="gate", help="gate, up or key (comma-separated for several; "
+                   "mixture-of-experts models also router, routing)")
     p.add_argument("--layers", default="all", help="all, or comma-separated indices (-1 = last)")
     p.add_argument("--tokens", default="all", choices=["all", "last", "answer"])
     p.add_argument("--backend", default="torch", choices=["torch", "lens", "nnsight"])

@@ -27,6 +27,7 @@ from skilllens.errors import SkillLensError
 from skilllens.unlearning.experts import expert_method, expert_report
 
 METHODS = ("ksd", "na", "sp", "experts")
+DEFAULT_METHODS = ("ksd", "na", "sp")  # + "experts", added on mixture-of-experts models
 DEFAULT_FORGET = "gsm8k"
 DEFAULT_RETAIN = ("humaneval", "xquad-en")
 ABSTENTION_RULE = ("an abstained item counts in every mean: score 0 (token accuracy and "
@@ -40,7 +41,7 @@ class AuditConfig:
     model: str = "smollm2-135m"
     forget: str = DEFAULT_FORGET
     retain: list[str] = field(default_factory=lambda: list(DEFAULT_RETAIN))
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     probe_items: int = 48
     eval_items: int = 24
     out: str = "audit"
