@@ -61,8 +61,10 @@ def _tiny_configs():
     }
 
 
-TINY_MODELS = ("tiny-llama", "tiny-mistral", "tiny-mixtral", "tiny-qwen2", "tiny-gemma",
-               "tiny-olmo", "tiny-gpt2", "tiny-neox", "tiny-bert", "tiny-roberta")
+TINY_MODELS = ("tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-gemma", "tiny-olmo", "tiny-gpt2",
+               "tiny-neox", "tiny-bert", "tiny-roberta")
+#: tiny mixture-of-experts models (per-expert sites; see core/moe.py)
+TINY_MOE_MODELS = ("tiny-mixtral",)
 
 
 def _tiny(name: str) -> nn.Module:
@@ -140,8 +142,8 @@ def load_model(spec=DEFAULT_MODEL, device: str | torch.device | None = "auto",
     """Load a model and return ``LoadedModel`` (unpacks as ``model, tokenizer, adapter``).
 
     ``spec``: ``"smollm2-135m"`` (embedded, default), a tiny test model (``"tiny-llama"``,
-    ``"tiny-gpt2"``, ... see ``TINY_MODELS``), a local folder, a ``.gguf`` file, a hub id
-    (``HF_HUB_OFFLINE=1`` is respected), a ``(model, tokenizer)`` pair or a ``LoadedModel``.
+    ``"tiny-gpt2"``, ... see ``TINY_MODELS``; ``"tiny-mixtral"``: mixture of experts), a local
+    folder, a ``.gguf`` file, a hub id (``HF_HUB_OFFLINE=1`` is respected), a ``(model, tokenizer)`` pair or a ``LoadedModel``.
     ``device``: ``"auto"`` (default: CUDA when available, else CPU), ``"cpu"``, ``"cuda:1"``
     ..., or ``None`` to leave the model where it is. ``device_map`` (e.g. ``"auto"`` or a dict)
     spreads a large model over several devices.
@@ -161,7 +163,7 @@ def load_model(spec=DEFAULT_MODEL, device: str | torch.device | None = "auto",
         name = getattr(model.config, "_name_or_path", "") or type(model).__name__
     elif isinstance(spec, nn.Module):
         raise ModelSpecError("pass a (model, tokenizer) pair, not a bare module")
-    elif spec in TINY_MODELS:
+    elif spec in TINY_MODELS + TINY_MOE_MODELS:
         from skilllens.core.tokenizers import byte_tokenizer
         model, tok, name = _tiny(spec), byte_tokenizer(), spec
     elif spec in (DEFAULT_MODEL, "smollm2", "smollm2-135m-instruct"):
@@ -183,7 +185,8 @@ def load_model(spec=DEFAULT_MODEL, device: str | torch.device | None = "auto",
             offline = os.environ.get("HF_HUB_OFFLINE") == "1"
             raise ModelSpecError(
                 f"cannot load model {spec!r}: not a built-in name ({DEFAULT_MODEL}, "
-                f"{', '.join(TINY_MODELS)}), a local folder, a .gguf file, or a reachable hub id"
+                f"{', '.join(TINY_MODELS + TINY_MOE_MODELS)}), a local folder, a .gguf file, "
+                f"or a reachable hub id"
                 + (" (HF_HUB_OFFLINE=1 is set)" if offline else "")
                 + f". Underlying error: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
             ) from None

@@ -67,10 +67,12 @@ def moe_plan(adapter, keys, stats_args: dict, current: dict, store_keys: set):
                     buf[call.token_index.to(buf.device), lo:lo + w] = act.detach().float()
             hooks.append(ExpertHook(site, layer, e, fn, with_call=True))
 
+    mine = store_keys & set(collected)  # the caller adds its dense keys to ``collected`` later
+
     def finish(mask):
         m = mask.reshape(-1)
         out = {}
-        for key in store_keys & set(collected):
+        for key in mine:
             buf = store.pop(key, None)
             d = collected[key].d
             out[key] = (buf[m.to(buf.device)] if buf is not None
