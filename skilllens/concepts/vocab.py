@@ -31,22 +31,21 @@ def check_index(lm, layer: int, index: int) -> tuple[int, int]:
                         f"vectors (concept ablation, Needle) is not supported yet; concept "
                         f"search over them works (MoeAdapter.value_vectors flattens the "
                         f"experts), or pick a dense layer")
-    if not 0 <= int(index) < ad.d_ff:
-        raise SiteError(f"value index {index} is out of range: layer {layer} has {ad.d_ff} value "
-                        f"vectors (0..{ad.d_ff - 1})")
+    d_ff = ad.d_ff_at(layer)
+    if not 0 <= int(index) < d_ff:
+        raise SiteError(f"value index {index} is out of range: layer {layer} has {d_ff} value "
+                        f"vectors (0..{d_ff - 1})")
     return layer, int(index)
 
 
 def norm_scale(lm) -> torch.Tensor | None:
     """The final norm's elementwise scale ``[d_model]`` (None when it has none).
 
-    Gemma stores ``weight - 1``; its scale is ``1 + weight``."""
-    ad = _adapter(lm)
-    norm = ad.final_norm()
-    w = getattr(norm, "weight", None) if norm is not None else None
-    if w is None:
-        return None
-    return (1 + w) if ad.arch.name == "gemma" else w
+    ``norm_offset + weight``: Gemma, VaultGemma, Qwen3.5 and Nemotron (LayerNorm1P) scale by
+    ``1 + weight``. The architecture's declared ``norm_offset`` is checked against the norm's
+    own output (:meth:`ModelAdapter.norm_scale`), so a wrong declaration raises instead of
+    giving a silently wrong scale."""
+    return _adapter(lm).norm_scale()
 
 
 @torch.no_grad()
@@ -57,8 +56,9 @@ def value_logits(lm, layer: int, indices=None, through_norm: bool = False) -> to
     vals = ad.value_vectors(layer)
     if indices is not None:
         idx = torch.as_tensor(indices, dtype=torch.long)
-        if idx.numel() and (idx.min() < 0 or idx.max() >= ad.d_ff):
-            raise SiteError(f"value indices must be in 0..{ad.d_ff - 1}")
+        d_ff = ad.d_ff_at(layer)
+        if idx.numel() and (idx.min() < 0 or idx.max() >= d_ff):
+            raise SiteError(f"value indices must be in 0..{d_ff - 1}")
         vals = vals[idx.to(vals.device)]
     W = ad.unembedding()
     if through_norm:
@@ -106,11 +106,16 @@ def project_values(lm, layers=None, k: int = 200, through_norm: bool = False,
     W = ad.unembedding()
     if not 1 <= k <= W.shape[0]:
         raise SiteError(f"k={k} must be between 1 and the vocabulary size {W.shape[0]}")
+    widths = {ad.d_ff_at(l) for l in layers}
+    if len(widths) > 1:
+        raise SiteError(f"these layers have different d_ff {sorted(widths)} (a per-layer FFN "
+                        f"width); project layers of one width at a time")
     ids_out, logit_out = [], []
     for layer in tqdm(layers, desc="vocab projection", disable=not progress, leave=False):
         ids_l, lg_l = [], []
-        for start in range(0, ad.d_ff, chunk):
-            logits = value_logits(lm, layer, torch.arange(start, min(start + chunk, ad.d_ff)),
+        d_ff = ad.d_ff_at(layer)
+        for start in range(0, d_ff, chunk):
+            logits = value_logits(lm, layer, torch.arange(start, min(start + chunk, d_ff)),
                                   through_norm)
             top = logits.topk(k, dim=-1)
             ids_l.append(top.indices.cpu())

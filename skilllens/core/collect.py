@@ -53,15 +53,19 @@ class StatsCollection:
         return sorted(l for s, l in self.stats if s == site)
 
     def stacked(self, site: str, stat: str = "mean") -> torch.Tensor:
-        """``[n_layers_collected, d]`` tensor of one statistic (float64) over the site's layers
-        (rows of narrower layers, e.g. dense layers of a MoE model, end in NaN)."""
+        """``[n_layers_collected, d]`` tensor of one statistic (float64) over the site's layers.
+
+        Layers with fewer neurons than the widest (a per-layer ``d_ff``, Gemma-4's double-wide
+        MLP, dense layers of a mixture-of-experts model) are padded with NaN, which every
+        selection ranks last."""
         layers = self.layers(site)
         if not layers:
             raise SiteError(f"site {site!r} was not collected; collected: {sorted(self.stats)}")
         rows = [getattr(self.stats[(site, l)], stat).to("cpu") for l in layers]
-        width = max(r.shape[0] for r in rows)  # layers of other widths (dense + MoE): NaN-padded
-        return torch.stack([torch.cat([r, r.new_full((width - r.shape[0],), float("nan"))])
-                            for r in rows])
+        width = max(r.shape[-1] for r in rows)
+        return torch.stack([torch.nn.functional.pad(r.double(), (0, width - r.shape[-1]),
+                                                    value=float("nan"))
+                            if r.shape[-1] < width else r for r in rows])
 
     def merge(self, other: "StatsCollection") -> "StatsCollection":
         if set(other.stats) != set(self.stats):
@@ -158,9 +162,8 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
     moe_keys = [k for k in keys if is_moe_key(adapter, k)]
     collected, moe_hooks, moe_finish = moe_plan(adapter, moe_keys, stats_args, current,
                                                 store_keys)
-    width = getattr(adapter, "width", lambda layer: adapter.d_ff)
-    collected.update({k: NeuronStats(width(k[1]), **stats_args) for k in keys
-                      if k not in collected})
+    collected.update({k: NeuronStats(adapter.d_ff_at(k[1]), **stats_args) for k in keys
+                      if k not in collected})  # d_ff may vary per layer
     done, n_tokens = 0, 0
     buffers: dict[tuple[str, int], list[torch.Tensor]] = {k: [] for k in store_keys}
     item_rows: list[torch.Tensor] = []

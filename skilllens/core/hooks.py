@@ -6,6 +6,9 @@ activation ``[batch, seq, d_ff]`` and may return a replacement (an edit) or ``No
 * ``torch`` (default, fastest): plain forward hooks / pre-hooks on the site's module.
 * ``lens``: TransformerLens ``TransformerBridge`` hook points (``blocks.{i}.mlp.hook_pre`` ...),
   on a view of the model that shares its weights (the user's module tree is never rewrapped).
+  On first use per model and site the bridge's hook is checked to read what the torch site
+  reads; an architecture the bridge does not map (or maps differently) is refused with a
+  :class:`~skilllens.errors.SiteError`.
 * ``nnsight``: an ``nnsight.NNsight`` trace over the same modules (also on a view).
 
 >>> import torch, skilllens
@@ -30,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from skilllens.core.architectures import ACTIVATION_SITES, LENS_HOOKS
+from skilllens.core.architectures import ACTIVATION_SITES, LENS_HOOKS, PARTS, ModelAdapter
 from skilllens.core.loaded_model import LoadedModel
 from skilllens.core.moe import MoeAdapter, adapter_for
 from skilllens.core.moe_hooks import ExpertHook, RouterHook, moe_hooks_applied
@@ -42,6 +45,8 @@ HookFn = Callable[[torch.Tensor], "torch.Tensor | None"]
 # is stored on the user's model)
 _BRIDGES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _NNSIGHT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# per model: the sites whose lens hooks were checked to read what the torch sites read
+_LENS_OK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -86,11 +91,44 @@ def check_hooks(adapter, hooks: list[Hook], backend: str = "torch") -> list[Hook
     return sorted(out, key=lambda h: (h.layer, order[h.site])) + moe
 
 
+def _split(act: torch.Tensor, part: str | None):
+    """``(view, index)``: the site's slice of a module tensor (``index`` None for all of it)."""
+    if part is None:
+        return act, None
+    index = (Ellipsis, PARTS[part](act.shape[-1] // 2))
+    return act[index], index
+
+
+def _merge(act: torch.Tensor, index, new: torch.Tensor) -> torch.Tensor:
+    """``act`` with the slice ``index`` replaced by ``new`` (a copy; ``act`` is untouched)."""
+    if index is None:
+        return new
+    out = act.clone()
+    out[index] = new.to(out.dtype)
+    return out
+
+
+def site_call(fn: HookFn, act: torch.Tensor, part: str | None, lead=None):
+    """Apply ``fn`` to the site's view of module tensor ``act``: its ``part`` (fused
+    ``gate_up_proj`` halves) reshaped to ``[*lead, d_ff]`` when the block flattened its tokens
+    (``lead`` = ``(batch, seq)``). Returns the full replacement tensor or None (read only)."""
+    view, index = _split(act, part)
+    flat = lead is not None and view.dim() == 2 and len(lead) == 2
+    new = fn(view.reshape(*lead, view.shape[-1]) if flat else view)
+    if new is None:
+        return None
+    if flat:
+        new = new.reshape(view.shape)
+    return _merge(act, index, new)
+
+
 @contextlib.contextmanager
 def hooks_applied(lm, hooks: list[Hook], stop_after_last: bool = False):
     """Install ``hooks`` as torch hooks for the duration of the block (any forward/generate).
 
     ``stop_after_last``: raise :class:`StopForward` after the last hook ran (read-only passes).
+    Sites that are slices of one module's output (fused ``gate_up_proj``) read and replace
+    their slice only; blocks that flatten tokens (OPT) are seen as ``[batch, seq, d_ff]``.
     """
     adapter = _adapter(lm)
     hooks = check_hooks(adapter, hooks, "torch")
@@ -105,10 +143,12 @@ def hooks_applied(lm, hooks: list[Hook], stop_after_last: bool = False):
             stop_layer = None
         else:
             last = None
+    flat = bool(getattr(adapter.arch, "flat_tokens", False))
+    leads: dict[int, tuple] = {}
 
-    def wrap(h: Hook, where: str):
+    def wrap(h: Hook, where: str, part):
         def call(act):
-            new = h.fn(act)
+            new = site_call(h.fn, act, part, leads.get(h.layer) if flat else None)
             if h is last:
                 raise StopForward
             return new
@@ -121,13 +161,25 @@ def hooks_applied(lm, hooks: list[Hook], stop_after_last: bool = False):
             return None if new is None else (new,) + tuple(args[1:])
         return pre
 
+    def lead_of(layer):
+        def pre(mod, args, kwargs):
+            hs = args[0] if args else kwargs.get("hidden_states")
+            if isinstance(hs, torch.Tensor):
+                leads[layer] = tuple(hs.shape[:-1])
+        return pre
+
     try:
+        if flat:
+            for layer in sorted({h.layer for h in hooks}):
+                handles.append(adapter.blocks[layer].register_forward_pre_hook(
+                    lead_of(layer), with_kwargs=True))
         for h in hooks:
             mod, where = adapter.site_module(h.site, h.layer)
+            fn = wrap(h, where, adapter.site_part(h.site))
             if where == "output":
-                handles.append(mod.register_forward_hook(wrap(h, where)))
+                handles.append(mod.register_forward_hook(fn))
             else:
-                handles.append(mod.register_forward_pre_hook(wrap(h, where)))
+                handles.append(mod.register_forward_pre_hook(fn))
         with contextlib.ExitStack() as stack:
             if moe or stop_layer is not None:
                 stack.enter_context(moe_hooks_applied(adapter, moe, stop_layer, StopForward()))
@@ -234,13 +286,57 @@ def _lens(lm):
     if tok is None:
         raise SiteError("the 'lens' backend needs a tokenizer: pass a LoadedModel")
     name = getattr(lm, "name", None) or model.config._name_or_path or "model"
-    return _wrapped(model, _BRIDGES, lambda view: TransformerBridge.boot_transformers(
-        name, hf_model=view, tokenizer=tok, device=next(model.parameters()).device,
-        dtype=model.dtype))
+    try:
+        return _wrapped(model, _BRIDGES, lambda view: TransformerBridge.boot_transformers(
+            name, hf_model=view, tokenizer=tok, device=next(model.parameters()).device,
+            dtype=model.dtype))
+    except Exception as e:  # noqa: BLE001 - TransformerLens' own errors, reported as a refusal
+        raise _lens_refusal(model, f"its bridge does not build ({type(e).__name__}: "
+                                   f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _lens_refusal(model, why: str) -> SiteError:
+    return SiteError(f"the 'lens' backend does not support {model.config.model_type!r}: {why}; "
+                     f"use backend='torch' (or 'nnsight')")
+
+
+def _check_lens(lm, adapter, bridge, named, inputs, sites) -> None:
+    """Once per model and site: the bridge's hook must read what skilllens' site reads (layer 0
+    and the last, to float tolerance), else the backend refuses the architecture."""
+    done = _LENS_OK.setdefault(adapter.model, set())
+    todo = sorted(set(sites) - done)
+    if not todo:
+        return
+    layers = sorted({0, adapter.n_layers - 1})
+    ours, theirs = {}, {}
+
+    def keep(store, key):
+        def fn(act, hook=None):
+            store[key] = act.detach().clone()
+        return fn
+
+    probe = [Hook(s, l, keep(ours, (s, l))) for s in todo for l in layers]
+    with torch.no_grad():
+        run_with_hooks(adapter, inputs, probe)
+        fwd = [(LENS_HOOKS[s].format(i=l), keep(theirs, (s, l))) for s in todo for l in layers]
+        try:
+            with _users_hooks_on(adapter.model, named):
+                bridge.run_with_hooks(inputs["input_ids"], fwd_hooks=fwd,
+                                      attention_mask=inputs.get("attention_mask"))
+        except Exception as e:  # noqa: BLE001
+            raise _lens_refusal(adapter.model, f"its bridge fails ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    for key, a in ours.items():
+        b = theirs.get(key)
+        if b is None or b.shape != a.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
+            raise _lens_refusal(adapter.model, f"hook {LENS_HOOKS[key[0]].format(i=key[1])} is "
+                                f"not skilllens' site {key[0]!r} at layer {key[1]}")
+    done.update(todo)
 
 
 def _run_lens(lm, adapter, inputs, hooks):
     bridge, named = _lens(lm)
+    _check_lens(lm, adapter, bridge, named, inputs, {h.site for h in hooks})
     fwd = []
     for h in hooks:
         name = LENS_HOOKS[h.site].format(i=h.layer)
@@ -267,11 +363,13 @@ def _envoy(nm, path: str):
 
 def _run_nnsight(adapter, inputs, hooks, forward_kwargs):
     nm, named = _nnsight_model(adapter.model)
+    lead = tuple(inputs["input_ids"].shape) if adapter.arch.flat_tokens else None
     with _users_hooks_on(adapter.model, named), nm.trace(**inputs, **forward_kwargs):
         for h in hooks:
             path, where = adapter.site_module_path(h.site, h.layer)
             envoy = _envoy(nm, path)
-            new = h.fn(envoy.output if where == "output" else envoy.input)
+            act = envoy.output if where == "output" else envoy.input
+            new = site_call(h.fn, act, adapter.site_part(h.site), lead)
             if new is not None:
                 if where == "output":
                     envoy.output = new

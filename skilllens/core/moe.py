@@ -162,7 +162,10 @@ class MoeAdapter(ModelAdapter):
         self.layers_info = [find_moe_layer(b, f"{self.layers_path}.{i}")
                             for i, b in enumerate(blocks)]
         self.d_model = int(model.get_input_embeddings().weight.shape[1])
-        self.d_ff = self.width(self.n_layers - 1)
+        #: flattened width of every layer (routed + shared experts; dense layers: their d_ff)
+        self.d_ffs = [self.width(i) for i in range(self.n_layers)]
+        self.d_ff = self.d_ffs[0]
+        self._norm_checked = False
 
     def moe_layer(self, layer: int) -> MoeLayer | None:
         """The layer's :class:`MoeLayer` (``None`` for a dense layer)."""
