@@ -173,3 +173,26 @@ def test_neuron_adjust_and_ksd_fit(fam):
     ksd = KeySpaceDetector(alpha=1.0).fit(lm, forget, progress=False)
     assert ksd.m.shape[0] == lm.adapter.width(lm.adapter.n_layers - 1)
     assert ksd.abstains(lm, forget).all()
+
+
+def test_dense_and_moe_layers_in_one_model():
+    """DeepSeek-V3's first dense layer next to a MoE layer: ordinary sites there, per-expert
+    sites here, NaN-padded stacking, Neuron Adjust across both."""
+    from skilllens.unlearning.neuron_adjust import NeuronAdjuster
+
+    lm = tiny_moe("deepseek_v3", first_k_dense_replace=1)
+    ad = lm.adapter
+    assert ad.moe_layers == [1] and ad.d_ffs == [48, 80]
+    res = collect(lm, TEXTS, sites=["gate", "key"], batch_size=2, progress=False)
+    assert res["gate", 0].mean.shape == (48,) and res["gate", 1].mean.shape == (80,)
+    stacked = res.stacked("gate")
+    assert stacked.shape == (2, 80) and torch.isnan(stacked[0, 48:]).all()
+    na = NeuronAdjuster(percent=20, batch_size=2).fit(lm, TEXTS[:2], TEXTS[2:], progress=False)
+    assert set(na.params) <= {0, 1} and all(int(p.index.max()) < ad.d_ff_at(l)
+                                             for l, p in na.params.items())
+    ids = {"input_ids": lm.tokenizer(["mixed layers"], return_tensors="pt")["input_ids"]}
+    with torch.no_grad():
+        before = lm.model(**ids).logits
+        with na.applied(lm):
+            lm.model(**ids)
+        assert torch.equal(lm.model(**ids).logits, before)
