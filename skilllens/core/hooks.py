@@ -11,6 +11,11 @@ activation ``[batch, seq, d_ff]`` and may return a replacement (an edit) or ``No
   :class:`~skilllens.errors.SiteError`.
 * ``nnsight``: an ``nnsight.NNsight`` trace over the same modules (also on a view).
 
+Mixture-of-experts layers have per-expert sites: pass
+:class:`~skilllens.core.moe_hooks.ExpertHook` (one expert's ``[n_routed, f]`` activations) and
+:class:`~skilllens.core.moe_hooks.RouterHook` objects in the same lists (``torch`` backend only;
+``lens`` and ``nnsight`` refuse MoE models).
+
 >>> import torch, skilllens
 >>> from skilllens.core.hooks import Hook, run_with_hooks
 >>> lm = skilllens.load_model("tiny-llama")
