@@ -160,6 +160,9 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
     current: dict = {}
     stats_args = dict(stats=stats, bins=bins, hist_range=hist_range, backend=stats_backend)
     moe_keys = [k for k in keys if is_moe_key(adapter, k)]
+    if moe_keys and world_size > 1 and "histogram" in stats and hist_range is None:
+        raise SiteError("data-parallel histograms at mixture-of-experts sites need a common "
+                        "range: pass hist_range=(lo, hi)")
     collected, moe_hooks, moe_finish = moe_plan(adapter, moe_keys, stats_args, current,
                                                 store_keys)
     collected.update({k: NeuronStats(adapter.d_ff_at(k[1]), **stats_args) for k in keys
