@@ -246,7 +246,8 @@ def adapter_for(model: nn.Module, arch: Architecture | None = None) -> ModelAdap
     return ModelAdapter(model, arch)
 
 
-def split_index(widths: list[int], index: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def split_index(widths: list[int],
+                index: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Flat neuron indices of one layer -> ``{expert: (positions in index, local indices)}``."""
     index = torch.as_tensor(index, dtype=torch.long).cpu()
     bounds = torch.tensor([0] + list(torch.tensor(widths).cumsum(0).tolist()))

@@ -14,7 +14,8 @@ Shared experts and routers are plain torch forward hooks.
 >>> lm = skilllens.load_model("tiny-mixtral")
 >>> seen = []
 >>> _ = run_with_hooks(lm, {"input_ids": torch.tensor([[1, 2, 3]])},
-...                    [ExpertHook("key", 0, e, lambda a: seen.append(a.shape[0])) for e in range(4)])
+...                    [ExpertHook("key", 0, e, lambda a: seen.append(a.shape[0]))
+...                     for e in range(4)])
 >>> sum(seen)  # 3 tokens, each routed to top_k = 2 experts
 6
 """
@@ -201,7 +202,8 @@ def _router_hook(info: MoeLayer, fns: list, stash_on=None):
         for fn in fns:
             new = fn(r)
             if new is not None:
-                r, changed = replace(r, index=new.index, weights=new.weights.to(r.weights.dtype)), True
+                r = replace(r, index=new.index, weights=new.weights.to(r.weights.dtype))
+                changed = True
         if stash_on is not None:
             stash_on._skilllens_routing = r
         if not changed:
