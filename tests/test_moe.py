@@ -168,7 +168,7 @@ def test_clear_errors_on_moe_and_dense_mismatches(lm):
         run_with_hooks(lm, {"input_ids": torch.tensor([[1, 2]])},
                        [skilllens.core.hooks.Hook("key", 0, lambda a: None)])
     with pytest.raises(SiteError, match="mixture-of-experts"):
-        ConceptAblation(1, 3).fit(lm)
+        ConceptAblation(1, 3, "project").fit(lm)
     with pytest.raises(SiteError, match="mixture-of-experts models only"):
         collect("tiny-llama", ["a"], sites=["routing"], progress=False)
     with pytest.raises(SiteError, match="experts 0..3"):
@@ -194,3 +194,18 @@ def test_grafting_over_expert_parameters(lm):
         with loc.grafted(lm):
             assert not torch.equal(lm.model(**ids).logits, before)
         assert torch.equal(lm.model(**ids).logits, before)
+
+
+def test_concept_ablation_of_an_expert_value_vector(lm):
+    """Zero ablation of flat neuron 70 of layer 1 = column 6 of expert 2's down_proj, written
+    into the parameter inside the block and restored bit-exactly."""
+    from skilllens.concepts.ablation import ConceptAblation
+
+    down = lm.model.model.layers[1].mlp.experts.down_proj
+    before_w = down.detach().clone()
+    abl = ConceptAblation(1, 70, "zero").fit(lm, fingerprint=False)
+    assert torch.equal(abl.original_, before_w[2][:, 6])
+    with torch.no_grad(), abl.applied(lm):
+        assert torch.equal(down[2][:, 6], torch.zeros(32))
+        assert torch.equal(down[2][:, 7], before_w[2][:, 7]) and torch.equal(down[1], before_w[1])
+    assert torch.equal(down, before_w)
