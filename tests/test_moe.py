@@ -169,6 +169,10 @@ def test_clear_errors_on_moe_and_dense_mismatches(lm):
                        [skilllens.core.hooks.Hook("key", 0, lambda a: None)])
     with pytest.raises(SiteError, match="mixture-of-experts"):
         ConceptAblation(1, 3, "project").fit(lm)
+    from skilllens.concepts.data import Concept
+    from skilllens.concepts.experiment import run_concepts
+    with pytest.raises(SiteError, match="mixture-of-experts"):
+        run_concepts(lm, [Concept("x", "some text", ["q?"], ["u?"])], progress=False)
     with pytest.raises(SiteError, match="mixture-of-experts models only"):
         collect("tiny-llama", ["a"], sites=["routing"], progress=False)
     with pytest.raises(SiteError, match="experts 0..3"):
