@@ -63,7 +63,9 @@ def _compare(lm, inputs, layers, atol):
                 torch.testing.assert_close(acts[k], ref[0][k], atol=atol, rtol=1e-4)
             torch.testing.assert_close(logits, ref[1], atol=atol, rtol=1e-4)
             torch.testing.assert_close(edited, ref[2], atol=atol, rtol=1e-4)
-        assert calls == {"lens": 2, "nnsight": 2}  # each library's entry point ran once per pass
+        # each library's entry point ran once per pass; lens once more on first use: the check
+        # that its hooks read what the torch sites read (core/hooks.py::_check_lens)
+        assert calls == {"lens": 3, "nnsight": 2}
     finally:
         _unspy()
 

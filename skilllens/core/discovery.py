@@ -133,11 +133,11 @@ def _activations(block_ffn: list[tuple[str, nn.Module]], config) -> list[tuple[s
     return out
 
 
-def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal to float tolerance (relative to the largest entry; looser for 16-bit models)."""
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 2e-3) -> bool:
+    """Equal to float tolerance (relative to the largest entry; 10x looser for 16-bit)."""
     if a.shape != b.shape:
         return False
-    tol = 2e-2 if a.dtype in (torch.float16, torch.bfloat16) else 2e-3
+    tol = tol * 10 if a.dtype in (torch.float16, torch.bfloat16) else tol
     a, b = a.double(), b.double()
     scale = b.abs().max().clamp(min=1e-6)
     return bool(((a - b).abs().max() / scale) < tol) and bool(b.abs().max() > 0)
@@ -164,23 +164,29 @@ def _site(out: dict, layer: int, ref, d: int) -> torch.Tensor:
     return t if ref[1] is None else t[..., PARTS[ref[1]](d)]
 
 
-@torch.no_grad()
-def _forward(model, config, n_tokens: int = 5):
+def _probe(model, config, n_tokens: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids [2, n], attention_mask)``: ordinary token ids (no special or image ids);
+    the second row is right-padded after 3 tokens."""
     emb = model.get_input_embeddings()
-    vocab = emb.weight.shape[0]
-    avoid = {v for k, v in vars(config.get_text_config() if hasattr(config, "get_text_config")
-                                else config).items() if k.endswith("token_id")}
-    avoid |= {v for k, v in vars(config).items() if k.endswith("token_id") or k.endswith("token_index")}
-    ids = [i for i in range(3, vocab) if i not in avoid][: 2 * n_tokens]
+    cfgs = (config, config.get_text_config()) if hasattr(config, "get_text_config") else (config,)
+    avoid = {v for c in cfgs for k, v in vars(c).items()
+             if k.endswith(("token_id", "token_index")) and isinstance(v, int)}
+    ids = [i for i in range(3, emb.weight.shape[0]) if i not in avoid][: 2 * n_tokens]
     x = torch.tensor(ids, device=emb.weight.device).reshape(2, n_tokens)
-    kw = dict(input_ids=x, attention_mask=torch.ones_like(x))
+    mask = torch.ones_like(x)
+    mask[1, 3:] = 0
+    return x, mask
+
+
+@torch.no_grad()
+def _forward(model, x, mask):
     try:
-        return model(**kw, use_cache=False)
+        return model(input_ids=x, attention_mask=mask, use_cache=False)
     except TypeError:
-        return model(**kw)
+        return model(input_ids=x, attention_mask=mask)
 
 
-def _capture(model, config, mods: dict) -> dict:
+def _capture(model, mods: dict, x, mask) -> dict:
     """Run :func:`_forward` recording each module's output ("out") or input ("in")."""
     seen, handles = {}, []
 
@@ -190,11 +196,14 @@ def _capture(model, config, mods: dict) -> dict:
             seen[key] = t[0] if isinstance(t, tuple) else t
         return hook
 
+    training = model.training
     for key, (mod, where) in mods.items():
         handles.append(mod.register_forward_hook(rec(key, where)))
     try:
-        _forward(model, config)
+        model.eval()  # no dropout in the verification pass; the mode is restored below
+        _forward(model, x, mask)
     finally:
+        model.train(training)
         for h in handles:
             h.remove()
     return seen
@@ -250,12 +259,20 @@ def discover(model: nn.Module) -> dict:
              if "norm" in (n + type(m).__name__).lower() or n in ("ln_f",)}
     for p, m in norms.items():
         mods[("norm", p)] = (m, "out")
+    calls = [0]
+    counter = blocks[0].register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
     mods[("unembed", unembed_path)] = (unembed, "in")
+    x, mask = _probe(model, config)
     try:
-        seen = _capture(model, config, mods)
+        seen = _capture(model, mods, x, mask)
     except Exception as e:  # noqa: BLE001 - any failure of the forward pass is reported
         raise _refuse(mt, f"the verification forward pass failed ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    finally:
+        counter.remove()
+    if calls[0] != 1:  # ALBERT: one block applied at every depth; statistics would mix them
+        raise _refuse(mt, f"block 0 of {layers_path!r} ran {calls[0]} times in one forward pass "
+                          f"(weights shared across depth), so a layer's site is not one activation")
     verified = []
     for down in downs:
         if (0, down + "#in") not in seen:
@@ -286,6 +303,7 @@ def discover(model: nn.Module) -> dict:
                       f"several readings of its FFN verify: {sorted(distinct)}")
     down, gate, up, act_name = verified[0]
     layout = shapes[down][2]
+    _check_tokens(mt, model, blocks, down, seen, x, mask)
     flat = seen[(0, down + "#in")].dim() == 2
     target = seen[("unembed", unembed_path)]
     final = [p for p in norms if ("norm", p) in seen and _close(seen[("norm", p)], target)
@@ -300,6 +318,30 @@ def discover(model: nn.Module) -> dict:
                   flat_tokens=flat, activation=act_name)
     fields["norm_offset"] = norm_offset(model.get_submodule(final[0])) if final else None
     return fields
+
+
+def _check_tokens(mt, model, blocks, down: str, seen: dict, x, mask) -> None:
+    """Site activations must be one row per input token (``[B, T, d]`` or flattened
+    ``[B*T, d]``), and padding must not change the real tokens' activations (batched
+    statistics rely on both): the padded row must equal the same tokens run alone."""
+    b, t = x.shape
+    shape = tuple(seen[(0, down + "#in")].shape[:-1])
+    if shape not in ((b, t), (b * t,)):
+        raise _refuse(mt, f"its FFN activations have shape {shape} for {b} x {t} input tokens "
+                          f"(the model adds tokens or reorders them), so token masks do not apply")
+    n = int(mask[1].sum())
+    mods = {li: (blocks[li].get_submodule(down), "in") for li in range(len(blocks))}
+    try:
+        alone = _capture(model, mods, x[1:, :n], mask[1:, :n])
+    except Exception as e:  # noqa: BLE001
+        raise _refuse(mt, f"a forward pass of a single unpadded row failed ({type(e).__name__})"
+                      ) from None
+    for li in range(len(blocks)):
+        padded = seen[(li, down + "#in")].reshape(b, t, -1)[1, :n]
+        if not _close(padded, alone[li].reshape(1, n, -1)[0], tol=1e-4):
+            raise _refuse(mt, f"padding changes the FFN activations of real tokens (layer {li}): "
+                              f"the model does not mask padding, so batched statistics would "
+                              f"differ from per-text ones")
 
 
 @torch.no_grad()
