@@ -196,3 +196,39 @@ def test_dense_and_moe_layers_in_one_model():
         with na.applied(lm):
             lm.model(**ids)
         assert torch.equal(lm.model(**ids).logits, before)
+
+
+def _doc_moe_types():
+    from test_architectures_all import MOE_SUPPORTED
+    return MOE_SUPPORTED
+
+
+@pytest.mark.parametrize("model_type", _doc_moe_types())
+def test_every_supported_moe_type_of_the_table(model_type):
+    """Each mixture-of-experts row of docs/ARCHITECTURES.md is what the command reports (the
+    per-expert loop with read hooks reproduces the logits), and a per-expert edit changes the
+    logits and restores them bit-exactly."""
+    import warnings
+
+    from test_architectures_all import ROWS
+
+    import skilllens
+    from skilllens.core.coverage import check_type
+    from skilllens.core.tiny_configs import tiny_model
+    from skilllens.core.tokenizers import byte_tokenizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = tiny_model(model_type)
+        lm = skilllens.load_model((model, byte_tokenizer()), device="cpu")
+        row = check_type(model_type, lm.model)
+        assert (row["status"], row["how"]) == ROWS[model_type]
+        layer = lm.adapter.moe_layers[-1]
+        ids = {"input_ids": torch.tensor([[5, 17, 99, 3, 42, 7]])}
+        with torch.no_grad():
+            before = lm.model(**ids).logits
+            with hooks_applied(lm, [ExpertHook("key", layer, e, lambda a: a * 0 + 1.0)
+                                    for e in range(len(lm.adapter.layers_info[layer].widths))]):
+                during = lm.model(**ids).logits
+            assert not torch.equal(before, during)
+            assert torch.equal(before, lm.model(**ids).logits)

@@ -110,8 +110,29 @@ def find_moe_layer(block: nn.Module, path: str = "") -> MoeLayer | None:
             raise UnknownArchitectureError(f"{type(mod).__name__} has experts but no router "
                                            f"child named {' or '.join(ROUTERS)}")
         shared = [getattr(mod, s) for s in SHARED if isinstance(getattr(mod, s, None), nn.Module)]
+        _check_layout(experts, shared)
         return MoeLayer(mod, experts, router, shared, f"{path}.{name}" if path else name)
     return None
+
+
+def _check_layout(experts: nn.Module, shared: list) -> None:
+    """Experts this module can run per expert: on transformers' experts interface
+    (``use_experts_implementation``) or Llama-4's dense-bmm experts; shared experts are MLPs
+    with ``gate_proj``/``up_proj``/``down_proj`` linears. Anything else is refused."""
+    name = type(experts).__name__
+    if not hasattr(experts, "has_gate") and not name.startswith("Llama4"):
+        raise UnknownArchitectureError(
+            f"{name} runs its experts outside transformers' experts interface "
+            f"(use_experts_implementation); per-expert sites are not supported for it")
+    fused = "gate_up_proj" if getattr(experts, "has_gate", True) else "up_proj"
+    if not isinstance(getattr(experts, fused, None), torch.Tensor):
+        raise UnknownArchitectureError(f"{name} has no 3-D {fused}; not a fused experts module")
+    for mlp in shared:
+        if not all(isinstance(getattr(mlp, n, None), nn.Linear)
+                   for n in ("gate_proj", "up_proj", "down_proj")):
+            raise UnknownArchitectureError(
+                f"shared expert {type(mlp).__name__} is not a gate_proj/up_proj/down_proj MLP; "
+                f"per-expert sites are not supported for it")
 
 
 def is_moe(model: nn.Module) -> bool:
@@ -137,9 +158,12 @@ class MoeArchitecture(Architecture):
 
 def moe_architecture(model_type: str) -> MoeArchitecture:
     return MoeArchitecture(name=f"moe:{model_type}", model_types=(model_type,),
-                           layers=("model.layers", "layers"), gate=DENSE["gate"],
-                           up=DENSE["up"], key=DENSE["key"], value="down_proj",
-                           final_norm=("model.norm", "norm"), gated=True)
+                           layers=("model.layers", "layers", "model.language_model.layers",
+                                   "language_model.model.layers"),
+                           gate=DENSE["gate"], up=DENSE["up"], key=DENSE["key"],
+                           value="down_proj", gated=True,
+                           final_norm=("model.norm", "norm", "model.language_model.norm",
+                                       "language_model.model.norm"))
 
 
 class MoeAdapter(ModelAdapter):
