@@ -268,3 +268,18 @@ def test_backends_agree_with_torch_or_refuse(model_type):
             for s in ref:
                 torch.testing.assert_close(seen[s], ref[s], rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
+
+
+def test_info_architectures_prints_the_table_rows_of_docs(capsys):
+    """``skilllens info --architectures`` prints the rows docs/ARCHITECTURES.md holds."""
+    from pathlib import Path
+
+    from skilllens.cli import main
+
+    assert main(["info", "--architectures", "--types", "phi3", "mixtral", "albert"]) == 0
+    out = capsys.readouterr().out
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "ARCHITECTURES.md").read_text()
+    rows = [line for line in out.splitlines() if line.startswith("| `")]
+    assert len(rows) == 3 and all(row in doc.splitlines() for row in rows)
+    assert "| `phi3` | supported |" in out
+    assert "| `mixtral` | supported | mixture of experts" in out  # issue 23: per-expert sites

@@ -243,16 +243,14 @@ def discover(model: nn.Module) -> dict:
                           f"attention) in block 0 ({type(blocks[0]).__name__})")
     acts = _activations(ffn, config)
     mods = {}
-    for li, block in enumerate(blocks):
+    for li, block in enumerate(blocks):  # a reading must hold in every layer (hybrids too)
         named = dict(block.named_modules())
-        missing = [n for n in downs + [u for u, _ in ups] if n not in named]
-        if missing:
-            raise _refuse(mt, f"layer {li} has no {missing[0]!r} (the blocks differ: a hybrid "
-                              f"architecture)")
         for n in downs:
-            mods[(li, n + "#in")] = (named[n], "in")
+            if n in named:
+                mods[(li, n + "#in")] = (named[n], "in")
         for n, _ in ups:
-            mods[(li, n)] = (named[n], "out")
+            if n in named:
+                mods[(li, n)] = (named[n], "out")
     last_parent = layers_path.rpartition(".")[0]
     root = model.get_submodule(last_parent) if last_parent else model
     norms = {f"{last_parent}.{n}".lstrip("."): m for n, m in root.named_children()
@@ -284,7 +282,7 @@ def discover(model: nn.Module) -> dict:
             for li in range(len(blocks)):
                 key = seen.get((li, down + "#in"))
                 dl = key.shape[-1] if key is not None else d
-                if key is None or (li, gate[0]) not in seen:
+                if key is None or (li, gate[0]) not in seen or (up and (li, up[0]) not in seen):
                     ok = False
                     break
                 g = _site(seen, li, gate, dl)
@@ -316,7 +314,10 @@ def discover(model: nn.Module) -> dict:
                   up=ref(up) if up else None, key=(down, "input"), value=down,
                   value_layout=layout, final_norm=tuple(final[:1]), unembed=(unembed_path,),
                   flat_tokens=flat, activation=act_name)
-    fields["norm_offset"] = norm_offset(model.get_submodule(final[0])) if final else None
+    try:
+        fields["norm_offset"] = norm_offset(model.get_submodule(final[0])) if final else None
+    except UnknownArchitectureError:  # sites still work; ModelAdapter.norm_scale() refuses
+        fields["norm_offset"] = None
     return fields
 
 

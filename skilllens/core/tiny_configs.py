@@ -56,6 +56,12 @@ def _shrunk(defaults: dict, vocab: int, layers: int = 2) -> dict:
     for n in _KV:
         if n in defaults:
             kw[n] = 2
+    mamba = {"mamba_d_ssm": 64, "mamba_n_heads": 8, "mamba_d_head": 8, "mamba_d_state": 16,
+             "mamba_chunk_size": 16, "mamba_expand": 2}  # hybrid SSM layers: 8 heads of 8
+    kw.update({n: v for n, v in mamba.items() if isinstance(defaults.get(n), int)})
+    for n in ("entity_vocab_size", "entity_emb_size"):  # LUKE's entity table (500k x 256)
+        if isinstance(defaults.get(n), int):
+            kw[n] = 16 if n.startswith("entity_vocab") else 32
     for n in ("hidden_size_per_layer_input", "vocab_size_per_layer_input"):  # Gemma-3n/4 inputs
         if isinstance(defaults.get(n), int):
             kw[n] = 8 if n.startswith("hidden") else vocab
