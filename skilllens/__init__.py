@@ -26,7 +26,9 @@ _compat.install()
 _LAZY = {"NeuronAdjuster": "unlearning.neuron_adjust", "KeySpaceDetector": "unlearning.key_space",
          "SelectivePruner": "unlearning.selective_pruning", "GraftLocalizer": "grafting.localizer",
          "evaluate": "eval.evaluation", "AuditConfig": "unlearning.audit",
-         "run_audit": "unlearning.audit", "FineTuneConfig": "grafting.finetune"}
+         "run_audit": "unlearning.audit", "FineTuneConfig": "grafting.finetune",
+         "ExpertDeactivator": "unlearning.experts", "ExpertHook": "core.moe_hooks",
+         "RouterHook": "core.moe_hooks"}
 
 __all__ = ["Architecture", "ModelAdapter", "register_architecture", "supported_architectures",
            "SkillLensError", "LoadedModel", "load_model", "model_fingerprint", "__version__",
