@@ -27,7 +27,10 @@ _LAZY = {"NeuronAdjuster": "unlearning.neuron_adjust", "KeySpaceDetector": "unle
          "SelectivePruner": "unlearning.selective_pruning", "GraftLocalizer": "grafting.localizer",
          "evaluate": "eval.evaluation", "AuditConfig": "unlearning.audit",
          "run_audit": "unlearning.audit", "FineTuneConfig": "grafting.finetune",
-         "show_neuron": "core.neuron_view", "NeuronView": "core.neuron_view"}
+         "show_neuron": "core.neuron_view", "NeuronView": "core.neuron_view",
+
+         "ExpertDeactivator": "unlearning.experts", "ExpertHook": "core.moe_hooks",
+         "RouterHook": "core.moe_hooks"}
 
 __all__ = ["Architecture", "ModelAdapter", "register_architecture", "supported_architectures",
            "SkillLensError", "LoadedModel", "load_model", "model_fingerprint", "__version__",

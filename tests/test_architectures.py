@@ -216,10 +216,18 @@ def test_a_wrong_norm_offset_declaration_is_refused():
         ModelAdapter(lm.model, wrong).norm_scale()
 
 
-def test_moe_models_are_refused_as_a_separate_feature():
-    with pytest.raises(UnknownArchitectureError, match="mixture-of-experts") as e:
-        _tiny("mixtral")
+def test_moe_models_get_per_expert_sites():
+    """Issue 23: MoE models open with per-expert sites (core/moe.py); the dense discovery
+    still refuses them with a pointer there."""
+    from skilllens.core.coverage import check_type
+    from skilllens.core.moe import MoeAdapter
+
+    lm = _tiny("mixtral")
+    assert isinstance(lm.adapter, MoeAdapter) and lm.adapter.moe_layers == [0, 1]
+    with pytest.raises(UnknownArchitectureError, match="MoeAdapter") as e:
+        ModelAdapter(lm.model)
     assert "fc1" not in str(e.value)
+    assert check_type("mixtral", lm.model)["status"] == "supported"
 
 
 def test_dead_fields_are_mended():
@@ -273,4 +281,5 @@ def test_info_architectures_prints_the_table_rows_of_docs(capsys):
     doc = (Path(__file__).resolve().parents[1] / "docs" / "ARCHITECTURES.md").read_text()
     rows = [line for line in out.splitlines() if line.startswith("| `")]
     assert len(rows) == 3 and all(row in doc.splitlines() for row in rows)
-    assert "| `phi3` | supported |" in out and "| `mixtral` | refused |" in out
+    assert "| `phi3` | supported |" in out
+    assert "| `mixtral` | supported | mixture of experts" in out  # issue 23: per-expert sites

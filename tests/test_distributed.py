@@ -26,8 +26,10 @@ def _worker(rank, world, port, out, extra=None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        res = skilllens.collect("tiny-llama", TEXTS, sites=["gate", "key"], batch_size=3,
-                                rank=rank, world_size=world, progress=False, **(extra or {}))
+        extra = dict(extra or {})
+        res = skilllens.collect(extra.pop("model", "tiny-llama"), TEXTS,
+                                sites=extra.pop("sites", ["gate", "key"]), batch_size=3,
+                                rank=rank, world_size=world, progress=False, **extra)
         if res.vectors:  # safetensors, not torch.save/pickle (project rule)
             save_file({f"{s}.{l}": v.contiguous() for (s, l), v in res.vectors.items()},
                       out + f".vec{rank}")
@@ -51,6 +53,23 @@ def test_two_process_gloo_merge_equals_single_process(tmp_path):
         # other batch compositions change activations only by float32 rounding
         torch.testing.assert_close(merged[k].min, single[k].min, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(merged[k].max, single[k].max, rtol=1e-5, atol=1e-6)
+
+
+def test_two_process_gloo_merge_of_expert_statistics(tmp_path):
+    """Mixture of experts: each rank's per-expert statistics (each expert saw other tokens)
+    merge through all_merge to the single-process counts."""
+    out = str(tmp_path / "moe.safetensors")
+    extra = {"model": "tiny-mixtral", "sites": ["key", "routing"],
+             "stats": ("moments", "positive")}
+    mp.start_processes(_worker, args=(2, _free_port(), out, extra), nprocs=2,
+                       start_method="spawn")
+    merged = skilllens.StatsCollection.load(out)
+    single = skilllens.collect("tiny-mixtral", TEXTS, sites=["key", "routing"], batch_size=3,
+                               stats=("moments", "positive"), progress=False)
+    for k in single.keys():
+        assert torch.equal(merged[k].count, single[k].count)
+        torch.testing.assert_close(merged[k].mean, single[k].mean, rtol=1e-5, atol=1e-6)
+    assert torch.equal(merged["routing", 1].frac_pos, single["routing", 1].frac_pos)
 
 
 def _bad_worker(rank, world, port, out):

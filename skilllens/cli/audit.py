@@ -25,7 +25,8 @@ def add_parser(sub):
     p.add_argument("--retain", default=",".join(d.retain),
                    help=f"comma-separated skills to keep (default: {','.join(d.retain)})")
     p.add_argument("--methods", default=",".join(d.methods),
-                   help="comma-separated subset of ksd,na,sp (default: all)")
+                   help="comma-separated subset of ksd,na,sp (default: all); experts "
+                   "(routing away from the skill's experts) is added on MoE models")
     p.add_argument("--probe-items", type=int, default=d.probe_items,
                    help=f"probe (fitting) items per skill (default: {d.probe_items})")
     p.add_argument("--eval-items", type=int, default=d.eval_items,

@@ -21,7 +21,8 @@ def add_parser(sub):
     p.add_argument("--part", default="all", choices=["all", "probe", "eval"],
                    help="which items of --data: all (default: every item given), or the probe or "
                         "eval part of its probe/eval split")
-    p.add_argument("--site", default="gate", help="gate, up or key (comma-separated for several)")
+    p.add_argument("--site", default="gate", help="gate, up or key (comma-separated for several; "
+                   "mixture-of-experts models also router, routing)")
     p.add_argument("--layers", default="all", help="all, or comma-separated indices (-1 = last)")
     p.add_argument("--tokens", default="all", choices=["all", "last", "answer"])
     p.add_argument("--backend", default="torch", choices=["torch", "lens", "nnsight"])

@@ -30,6 +30,18 @@ def _down(lm, layer: int):
     return ad._module(layer, ad.arch.value)
 
 
+def value_column(lm, layer: int, index: int) -> torch.Tensor:
+    """Writable view ``[d_model]`` of value vector ``index`` of ``layer``; on a
+    mixture-of-experts layer a view into its expert's ``down_proj`` (``core/moe.py``)."""
+    info = getattr(lm.adapter, "moe_layer", lambda _: None)(layer)
+    if info is None:
+        return lm.adapter.value_vectors(layer)[index]
+    from skilllens.core.moe import split_index
+
+    ((expert, (_, local)),) = split_index(info.widths, torch.tensor([index])).items()
+    return info.expert_value_vectors(expert)[int(local[0])]
+
+
 def value_vector(lm, layer: int, index: int) -> torch.Tensor:
     """A detached copy of value vector ``index`` of ``layer``: ``[d_model]``."""
     layer, index = check_index(lm, layer, index)
@@ -69,15 +81,15 @@ class ColumnEdit:
         """Write the edit into ``lm``; restore the original weights exactly on exit."""
         self._check_fitted()
         layer, index = check_index(lm, self.layer, self.index)
-        view = lm.adapter.value_vectors(layer)
-        saved = view[index].detach().clone()
+        col = value_column(lm, layer, index)
+        saved = col.detach().clone()
         try:
             with torch.no_grad():
-                view[index].copy_(self.new_vector_.to(view.device, view.dtype))
+                col.copy_(self.new_vector_.to(col.device, col.dtype))
             yield lm
         finally:
             with torch.no_grad():
-                view[index].copy_(saved)
+                col.copy_(saved)
 
     def _meta(self) -> dict:
         return {"layer": self.layer, "index": self.index}
@@ -150,7 +162,8 @@ class ConceptAblation(ColumnEdit):
     def fit(self, lm, fingerprint: bool = True) -> "ConceptAblation":
         """Compute the edit from the model's current weights (a copy; the model is unchanged).
         ``fingerprint=False`` skips hashing the weights (only needed to :meth:`save` it)."""
-        self.layer, self.index = check_index(lm, self.layer, self.index)
+        self.layer, self.index = check_index(lm, self.layer, self.index,
+                                             "projection" if self.method == "project" else None)
         v = value_vector(lm, self.layer, self.index)
         self.original_ = v.clone()
         if self.method == "noise":
@@ -176,7 +189,7 @@ class ConceptAblation(ColumnEdit):
                 yield lm
             return
         self._check_fitted()
-        layer, _ = check_index(lm, self.layer, self.index)
+        layer, _ = check_index(lm, self.layer, self.index, "projection")
         down = _down(lm, layer)
         view = lm.adapter.value_vectors(layer)
         bias = getattr(down, "bias", None)

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 
 from tqdm.auto import tqdm
 
-from skilllens.errors import DataError
+from skilllens.errors import DataError, SiteError
 from skilllens.concepts.ablation import METHODS as ABLATIONS
 from skilllens.concepts.data import Concept
 from skilllens.concepts.fastscore import EditJob
@@ -295,6 +295,10 @@ def run_concepts(lm, concepts: list[Concept], settings: ExperimentSettings | Non
     s = (settings or ExperimentSettings()).check()
     if not concepts:
         raise DataError("no concepts given")
+    if getattr(lm.adapter, "moe_layers", None):
+        raise SiteError("the concept experiment (batched ablation scoring, attribution) does "
+                        "not support mixture-of-experts models yet; ConceptSearch and "
+                        "ConceptAblation (noise/zero) work on expert value vectors directly")
     t0 = time.perf_counter()
     if search is None and s.n_candidates:
         search = ConceptSearch(k=s.k_search, n_candidates=s.n_candidates).fit(lm, concepts,

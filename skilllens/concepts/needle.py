@@ -43,7 +43,7 @@ class Needle(ColumnEdit):
 
     def fit(self, lm, concept: Concept | str, progress: bool = False) -> "Needle":
         text = concept.text if isinstance(concept, Concept) else str(concept)
-        self.layer, self.index = check_index(lm, self.layer, self.index)
+        self.layer, self.index = check_index(lm, self.layer, self.index, "Needle")
         model, ad = lm.model, lm.adapter
         weight = ad.value_weight(self.layer)
         view = ad.value_vectors(self.layer)

@@ -21,10 +21,17 @@ def _adapter(lm):
     return lm.adapter if hasattr(lm, "adapter") else lm
 
 
-def check_index(lm, layer: int, index: int) -> tuple[int, int]:
-    """Validate a (layer, neuron index) pair; negative layers count from the end."""
+def check_index(lm, layer: int, index: int, what: str | None = None) -> tuple[int, int]:
+    """Validate a (layer, neuron index) pair; negative layers count from the end. On a
+    mixture-of-experts layer ``index`` is a flattened expert neuron (``core/moe.py``); ``what``
+    names an edit that does not support expert value vectors (refused there)."""
     ad = _adapter(lm)
     layer = ad.check_layers([layer])[0]
+    moe = getattr(ad, "moe_layer", None)
+    if what is not None and moe is not None and moe(layer) is not None:
+        raise SiteError(f"layer {layer} is a mixture-of-experts layer: {what} of expert value "
+                        f"vectors is not supported yet (noise and zero ablation and concept "
+                        f"search are); pick a dense layer")
     d_ff = ad.d_ff_at(layer)
     if not 0 <= int(index) < d_ff:
         raise SiteError(f"value index {index} is out of range: layer {layer} has {d_ff} value "

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from skilllens.core.architectures import ModelAdapter
+from skilllens.core.moe import adapter_for
 from skilllens.core.fingerprint import (_VOLATILE, FINGERPRINT_SCHEME, STRUCTURE,
                                         fingerprints_match, model_fingerprint)
 from skilllens.core.loaded_model import LoadedModel
@@ -99,7 +99,7 @@ def _legacy_id(model) -> str:
 
 
     m, ad = (model.model, model.adapter) if isinstance(model, LoadedModel) else (model, None)
-    ad = ad or ModelAdapter(m)
+    ad = ad or adapter_for(m)
 
     def digest(t):
         flat = t.detach().reshape(-1)

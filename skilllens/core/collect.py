@@ -25,7 +25,8 @@ from skilllens.errors import ArtifactError, DataError, SiteError
 from skilllens.core.hooks import Hook, run_with_hooks
 from skilllens.core.loaded_model import eval_mode
 from skilllens.core.models import load_model
-from skilllens.core.tokenizers import pad_id
+from skilllens.core.moe import ROUTER_SITES, layer_experts_meta
+from skilllens.core.moe_collect import is_moe_key, moe_plan
 from skilllens.stats.neuron_stats import DEFAULT_STATS, NeuronStats
 
 
@@ -57,7 +58,8 @@ class StatsCollection:
         """``[n_layers_collected, d]`` tensor of one statistic (float64) over the site's layers.
 
         Layers with fewer neurons than the widest (a per-layer ``d_ff``, Gemma-4's double-wide
-        MLP) are padded with NaN, which every selection ranks last."""
+        MLP, dense layers of a mixture-of-experts model) are padded with NaN, which every
+        selection ranks last."""
         layers = self.layers(site)
         if not layers:
             raise SiteError(f"site {site!r} was not collected; collected: {sorted(self.stats)}")
@@ -167,8 +169,10 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
         raise DataError(f"unknown token selection {tokens!r}; use one of {TOKEN_MODES}")
     sites = [sites] if isinstance(sites, str) else list(sites)
     if not sites:
-        raise SiteError("no sites given; choose from gate, up, key")
+        raise SiteError("no sites given; choose from gate, up, key (MoE: also router, routing)")
     for s in sites:
+        if s in ROUTER_SITES and not hasattr(adapter, "layers_info"):
+            raise SiteError(f"site {s!r} exists on mixture-of-experts models only")
         adapter.arch.site(s)
     layers = adapter.check_layers(layers)
     skill = resolve_skills(data, data_dir, part).head(max_items)  # all items unless asked
@@ -191,9 +195,20 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
     meta = {"model": lm.name, "fingerprint": fp, "data": skill.name, "data_source": skill.source,
             "data_hash": skill.digest(), "n_items": len(skill), "data_part": skill.describe(), "args": args,
             "max_length": used_length, "n_truncated": n_truncated, "n_merged_boundary": n_merged}
+    experts_meta = layer_experts_meta(adapter, layers)
+    if experts_meta:  # flat neuron j of a MoE layer = neuron j - offsets[e] of expert e
+        meta["experts"] = experts_meta
     result = StatsCollection({}, meta)
-    collected = {k: NeuronStats(adapter.d_ff_at(k[1]), stats, bins, hist_range,
-                                backend=stats_backend) for k in keys}  # d_ff may vary per layer
+    current: dict = {}
+    stats_args = dict(stats=stats, bins=bins, hist_range=hist_range, backend=stats_backend)
+    moe_keys = [k for k in keys if is_moe_key(adapter, k)]
+    if moe_keys and world_size > 1 and "histogram" in stats and hist_range is None:
+        raise SiteError("data-parallel histograms at mixture-of-experts sites need a common "
+                        "range: pass hist_range=(lo, hi)")
+    collected, moe_hooks, moe_finish = moe_plan(adapter, moe_keys, stats_args, current,
+                                                store_keys)
+    collected.update({k: NeuronStats(adapter.d_ff_at(k[1]), **stats_args) for k in keys
+                      if k not in collected})  # d_ff may vary per layer
     done, n_tokens = 0, 0
     buffers: dict[tuple[str, int], list[torch.Tensor]] = {k: [] for k in store_keys}
     item_rows: list[torch.Tensor] = []
@@ -204,7 +219,10 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
         if ck_meta.get("args_hash") == ckpt_hash:
             tensors, _ = load_artifact(checkpoint, kind="checkpoint")
             for k, st in StatsCollection.from_state(tensors, {}).stats.items():
-                collected[k] = st
+                if k in moe_keys:  # the hooks hold the per-expert objects: merge into them
+                    collected[k].merge(st)
+                else:
+                    collected[k] = st
             done, n_tokens = ck_meta["batches_done"], ck_meta["n_tokens"]
             vec["shards"] = ck_meta.get("vector_shards", 0)
             _load_vector_shards(checkpoint, vec["shards"], buffers, item_rows)
@@ -215,7 +233,6 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
     for st in collected.values():
         for c in st.components:
             c.to(device)
-    current: dict = {}
 
     def checkpoint_now():
         _save_vector_shard(checkpoint, vec, buffers, item_rows, fp)
@@ -231,7 +248,8 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
                 buffers[key].append(act[mask].detach().to(torch.float32))
         return fn
 
-    hooks = [Hook(s, l, make_hook((s, l))) for (s, l) in keys]
+    hooks = [Hook(s, l, make_hook((s, l))) for (s, l) in keys if (s, l) not in moe_keys]
+    hooks += moe_hooks
     total = n_batches(len(encoded), batch_size)
     if world_size > 1 and hist_range is None and "histogram" in stats:
         _agree_histogram_ranges(lm, collected, encoded, batch_size, tokens, backend)
@@ -251,6 +269,8 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
                 item_rows.append(torch.repeat_interleave(batch.index, rows).cpu())
             run_with_hooks(lm, batch.inputs, hooks, backend=backend,
                            stop_after_last=(backend == "torch"), use_cache=False)
+            for k, rows in moe_finish(current["mask"]).items():
+                buffers[k].append(rows)
             n_tokens += batch.n_tokens
             done = b + 1
             bar.update(1)
@@ -275,7 +295,7 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
         perm = torch.argsort(order, stable=True)
         result.vector_items = order[perm]
         for k, chunks in buffers.items():
-            d = adapter.d_ff_at(k[1])
+            d = collected[k].d
             vec = torch.cat(chunks).cpu() if chunks else torch.zeros(0, d)
             result.vectors[k] = vec[perm]
         if store_dir is not None:

@@ -61,7 +61,11 @@ def check_type(model_type: str, model=None) -> dict:
     except Exception as e:  # noqa: BLE001 - transformers' own config errors
         return {"model_type": model_type, "status": "untested",
                 "how": _short(f"{type(e).__name__}: {e}")}
+    from skilllens.core.moe import is_moe
+
     try:
+        if is_moe(model):
+            return _check_moe(model_type, model)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ad = ModelAdapter(model)
@@ -71,6 +75,42 @@ def check_type(model_type: str, model=None) -> dict:
         return {"model_type": model_type, "status": "refused", "how": _short(reason, 220)}
     src = "built-in" if _registered(model_type) is not None else "discovered"
     return {"model_type": model_type, "status": "supported", "how": f"{src}: {_how(ad)}"}
+
+
+def _check_moe(model_type: str, model) -> dict:
+    """A MoE model is supported when the per-expert loop with read hooks on every expert and
+    router reproduces the model's own logits (one forward pass on random tokens)."""
+    import torch
+
+    from skilllens.core.hooks import run_with_hooks
+    from skilllens.core.moe_hooks import ExpertHook, RouterHook
+
+    from skilllens.core.moe import MoeAdapter
+
+    ids = {"input_ids": torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(0))}
+    try:
+        ad = MoeAdapter(model)
+        hooks = [h for l in ad.moe_layers for h in
+                 [RouterHook(l, lambda r: None)] + [ExpertHook("key", l, e, lambda a: None)
+                                                    for e in range(len(ad.layers_info[l].widths))]]
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ad.model.eval()
+            ref = ad.model(**ids).logits
+            out = run_with_hooks(ad, ids, hooks).logits
+    except UnknownArchitectureError as e:
+        return {"model_type": model_type, "status": "refused", "how": _short(str(e), 220)}
+    except Exception as e:  # noqa: BLE001 - any failure of the per-expert path refuses it
+        return {"model_type": model_type, "status": "refused",
+                "how": _short(f"mixture of experts: the per-expert path failed "
+                              f"({type(e).__name__}: {e})", 220)}
+    if not torch.allclose(out, ref, rtol=1e-3, atol=1e-4):
+        return {"model_type": model_type, "status": "refused",
+                "how": "mixture of experts: the per-expert loop does not reproduce the logits"}
+    info = ad.layers_info[ad.moe_layers[0]].describe()
+    return {"model_type": model_type, "status": "supported",
+            "how": f"mixture of experts: {info['n_experts']} experts, top-{info['top_k']}, "
+                   f"{info['n_shared']} shared (per-expert sites, verified)"}
 
 
 def coverage(types=None, progress: bool = False) -> list[dict]:

@@ -231,8 +231,9 @@ def discover(model: nn.Module) -> dict:
         experts = moe_experts(block)
         if experts:
             raise UnknownArchitectureError(
-                f"{mt!r} is a mixture-of-experts model (layer {i} has {experts!r}): MoE FFN sites "
-                f"(per expert) are a separate feature; dense FFNs only here")
+                f"{mt!r} is a mixture-of-experts model (layer {i} has {experts!r}): its per-expert "
+                f"sites need skilllens.core.moe.MoeAdapter (load_model and adapter_for pick it "
+                f"for fused transformers-5 experts); dense FFNs only here")
     ffn = [(n, m) for n, m in blocks[0].named_modules() if n and not _has(n, _NOT_FFN)]
     shapes = {n: s for n, m in ffn if (s := linear_shape(m)) is not None}
     downs = [n for n, (i, o, _) in shapes.items() if o == d_model and i != d_model]

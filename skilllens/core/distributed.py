@@ -54,6 +54,8 @@ def all_merge(col: StatsCollection, group=None) -> StatsCollection:
                              "stats (only rank/world_size differ)")
     merged: dict = {}
     for key, st in sorted(col.stats.items()):
+        if hasattr(st, "flat"):  # per-expert statistics of a MoE layer: their flat, exact form
+            st = st.flat()
         state = st.state_dict()
         gathered = {}
         for name, t in state.items():

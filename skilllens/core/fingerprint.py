@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from skilllens.core.architectures import ModelAdapter
+from skilllens.core.moe import adapter_for
 from skilllens.errors import ModelSpecError
 
 #: 2: SHA-256 of every parameter (1: a bf16-rounded sample of three tensors, retired: it could
@@ -100,7 +101,7 @@ def model_fingerprint(model: nn.Module, adapter: ModelAdapter | None = None,
     was cast from: see :func:`fingerprints_match`. Cost: one SHA-256 pass over the weights
     (plus one over their bfloat16 rounding for non-bf16 models), ~1 GB/s per CPU core.
     """
-    adapter = adapter or ModelAdapter(model)
+    adapter = adapter or adapter_for(model)
     key = _weights_key(model)
     hit = None if refresh else _DIGESTS.get(model)
     if hit is None or hit[0] != key:

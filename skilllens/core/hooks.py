@@ -11,6 +11,11 @@ activation ``[batch, seq, d_ff]`` and may return a replacement (an edit) or ``No
   :class:`~skilllens.errors.SiteError`.
 * ``nnsight``: an ``nnsight.NNsight`` trace over the same modules (also on a view).
 
+Mixture-of-experts layers have per-expert sites: pass
+:class:`~skilllens.core.moe_hooks.ExpertHook` (one expert's ``[n_routed, f]`` activations) and
+:class:`~skilllens.core.moe_hooks.RouterHook` objects in the same lists (``torch`` backend only;
+``lens`` and ``nnsight`` refuse MoE models).
+
 >>> import torch, skilllens
 >>> from skilllens.core.hooks import Hook, run_with_hooks
 >>> lm = skilllens.load_model("tiny-llama")
@@ -33,8 +38,10 @@ from typing import Callable
 
 import torch
 
-from skilllens.core.architectures import ACTIVATION_SITES, LENS_HOOKS, PARTS, ModelAdapter
+from skilllens.core.architectures import ACTIVATION_SITES, LENS_HOOKS, PARTS
 from skilllens.core.loaded_model import LoadedModel
+from skilllens.core.moe import MoeAdapter, adapter_for
+from skilllens.core.moe_hooks import ExpertHook, RouterHook, moe_hooks_applied
 from skilllens.errors import SiteError
 
 BACKENDS = ("torch", "lens", "nnsight")
@@ -65,7 +72,11 @@ def _adapter(lm):
         return lm.adapter
     if hasattr(lm, "blocks") and hasattr(lm, "arch"):
         return lm
-    return ModelAdapter(lm)
+    return adapter_for(lm)
+
+
+def _is_moe_hook(h) -> bool:
+    return isinstance(h, (ExpertHook, RouterHook))
 
 
 def check_hooks(adapter, hooks: list[Hook], backend: str = "torch") -> list[Hook]:
@@ -73,12 +84,16 @@ def check_hooks(adapter, hooks: list[Hook], backend: str = "torch") -> list[Hook
     if backend not in BACKENDS:
         raise SiteError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     order = {s: i for i, s in enumerate(ACTIVATION_SITES)}
+    moe = [h for h in hooks if _is_moe_hook(h)]
+    if backend != "torch" and (moe or isinstance(adapter, MoeAdapter)):
+        raise SiteError(f"the {backend!r} backend does not support mixture-of-experts models "
+                        f"(it sees a MoE block's input and output only); use backend='torch'")
     out = []
-    for h in hooks:
+    for h in (h for h in hooks if not _is_moe_hook(h)):
         adapter.arch.site(h.site)  # raises for unknown / absent sites
         layer = adapter.check_layers([h.layer])[0]
         out.append(Hook(h.site, layer, h.fn))
-    return sorted(out, key=lambda h: (h.layer, order[h.site]))
+    return sorted(out, key=lambda h: (h.layer, order[h.site])) + moe
 
 
 def _split(act: torch.Tensor, part: str | None):
@@ -124,15 +139,24 @@ def hooks_applied(lm, hooks: list[Hook], stop_after_last: bool = False):
     """
     adapter = _adapter(lm)
     hooks = check_hooks(adapter, hooks, "torch")
+    moe = [h for h in hooks if _is_moe_hook(h)]
+    hooks = [h for h in hooks if not _is_moe_hook(h)]
     handles = []
     fired: set[int] = set()  # hooks that ran in the current forward pass
+    stop_dense, stop_layer = stop_after_last and bool(hooks), None
+    if moe and stop_after_last:  # MoE hooks run inside a block: stop after the block instead
+        stop_layer = max(adapter.check_layers([h.layer])[0] for h in moe)
+        if hooks and max(h.layer for h in hooks) > stop_layer:
+            stop_layer = None
+        else:
+            stop_dense = False
     flat = bool(getattr(adapter.arch, "flat_tokens", False))
     leads: dict[int, tuple] = {}
 
     def wrap(h: Hook, where: str, part):
         def call(act):
             new = site_call(h.fn, act, part, leads.get(h.layer) if flat else None)
-            if stop_after_last:
+            if stop_dense:
                 fired.add(id(h))
                 if len(fired) == len(hooks):
                     raise StopForward
@@ -154,7 +178,7 @@ def hooks_applied(lm, hooks: list[Hook], stop_after_last: bool = False):
         return pre
 
     try:
-        if stop_after_last and hooks:  # a new forward pass starts with no hook fired
+        if stop_dense:  # a new forward pass starts with no hook fired
             handles.append(adapter.model.register_forward_pre_hook(lambda *_: fired.clear()))
         if flat:
             for layer in sorted({h.layer for h in hooks}):
@@ -167,7 +191,10 @@ def hooks_applied(lm, hooks: list[Hook], stop_after_last: bool = False):
                 handles.append(mod.register_forward_hook(fn))
             else:
                 handles.append(mod.register_forward_pre_hook(fn))
-        yield adapter
+        with contextlib.ExitStack() as stack:
+            if moe or stop_layer is not None:
+                stack.enter_context(moe_hooks_applied(adapter, moe, stop_layer, StopForward()))
+            yield adapter
     finally:
         for handle in handles:
             handle.remove()

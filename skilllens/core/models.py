@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from skilllens.core.architectures import ModelAdapter
+from skilllens.core.moe import adapter_for
 from skilllens.core.loaded_model import LoadedModel, check_in_memory  # noqa: F401 (re-export)
 from skilllens.core.cache import cache_dir
 from skilllens.errors import ModelSpecError
@@ -30,7 +30,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 def _tiny_configs():
     from transformers import (BertConfig, GemmaConfig, GPT2Config, GPTNeoXConfig, LlamaConfig,
-                              MistralConfig, OlmoConfig, Qwen2Config, RobertaConfig)
+                              MistralConfig, MixtralConfig, OlmoConfig, Qwen2Config,
+                              RobertaConfig)
     from skilllens.core.tokenizers import BYTE_VOCAB_SIZE as V
 
     llama = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -39,6 +40,9 @@ def _tiny_configs():
     return {
         "tiny-llama": lambda: LlamaConfig(**llama),
         "tiny-mistral": lambda: MistralConfig(**llama),
+        # mixture of experts: 4 experts of 32 neurons, top-2 routing (see core/moe.py)
+        "tiny-mixtral": lambda: MixtralConfig(**{**llama, "intermediate_size": 32},
+                                              num_local_experts=4, num_experts_per_tok=2),
         "tiny-qwen2": lambda: Qwen2Config(**llama),
         "tiny-gemma": lambda: GemmaConfig(**llama, head_dim=8),
         "tiny-olmo": lambda: OlmoConfig(**llama),
@@ -59,6 +63,8 @@ def _tiny_configs():
 
 TINY_MODELS = ("tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-gemma", "tiny-olmo", "tiny-gpt2",
                "tiny-neox", "tiny-bert", "tiny-roberta")
+#: tiny mixture-of-experts models (per-expert sites; see core/moe.py)
+TINY_MOE_MODELS = ("tiny-mixtral",)
 
 
 def _tiny(name: str) -> nn.Module:
@@ -201,7 +207,7 @@ def _pair(spec, device, dtype, device_map) -> LoadedModel:
         model.to(dtype=_dtype(dtype))
     if not isinstance(device, _Default) and resolve_device(device) is not None:
         model.to(resolve_device(device))
-    return LoadedModel(model, tok, ModelAdapter(model), name)
+    return LoadedModel(model, tok, adapter_for(model), name)
 
 
 def load_model(spec=DEFAULT_MODEL, device: str | torch.device | None = AS_GIVEN_DEVICE,
@@ -209,7 +215,7 @@ def load_model(spec=DEFAULT_MODEL, device: str | torch.device | None = AS_GIVEN_
     """Load a model and return ``LoadedModel`` (unpacks as ``model, tokenizer, adapter``).
 
     ``spec``: ``"smollm2-135m"`` (embedded, default), a tiny test model (``"tiny-llama"``,
-    ``"tiny-gpt2"``, ... see ``TINY_MODELS``), a local folder, a ``.gguf`` file, a hub id
+    ``"tiny-gpt2"``, ... see ``TINY_MODELS``; ``"tiny-mixtral"``: mixture of experts), a local folder, a ``.gguf`` file, a hub id
     (``HF_HUB_OFFLINE=1`` is respected), a ``(model, tokenizer)`` pair or a ``LoadedModel``.
     ``device``: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda:1"`` ..., or
     ``None`` to leave the model where it is. ``dtype``: ``"float32"``, ``"bfloat16"``,
@@ -232,7 +238,7 @@ def load_model(spec=DEFAULT_MODEL, device: str | torch.device | None = AS_GIVEN_
     device = "auto" if isinstance(device, _Default) else device
     if spec is None:
         spec = DEFAULT_MODEL
-    if spec in TINY_MODELS:
+    if spec in TINY_MODELS + TINY_MOE_MODELS:
         from skilllens.core.tokenizers import byte_tokenizer
         model, tok, name = _tiny(spec), byte_tokenizer(), spec
     elif spec in (DEFAULT_MODEL, "smollm2", "smollm2-135m-instruct"):
@@ -254,7 +260,8 @@ def load_model(spec=DEFAULT_MODEL, device: str | torch.device | None = AS_GIVEN_
             offline = os.environ.get("HF_HUB_OFFLINE") == "1"
             raise ModelSpecError(
                 f"cannot load model {spec!r}: not a built-in name ({DEFAULT_MODEL}, "
-                f"{', '.join(TINY_MODELS)}), a local folder, a .gguf file, or a reachable hub id"
+                f"{', '.join(TINY_MODELS + TINY_MOE_MODELS)}), a local folder, a .gguf file, "
+                f"or a reachable hub id"
                 + (" (HF_HUB_OFFLINE=1 is set)" if offline else "")
                 + f". Underlying error: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
             ) from None
@@ -265,4 +272,6 @@ def load_model(spec=DEFAULT_MODEL, device: str | torch.device | None = AS_GIVEN_
         if device is not None:
             model = model.to(device)
     model.eval()  # skilllens made this model: nobody else holds it
-    return LoadedModel(model, tok, ModelAdapter(model), name)
+    return LoadedModel(model, tok, adapter_for(model), name)
+
+

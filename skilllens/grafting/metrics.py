@@ -112,6 +112,22 @@ def mask_location(masks: dict) -> dict:
             "by_layer_type": {k: table[k] for k in sorted(table)}}
 
 
+def expert_location(masks: dict) -> dict:
+    """Mixture-of-experts models: mask entries per expert, ``{layer: {expert: n}}``, from the
+    3-D fused expert parameters (``...experts.gate_up_proj [E, ...]``, ``down_proj`` and
+    their biases; the first axis is the expert)."""
+    out: dict = {}
+    for n, m in masks.items():
+        if ".experts." not in n or m.dim() < 2:
+            continue
+        layer = layer_of(n)
+        per = m.reshape(m.shape[0], -1).sum(1).tolist()
+        row = out.setdefault(-1 if layer is None else layer, {})
+        for e, c in enumerate(per):
+            row[e] = row.get(e, 0) + int(c)
+    return {k: out[k] for k in sorted(out)}
+
+
 # ---------------------------------------------------------------- figures
 
 def _plt():

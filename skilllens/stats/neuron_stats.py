@@ -151,7 +151,10 @@ class NeuronStats:
             self.histogram.update_partials(p)
 
     def merge(self, other: "NeuronStats") -> "NeuronStats":
-        """Exact merge (same statistics and, for histograms, the same range)."""
+        """Exact merge (same statistics and, for histograms, the same range); ``other`` may be
+        the per-expert :class:`~skilllens.stats.experts.ExpertStats` of a MoE layer."""
+        if hasattr(other, "flat"):
+            other = other.flat()
         if other.d != self.d or set(other.stats) != set(self.stats):
             raise SkillLensError(f"cannot merge statistics {other.stats} (d={other.d}) into "
                                  f"{self.stats} (d={self.d})")

@@ -3,7 +3,9 @@
 ``run_audit(AuditConfig(...))`` (CLI: ``skilllens audit``) loads the model, draws disjoint probe
 and evaluation items for the forget skill and each retain skill, scores the unmodified model,
 fits the requested methods on the probe items (``ksd``: Key Space Detection; ``na``: Neuron
-Adjust, one entry per ``na_percent``; ``sp``: Selective Pruning), scores each method, and writes
+Adjust, one entry per ``na_percent``; ``sp``: Selective Pruning; ``experts``: routing away from
+the forget skill's experts, added on mixture-of-experts models together with per-skill routing
+statistics in ``results["experts"]``), scores each method, and writes
 ``results.json``, figures (PNG + SVG, drawn from ``results.json``), ``report.md`` and
 ``report.html`` into ``out``.
 
@@ -31,8 +33,10 @@ import torch
 from skilllens.errors import SkillLensError
 from skilllens.unlearning.language_matrix import run_language_matrix  # noqa: F401  (public here)
 from skilllens.unlearning.parts import skill_parts, with_abstention  # noqa: F401
+from skilllens.unlearning.experts import expert_method, expert_report
 
-METHODS = ("ksd", "na", "sp")
+METHODS = ("ksd", "na", "sp", "experts")
+DEFAULT_METHODS = ("ksd", "na", "sp")  # + "experts", added on mixture-of-experts models
 DEFAULT_FORGET = "gsm8k"
 DEFAULT_RETAIN = ("humaneval", "xquad-en", "mmlu-redux")
 ABSTENTION_RULE = ("an abstained item counts in every mean: score 0 (token accuracy and "
@@ -46,7 +50,7 @@ class AuditConfig:
     model: str = "smollm2-135m"
     forget: str = DEFAULT_FORGET
     retain: list[str] = field(default_factory=lambda: list(DEFAULT_RETAIN))
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     probe_items: int = 48
     eval_items: int = 24
     out: str = "audit"
@@ -212,10 +216,15 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
     if "sp" in cfg.methods:
         fitters.append(("sp", SelectivePruner(percent=cfg.sp_percent, batch_size=cfg.batch_size,
                                               max_length=cfg.max_length)))
+    moe = bool(getattr(lm.adapter, "moe_layers", None))
+    if "experts" in cfg.methods or moe:
+        fitters.append(("experts", expert_method(lm, cfg)))
     if fitters:
         retain_probe = combine_skills([parts[s][0] for s in cfg.retain])
-        kw = dict(sites=["gate", "key"], tokens="all", batch_size=cfg.batch_size,
-                  max_length=cfg.max_length, stats=("moments", "abs"), progress=cfg.progress)
+        kw = dict(sites=["gate", "key"] + (["routing"] if moe else []), tokens="all",
+                  batch_size=cfg.batch_size,
+                  max_length=cfg.max_length, progress=cfg.progress,
+                  stats=("moments", "abs") + (("positive",) if moe else ()))
         fs, rs = timed("probe_statistics", lambda: (collect(lm, parts[cfg.forget][0], **kw),
                                                     collect(lm, retain_probe, **kw)))
         for name, method in fitters:
@@ -233,7 +242,10 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
             entry = {s: _score_entry(v) for s, v in scores.items()}
             methods[name] = {"params": method.get_params(), "scores": entry,
                              "relative": _relative(entry, results["baseline"], cfg.metric)}
-            results["neurons"][name] = _neuron_summary(method, fs, rs)
+            if name == "experts":
+                results["experts"] = expert_report(lm, method, parts, cfg, fs, rs)
+            else:
+                results["neurons"][name] = _neuron_summary(method, fs, rs)
 
     from skilllens.unlearning.neuron_report import audit_neuron_views
     results["neuron_views"] = timed("neuron_views", lambda: audit_neuron_views(

@@ -2,7 +2,7 @@
 
 ``draw_all(results, folder, formats=("png", "svg"))`` writes whichever figures the results
 support (add ``"pdf"`` on request) and returns their base names: ``relative_performance``,
-``neurons_per_layer``, ``top_neuron_distributions``, ``detector_roc``, ``language_matrix``.
+``neurons_per_layer``, ``top_neuron_distributions``, ``detector_roc``, ``language_matrix``, ``expert_routing`` (mixture-of-experts models).
 ``CAPTIONS[name]`` says what each shows (the report prints it under the figure).
 
 Paper style (:mod:`skilllens.display.style`): the colour-blind-safe Okabe-Ito palette (forget
@@ -195,6 +195,31 @@ def language_matrix(results: dict, folder: Path, method: str | None = None,
     return _save(fig, folder, "language_matrix", formats)
 
 
+def expert_routing(results: dict, folder: Path, formats=FORMATS) -> str | None:
+    """Expert-level localization: per skill, the share of its probe tokens routed to each expert
+    (layers x experts); the experts deactivated for the forget skill are marked."""
+    ex = results.get("experts")
+    if not ex or not ex.get("shares"):
+        return None
+    skills = list(ex["shares"])
+    fig, axes = plt.subplots(1, len(skills), figsize=(1.2 + 2.6 * len(skills), 2.8),
+                             squeeze=False, sharey=True)
+    vmax = max(max(max(r) for r in ex["shares"][s]) for s in skills) or 1.0
+    for ax, s in zip(axes[0], skills):
+        im = ax.imshow(np.array(ex["shares"][s]), aspect="auto", cmap="viridis", vmin=0,
+                       vmax=vmax)
+        for d in ex.get("deactivated", []):
+            ax.scatter([d["expert"]], [ex["layers"].index(d["layer"])], marker="x", c="red", s=40)
+        ax.set_title(f"{s} (forget)" if s == results["forget"] else s, fontsize=9)
+        ax.set_xlabel("expert")
+        ax.set_yticks(range(len(ex["layers"])), ex["layers"])
+    axes[0][0].set_ylabel("layer")
+    fig.colorbar(im, ax=axes[0].tolist(), label="share of tokens routed")
+    fig.suptitle(f"{results['model']}: which experts each skill routes to (x: deactivated)", y=1.04,
+                 fontsize=10)
+    return _save(fig, folder, "expert_routing", formats)
+
+
 def draw_all(results: dict, folder: str | Path, formats=FORMATS) -> list[str]:
     """Every figure ``results`` supports, in ``formats`` (``"pdf"`` too on request)."""
     folder = Path(folder)
@@ -202,5 +227,6 @@ def draw_all(results: dict, folder: str | Path, formats=FORMATS) -> list[str]:
             neurons_per_layer(results, folder, formats),
             top_neuron_distributions(results, folder, formats),
             detector_roc(results, folder, formats), language_matrix(results, folder,
-                                                                    formats=formats)]
+                                                                    formats=formats),
+            expert_routing(results, folder, formats)]
     return [m for m in made if m]

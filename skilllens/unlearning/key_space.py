@@ -7,6 +7,10 @@ smallest scale with every probe vector inside ``m +- k*s`` (binary search on [0,
 against the exact value ``max |v - m| / s``); the cube used is ``m +- alpha*k*s``. A query is in
 the forget skill iff its vector lies inside the cube on every dimension.
 
+On a mixture-of-experts layer the probe is the flattened expert-neuron vector (``MoeAdapter``:
+expert ``e``'s coefficients at offset ``e``), zero for the experts the token was not routed to,
+so the cube also encodes the routing pattern (ARCHITECTURE.md, "Mixture-of-experts models").
+
 Dimensions with ``s == 0`` (every probe vector equal there) cannot scale a cube; they are left
 out of the decision and counted in ``n_degenerate_dims``.
 

@@ -31,6 +31,7 @@ import torch
 from skilllens._compat import DeprecatedAlias
 from skilllens.errors import SkillLensError
 from skilllens.core.hooks import Hook, hooks_applied
+from skilllens.core.moe_collect import neuron_hooks, unseen
 from skilllens.unlearning.selection import (SCOPES, check_percent, check_same_layers,
                                             collect_forget_retain, load_fitted, save_fitted,
                                             top_percent)
@@ -164,6 +165,9 @@ class NeuronAdjuster:
         sd_f = forget_stats.stacked(self.site, "std").clamp(min=self.min_std)
         sd_r = retain_stats.stacked(self.site, "std").clamp(min=self.min_std)
         self.scores_ = selection_scores(mu_f, sd_f, mu_r, sd_r, self.rule, self.divergence)
+        # experts that forget or retain tokens never reached have no Gaussian to map between
+        self.scores_ = self.scores_.masked_fill(unseen(forget_stats, retain_stats, self.site),
+                                                float("nan"))
         picked = top_percent(self.scores_, self.percent, self.scope)
         self.fitted_layers_ = list(layers)
         self.params_ = {layers[r]: _LayerParams(idx, mu_f[r, idx].float(), sd_f[r, idx].float(),
@@ -225,7 +229,13 @@ class NeuronAdjuster:
                 return out
             return fn
 
-        return [Hook(self.site, l, make(p, gens.get(devices[l]))) for l, p in on_device.items()]
+        def part(p, pos, local):  # MoE: the selected neurons of one expert
+            return p if pos is None else _LayerParams(local, *(getattr(p, k)[pos] for k in
+                                                              ("mu_f", "sd_f", "mu_r", "sd_r")))
+
+        return [h for l, p in on_device.items() for h in neuron_hooks(
+            lm.adapter, self.site, l, p.index,
+            lambda pos, local, p=p, g=gens.get(devices[l]): make(part(p, pos, local), g))]
 
     @contextlib.contextmanager
     def applied(self, lm):

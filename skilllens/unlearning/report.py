@@ -79,6 +79,7 @@ def _tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                                                                    base[s]["score"], 2)
                                                    for s in skills]
                             for r in sweep]))
+    tables += _expert_tables(results, skills)
     det = results.get("detector")
     if det:
         dims = ", ".join(f"{d['dim']} ({d['n_rejected']})" for d in det["top_deciding_dims"][:8])
@@ -117,6 +118,35 @@ def _columns_table(results: dict) -> tuple[str, list[str], list[list[str]]]:
     return (f"Forget / other skills / {skill} (relative; {skill}: lm-eval acc (relative), "
             f"chance {mc['chance']:g})", ["state", f"forget ({results['forget']})",
                                           "other skills (mean)", f"{skill} acc"], rows)
+
+
+def _expert_tables(results: dict, skills: list[str]) -> list:
+    """Mixture-of-experts audits: the experts each skill uses most, and expert-level vs
+    neuron-level forgetting on the same skills."""
+    ex = results.get("experts")
+    if not ex:
+        return []
+    rows = []
+    for s in skills:
+        for layer, shares in zip(ex["layers"], ex["shares"].get(s, [])):
+            top = sorted(range(len(shares)), key=lambda e: -shares[e])[:3]
+            rows.append([s, str(layer), ", ".join(f"{e} ({shares[e]:.2f})" for e in top)])
+    cmp_rows = []
+    for m, v in results["methods"].items():
+        if m == "experts":
+            units = f"{ex.get('n_selected', 0)} experts ({ex.get('mode', '')})"
+        elif m in results.get("neurons", {}):
+            units = f"{results['neurons'][m]['n_selected']} neurons"
+        else:
+            continue
+        ret = [v["relative"][s] for s in skills[1:] if v["relative"].get(s) is not None]
+        cmp_rows.append([m, units, _fmt(v["relative"].get(skills[0])),
+                         _fmt(sum(ret) / len(ret) if ret else None)])
+    return [("Experts each skill routes to (share of probe tokens; top 3 per layer)",
+             ["skill", "layer", "experts (share)"], rows),
+            ("Expert-level vs neuron-level forgetting (relative performance; "
+             + "; ".join(ex.get("references", [])) + ")",
+             ["method", "edited", "forget", "retain (mean)"], cmp_rows)]
 
 
 def _calibration_text(params: dict) -> str:

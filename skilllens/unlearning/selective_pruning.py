@@ -25,6 +25,7 @@ from skilllens.core.artifacts import check_fingerprint
 from skilllens._compat import DeprecatedAlias
 from skilllens.errors import SkillLensError
 from skilllens.core.hooks import Hook, hooks_applied
+from skilllens.core.moe_collect import neuron_hooks, unseen
 from skilllens.unlearning.selection import (SCOPES, check_percent, check_same_layers,
                                             collect_forget_retain, load_fitted, save_fitted,
                                             top_percent)
@@ -84,6 +85,10 @@ class SelectivePruner:
         layers = check_same_layers(forget_stats, retain_stats, self.site)
         self.scores_ = pruning_scores(forget_stats.stacked(self.site, "mean_abs"),
                                      retain_stats.stacked(self.site, "mean_abs"), self.eps)
+        # experts the forget tokens never reached are not forget-specific (MoE); experts only
+        # forget tokens reach (no retain count) keep their large ratio
+        self.scores_ = self.scores_.masked_fill(
+            unseen(forget_stats, retain_stats, self.site, need_retain=False), float("nan"))
         picked = top_percent(self.scores_, self.percent, self.scope)
         self.fitted_layers_ = list(layers)
         self.selected_ = {layers[r]: idx for r, idx in picked.items()}
@@ -118,7 +123,8 @@ class SelectivePruner:
                 return out
             return fn
 
-        return [Hook(self.site, l, make(i)) for l, i in on_device.items()]
+        return [h for l, i in on_device.items() for h in neuron_hooks(
+            lm.adapter, self.site, l, i, lambda pos, local, i=i: make(i if pos is None else local))]
 
     @contextlib.contextmanager
     def applied(self, lm):
