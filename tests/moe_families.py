@@ -62,4 +62,5 @@ def tiny_moe(name, **overrides):
         for p in model.parameters():  # some families initialise routers/biases to zero
             if p.abs().sum() == 0 or p.ndim == 3:
                 torch.nn.init.normal_(p, std=0.2)
+    model.eval()  # a passed-in model keeps its mode (PhiMoE's router jitter is train-only)
     return load_model((model, byte_tokenizer()), device="cpu")

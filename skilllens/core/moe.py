@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from skilllens.core.architectures import (ACTIVATION_SITES, Architecture, ModelAdapter, _get)
+from skilllens.core.architectures import (ACTIVATION_SITES, Architecture, ModelAdapter, _get,
+                                          site_root)
 from skilllens.errors import SiteError, UnknownArchitectureError
 
 MOE_BLOCKS = ("mlp", "block_sparse_moe", "feed_forward")
@@ -171,10 +172,11 @@ class MoeAdapter(ModelAdapter):
 
     def __init__(self, model: nn.Module, arch: Architecture | None = None):
         self.model = model
-        self.arch = arch or moe_architecture(getattr(model.config, "model_type", "moe"))
+        self.root, self.root_path = site_root(model)  # the base model under a PEFT wrapper
+        self.arch = arch or moe_architecture(getattr(self.root.config, "model_type", "moe"))
         blocks = None
         for path in self.arch.layers:
-            blocks = _get(model, path)
+            blocks = _get(self.root, path)
             if blocks is not None:
                 self.layers_path = path
                 break

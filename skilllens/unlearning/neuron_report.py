@@ -58,6 +58,9 @@ def audit_neuron_views(lm, fitted: dict, results: dict, skills: dict, per_method
     if per_method <= 0:
         return []
     picks = pick_neurons(fitted, results, per_method, lm.adapter.n_layers)
+    from skilllens.core.moe import MoeAdapter
+    if isinstance(lm.adapter, MoeAdapter):  # expert neurons: dense neuron views do not apply yet
+        picks = [p for p in picks if lm.adapter.moe_layer(p[2]) is None]
     if not picks:
         return []
     views = neuron_views(lm, [(s, l, j) for _, s, l, j, _ in picks], list(skills.values()), k=k,
