@@ -208,18 +208,7 @@ class ModelAdapter:
         self.model = model
         self.root, self.root_path = site_root(model)
         self.arch = arch or architecture_for(self.root.config, self.root)
-        blocks = None
-        for path in self.arch.layers:
-            blocks = _get(self.root, path)
-            if blocks is not None:
-                self.layers_path = path
-                break
-        if blocks is None:
-            raise UnknownArchitectureError(
-                f"{self.arch.name}: none of the layer paths {self.arch.layers} exist on "
-                f"{type(model).__name__}; register an Architecture with the right 'layers' path")
-        self.blocks: nn.ModuleList = blocks
-        self.n_layers = len(blocks)
+        self._bind_blocks()
         # [d_ff, d_model] per layer from the stored weight (a PEFT-wrapped down projection
         # still has its base weight's shape; value_vectors refuses it, sizes do not)
         shapes = [self._value_shape(i) for i in range(self.n_layers)]
@@ -228,6 +217,18 @@ class ModelAdapter:
         self.d_ff = self.d_ffs[0]
         self.d_model = int(shapes[0][1])
         self._norm_checked: float | None | bool = False
+
+    def _bind_blocks(self) -> None:
+        """Set ``blocks``/``layers_path``/``n_layers`` from the first of ``arch.layers`` that
+        exists under ``root``; raises ``UnknownArchitectureError`` when none does."""
+        for path in self.arch.layers:
+            blocks = _get(self.root, path)
+            if blocks is not None:
+                self.layers_path, self.blocks, self.n_layers = path, blocks, len(blocks)
+                return
+        raise UnknownArchitectureError(
+            f"{self.arch.name}: none of the layer paths {self.arch.layers} exist on "
+            f"{type(self.model).__name__}; register an Architecture with the right 'layers' path")
 
     def _value_shape(self, layer: int) -> tuple[int, int]:
         w = self.value_weight(layer)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from skilllens.core.architectures import (ACTIVATION_SITES, Architecture, ModelAdapter, _get,
+from skilllens.core.architectures import (ACTIVATION_SITES, Architecture, ModelAdapter,
                                           site_root)
 from skilllens.errors import SiteError, UnknownArchitectureError
 
@@ -174,19 +174,9 @@ class MoeAdapter(ModelAdapter):
         self.model = model
         self.root, self.root_path = site_root(model)  # the base model under a PEFT wrapper
         self.arch = arch or moe_architecture(getattr(self.root.config, "model_type", "moe"))
-        blocks = None
-        for path in self.arch.layers:
-            blocks = _get(self.root, path)
-            if blocks is not None:
-                self.layers_path = path
-                break
-        if blocks is None:
-            raise UnknownArchitectureError(f"no decoder layers at {self.arch.layers} in "
-                                           f"{type(model).__name__}")
-        self.blocks = blocks
-        self.n_layers = len(blocks)
+        self._bind_blocks()
         self.layers_info = [find_moe_layer(b, f"{self.layers_path}.{i}")
-                            for i, b in enumerate(blocks)]
+                            for i, b in enumerate(self.blocks)]
         self.d_model = int(model.get_input_embeddings().weight.shape[1])
         #: flattened width of every layer (routed + shared experts; dense layers: their d_ff)
         self.d_ffs = [self.width(i) for i in range(self.n_layers)]
