@@ -41,3 +41,15 @@ def smollm2():
 def tiny_llama():
     from skilllens import load_model
     return load_model("tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def smol_tok():
+    """The SmolLM2 tokenizer alone (a few seconds once the model cache exists)."""
+    from transformers import AutoTokenizer
+
+    from skilllens.core.models import _gguf_cached, find_smollm2_gguf
+    try:
+        return AutoTokenizer.from_pretrained(str(_gguf_cached(find_smollm2_gguf())))
+    except Exception as e:  # the embedded model package is not installed
+        pytest.skip(f"SmolLM2 tokenizer unavailable: {e}")

@@ -150,3 +150,26 @@ def test_language_matrix_with_calibrated_ksd(tmp_path, data_dir):
     assert set(chosen) == set(langs) and all(0 < a <= 3.0 for a in chosen.values())
     assert (tmp_path / "language_matrix.json").exists()
     assert (tmp_path / "language_matrix.png").stat().st_size > 1000
+
+
+def test_audit_ksd_equals_a_ksd_fitted_on_its_own(audit_dir, data_dir):
+    """The audit reads KSD's probe queries from the statistics pass (store_tokens="last");
+    the detector must be the one KSD's own prompt-only query passes give."""
+    import torch
+    from skilllens import load_model
+    from skilllens.unlearning.key_space import KeySpaceDetector
+
+    out, res = audit_dir
+    lm = load_model("tiny-llama")
+    parts = {s: skill_parts(s, 3, 3, 0, str(data_dir)) for s in ("xquad-de", "xquad-en",
+                                                                 "xquad-es")}
+    own = KeySpaceDetector(alpha=1.5, max_length=64).fit(lm, parts["xquad-de"][0],
+                                                         progress=False)
+    own.calibrate_vectors(torch.cat([own.query_vectors(lm, parts[s][0])
+                                     for s in ("xquad-en", "xquad-es")]))
+    saved = KeySpaceDetector.load(out / "ksd.safetensors", model=lm)
+    assert saved.alpha == pytest.approx(own.alpha, rel=1e-6)
+    torch.testing.assert_close(saved.m_, own.m_, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(saved.s_, own.s_, rtol=1e-5, atol=1e-6)
+    assert saved.k_ == pytest.approx(own.k_, rel=1e-5)
+    assert res["manifest"]["timing_s"]["probe_statistics"] > 0

@@ -12,18 +12,6 @@ from skilllens.core.tokenizers import byte_tokenizer
 
 
 @pytest.fixture(scope="module")
-def smol_tok():
-    """The SmolLM2 tokenizer alone (a few seconds once the model cache exists)."""
-    from transformers import AutoTokenizer
-
-    from skilllens.core.models import _gguf_cached, find_smollm2_gguf
-    try:
-        return AutoTokenizer.from_pretrained(str(_gguf_cached(find_smollm2_gguf())))
-    except Exception as e:  # the embedded model package is not installed
-        pytest.skip(f"SmolLM2 tokenizer unavailable: {e}")
-
-
-@pytest.fixture(scope="module")
 def btok():
     return byte_tokenizer()
 

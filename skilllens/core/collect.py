@@ -21,12 +21,16 @@ from skilllens.core.artifacts import load_artifact, read_metadata, save_artifact
 from skilllens.core.batching import (TOKEN_MODES, clamp_length, encode_items, iter_batches,
                                      n_batches, pad_id)
 from skilllens.data import resolve_skills
-from skilllens.errors import ArtifactError, DataError, SiteError
+from skilllens.errors import DataError, SiteError
 from skilllens.core.hooks import Hook, run_with_hooks
 from skilllens.core.loaded_model import eval_mode
 from skilllens.core.models import load_model
 from skilllens.core.moe import ROUTER_SITES, layer_experts_meta
 from skilllens.core.moe_collect import is_moe_key, moe_plan
+from skilllens.core.prompt_vectors import (_check_store_tokens, add_prompt_vectors,
+                                           mismatched_prompts, store_mask)
+from skilllens.core.vector_store import (_load_vector_shards, _save_vector_shard,  # noqa: F401
+                                         load_vectors, save_vectors)  # noqa: F401
 from skilllens.stats.neuron_stats import DEFAULT_STATS, NeuronStats
 
 
@@ -141,6 +145,7 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
             batch_size: int = 16, max_length: int = 512, *, stats=DEFAULT_STATS, bins: int = 256,
             hist_range=None, backend: str = "torch", stats_backend: str = "auto",
             store: bool | list = False, store_dir: str | os.PathLike | None = None,
+            store_tokens: str | None = None,
             max_items: int | None = None, data_dir=None, part: str = "all",
             progress: bool = True,
             checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 50,
@@ -156,6 +161,11 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
     ``all`` (every non-padding token), ``last`` (last prompt token) or ``answer``.
     ``store``: also keep the selected vectors (True = every site/layer, or a list of
     ``(site, layer)``), in ``result.vectors`` and, with ``store_dir``, as safetensors shards.
+    ``store_tokens``: which tokens' vectors ``store`` keeps (default ``tokens``); ``"last"``
+    with ``tokens="all"`` keeps one vector per item, the one a prompt-only pass gives at the
+    last prompt token (``collect(prompts, tokens="last")``, as KSD queries), read from this
+    pass where the item's ids start with the prompt's own ids, else from a prompt-only pass
+    over those items (``meta["n_store_prompt_passes"]``): statistics and queries in one pass.
     ``checkpoint``: a file written every ``checkpoint_every`` batches; a rerun with the same
     arguments resumes from it without counting any batch twice. ``rank``/``world_size`` shard
     the items for data-parallel runs (merge with :func:`skilllens.core.distributed.all_merge`).
@@ -181,6 +191,7 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
     device = lm.device
     used_length = clamp_length(max_length, lm.model, lm.tokenizer)
     encoded = encode_items(skill.items, lm.tokenizer, used_length, split=tokens != "all")
+    store_tokens = _check_store_tokens(tokens, store_tokens)
     n_truncated = sum(e.truncated for e in encoded)
     n_merged = sum(e.merged for e in encoded)
     if world_size > 1:
@@ -191,6 +202,7 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
     args = {"sites": sites, "layers": layers, "tokens": tokens, "batch_size": batch_size,
             "max_length": max_length, "stats": list(stats), "bins": bins, "max_items": max_items,
             "rank": rank, "world_size": world_size, "store": sorted(store_keys),
+            "store_tokens": store_tokens,
             "hist_range": _range_key(hist_range)}
     meta = {"model": lm.name, "fingerprint": fp, "data": skill.name, "data_source": skill.source,
             "data_hash": skill.digest(), "n_items": len(skill), "data_part": skill.describe(), "args": args,
@@ -199,6 +211,10 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
     if experts_meta:  # flat neuron j of a MoE layer = neuron j - offsets[e] of expert e
         meta["experts"] = experts_meta
     result = StatsCollection({}, meta)
+    prompt_pass = []  # items whose last-prompt vector needs a prompt-only pass
+    if store_keys and store_tokens != tokens:
+        prompt_pass = mismatched_prompts(encoded, skill.items, lm.tokenizer, used_length)
+        result.meta["n_store_prompt_passes"] = len(prompt_pass)
     current: dict = {}
     stats_args = dict(stats=stats, bins=bins, hist_range=hist_range, backend=stats_backend)
     moe_keys = [k for k in keys if is_moe_key(adapter, k)]
@@ -245,7 +261,8 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
                 mask = mask.to(act.device)
             collected[key].update(act, mask)
             if key in store_keys:
-                buffers[key].append(act[mask].detach().to(torch.float32))
+                keep = current["store_mask"].to(act.device)
+                buffers[key].append(act[keep].detach().to(torch.float32))
         return fn
 
     hooks = [Hook(s, l, make_hook((s, l))) for (s, l) in keys if (s, l) not in moe_keys]
@@ -264,12 +281,12 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
             if b < done:
                 continue
             current["mask"] = batch.token_mask(tokens)
+            current["store_mask"] = keep = store_mask(batch, tokens, store_tokens, prompt_pass)
             if store_keys:
-                rows = current["mask"].sum(1)
-                item_rows.append(torch.repeat_interleave(batch.index, rows).cpu())
+                item_rows.append(torch.repeat_interleave(batch.index, keep.sum(1)).cpu())
             run_with_hooks(lm, batch.inputs, hooks, backend=backend,
                            stop_after_last=(backend == "torch"), use_cache=False)
-            for k, rows in moe_finish(current["mask"]).items():
+            for k, rows in moe_finish(keep).items():
                 buffers[k].append(rows)
             n_tokens += batch.n_tokens
             done = b + 1
@@ -278,6 +295,12 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
             if checkpoint is not None and done % checkpoint_every == 0 and done < total:
                 checkpoint_now()
     bar.close()
+    if prompt_pass:
+        add_prompt_vectors(lambda its, ks: collect(
+            lm, its, sites=sorted({s for s, _ in ks}), layers=sorted({l for _, l in ks}),
+            tokens="last", batch_size=batch_size, max_length=used_length, stats=("moments",),
+            store=ks, backend=backend, progress=False), prompt_pass, skill.items, buffers,
+            item_rows)
     result.stats = collected
     result.meta["n_tokens"] = n_tokens
     bad = {f"{s}.{l}": int(st.n_nonfinite.sum()) for (s, l), st in collected.items()
@@ -310,35 +333,6 @@ def _save_checkpoint(path, collected, ckpt_hash, done, n_tokens, fp, vector_shar
                   kind="checkpoint", fingerprint=fp)
 
 
-def _vector_shard_path(checkpoint, i: int) -> Path:
-    return Path(f"{checkpoint}.vectors-{i:05d}.safetensors")
-
-
-def _save_vector_shard(checkpoint, vec: dict, buffers: dict, item_rows: list, fp) -> None:
-    """Write the stored vectors of the batches since the last checkpoint as shard
-    ``vec["shards"]`` (before the checkpoint that counts it: a crash in between leaves an
-    uncounted shard that the next run overwrites)."""
-    if not buffers or vec["flushed"] == len(item_rows):
-        return
-    new = slice(vec["flushed"], len(item_rows))
-    tensors = {f"{s}.{l}": torch.cat([c.cpu() for c in chunks[new]])
-               for (s, l), chunks in buffers.items()}
-    tensors["item"] = torch.cat(item_rows[new])
-    save_artifact(_vector_shard_path(checkpoint, vec["shards"]), tensors, {},
-                  kind="checkpoint-vectors", fingerprint=fp)
-    vec["shards"] += 1
-    vec["flushed"] = len(item_rows)
-
-
-def _load_vector_shards(checkpoint, n: int, buffers: dict, item_rows: list) -> None:
-    """Read the ``n`` shards a checkpoint counts back into ``buffers``/``item_rows``."""
-    for i in range(n if buffers else 0):
-        tensors, _ = load_artifact(_vector_shard_path(checkpoint, i), kind="checkpoint-vectors")
-        for (s, l), chunks in buffers.items():
-            chunks.append(tensors[f"{s}.{l}"])
-        item_rows.append(tensors["item"])
-
-
 def _agree_histogram_ranges(lm, collected, encoded, batch_size, tokens, backend) -> None:
     """Data-parallel runs: every rank sets automatic histogram ranges from its first batch,
     then all ranks take the union (min of ``lo``, max of ``hi``) so that ``all_merge`` can add
@@ -360,33 +354,3 @@ def _agree_histogram_ranges(lm, collected, encoded, batch_size, tokens, backend)
                            use_cache=False)
     agree_histogram_ranges([collected[k].histogram for k in sorted(collected)
                             if collected[k].histogram is not None])
-
-
-def save_vectors(result: StatsCollection, store_dir, shard_rows: int = 65536) -> list[Path]:
-    """Write ``result.vectors`` as safetensors shards ``vectors-00000.safetensors`` ..., each
-    with tensors ``{site}.{layer}`` ``[rows, d]`` and ``item`` ``[rows]`` (item indices)."""
-    store_dir = Path(store_dir)
-    n = int(result.vector_items.shape[0]) if result.vector_items is not None else 0
-    paths = []
-    for i, start in enumerate(range(0, max(n, 1), shard_rows)):
-        sl = slice(start, start + shard_rows)
-        tensors = {f"{s}.{l}": v[sl] for (s, l), v in result.vectors.items()}
-        tensors["item"] = result.vector_items[sl]
-        paths.append(save_artifact(store_dir / f"vectors-{i:05d}.safetensors", tensors,
-                                   {"data": result.meta.get("data")}, kind="vectors",
-                                   fingerprint=result.meta.get("fingerprint")))
-    return paths
-
-
-def load_vectors(store_dir, model=None) -> tuple[dict[tuple[str, int], torch.Tensor], torch.Tensor]:
-    """Read the shards written by :func:`save_vectors`: ``({(site, layer): [rows, d]}, item)``."""
-    files = sorted(Path(store_dir).glob("vectors-*.safetensors"))
-    if not files:
-        raise ArtifactError(f"no vectors-*.safetensors shards in {store_dir}")
-    parts: dict[str, list[torch.Tensor]] = {}
-    for f in files:
-        tensors, _ = load_artifact(f, kind="vectors", model=model)
-        for k, v in tensors.items():
-            parts.setdefault(k, []).append(v)
-    item = torch.cat(parts.pop("item"))
-    return {(k.split(".")[0], int(k.split(".")[1])): torch.cat(v) for k, v in parts.items()}, item

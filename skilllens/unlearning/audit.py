@@ -174,14 +174,44 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
                                       "methods": {}}
     methods = results["methods"]
 
-    if "ksd" in cfg.methods:
-        ksd = KeySpaceDetector(alpha=cfg.alpha, layer=cfg.ksd_layer, batch_size=cfg.batch_size,
-                               max_length=cfg.max_length)
+    fitters = []
+    if "na" in cfg.methods:
+        for p in cfg.na_percent:
+            name = "na" if len(cfg.na_percent) == 1 else f"na-{p:g}%"
+            fitters.append((name, NeuronAdjuster(percent=p, rule=cfg.na_rule, seed=cfg.seed,
+                                                 batch_size=cfg.batch_size,
+                                                 max_length=cfg.max_length)))
+    if "sp" in cfg.methods:
+        fitters.append(("sp", SelectivePruner(percent=cfg.sp_percent, batch_size=cfg.batch_size,
+                                              max_length=cfg.max_length)))
+    moe = bool(getattr(lm.adapter, "moe_layers", None))
+    if "experts" in cfg.methods or moe:
+        fitters.append(("experts", expert_method(lm, cfg)))
+    ksd = KeySpaceDetector(alpha=cfg.alpha, layer=cfg.ksd_layer, batch_size=cfg.batch_size,
+                           max_length=cfg.max_length) if "ksd" in cfg.methods else None
+    probe_vecs = None  # KSD's probe queries, read from the statistics pass when there is one
+    if fitters:
+        retain_probe = combine_skills([parts[s][0] for s in cfg.retain])
+        kw = dict(sites=["gate", "key"] + (["routing"] if moe else []), tokens="all",
+                  batch_size=cfg.batch_size,
+                  max_length=cfg.max_length, progress=cfg.progress,
+                  stats=("moments", "abs") + (("positive",) if moe else ()))
+        if ksd is not None:  # the last-prompt-token keys = a prompt-only pass (core.prompt_vectors)
+            qkey = (ksd.site, lm.adapter.check_layers([ksd.layer])[0])
+            kw["sites"] += [] if ksd.site in kw["sites"] else [ksd.site]
+            kw.update(store=[qkey], store_tokens="last")
+        fs, rs = timed("probe_statistics", lambda: (collect(lm, parts[cfg.forget][0], **kw),
+                                                    collect(lm, retain_probe, **kw)))
+        if ksd is not None:
+            probe_vecs = fs.vectors.pop(qkey), rs.vectors.pop(qkey)
 
+    if ksd is not None:
         def ksd_run():
-            ksd.fit(lm, parts[cfg.forget][0], progress=cfg.progress)
+            ksd.fit(lm, parts[cfg.forget][0], progress=cfg.progress,
+                    vectors=probe_vecs[0] if probe_vecs else None)
             if cfg.ksd_calibrate:  # alpha from the forget and retain *probe* items only
-                ksd.calibrate_vectors(torch.cat([ksd.query_vectors(lm, parts[s][0])
+                ksd.calibrate_vectors(probe_vecs[1] if probe_vecs else
+                                      torch.cat([ksd.query_vectors(lm, parts[s][0])
                                                  for s in cfg.retain]),
                                       max_fpr=cfg.ksd_max_fpr, margin=cfg.ksd_margin,
                                       alpha_max=cfg.ksd_alpha_cap)
@@ -206,46 +236,25 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
                 mc_base)
         methods["ksd"]["alpha_sweep"] = _alpha_sweep(ksd, vecs, baseline, names, cfg.metric)
 
-    fitters = []
-    if "na" in cfg.methods:
-        for p in cfg.na_percent:
-            name = "na" if len(cfg.na_percent) == 1 else f"na-{p:g}%"
-            fitters.append((name, NeuronAdjuster(percent=p, rule=cfg.na_rule, seed=cfg.seed,
-                                                 batch_size=cfg.batch_size,
-                                                 max_length=cfg.max_length)))
-    if "sp" in cfg.methods:
-        fitters.append(("sp", SelectivePruner(percent=cfg.sp_percent, batch_size=cfg.batch_size,
-                                              max_length=cfg.max_length)))
-    moe = bool(getattr(lm.adapter, "moe_layers", None))
-    if "experts" in cfg.methods or moe:
-        fitters.append(("experts", expert_method(lm, cfg)))
-    if fitters:
-        retain_probe = combine_skills([parts[s][0] for s in cfg.retain])
-        kw = dict(sites=["gate", "key"] + (["routing"] if moe else []), tokens="all",
-                  batch_size=cfg.batch_size,
-                  max_length=cfg.max_length, progress=cfg.progress,
-                  stats=("moments", "abs") + (("positive",) if moe else ()))
-        fs, rs = timed("probe_statistics", lambda: (collect(lm, parts[cfg.forget][0], **kw),
-                                                    collect(lm, retain_probe, **kw)))
-        for name, method in fitters:
-            method.fit_stats(fs, rs, lm)
-            method.meta_ = {"forget": cfg.forget, "retain": retain_probe.name}
+    for name, method in fitters:
+        method.fit_stats(fs, rs, lm)
+        method.meta_ = {"forget": cfg.forget, "retain": retain_probe.name}
 
-            def run_method(method=method):
-                with method.applied(lm):
-                    return ({s: evaluate(lm, parts[s][1], **ev) for s in names},
-                            mcq.score_multiple_choice(lm, parts, mc_names, ev))
-            scores, mc = timed(name, run_method)
-            if mc_names:
-                results["multiple_choice"]["methods"][name] = mcq.entry(mc, mc_base)
-            method.save(out / f"{name.replace('%', '')}.safetensors")
-            entry = {s: _score_entry(v) for s, v in scores.items()}
-            methods[name] = {"params": method.get_params(), "scores": entry,
-                             "relative": _relative(entry, results["baseline"], cfg.metric)}
-            if name == "experts":
-                results["experts"] = expert_report(lm, method, parts, cfg, fs, rs)
-            else:
-                results["neurons"][name] = _neuron_summary(method, fs, rs)
+        def run_method(method=method):
+            with method.applied(lm):
+                return ({s: evaluate(lm, parts[s][1], **ev) for s in names},
+                        mcq.score_multiple_choice(lm, parts, mc_names, ev))
+        scores, mc = timed(name, run_method)
+        if mc_names:
+            results["multiple_choice"]["methods"][name] = mcq.entry(mc, mc_base)
+        method.save(out / f"{name.replace('%', '')}.safetensors")
+        entry = {s: _score_entry(v) for s, v in scores.items()}
+        methods[name] = {"params": method.get_params(), "scores": entry,
+                         "relative": _relative(entry, results["baseline"], cfg.metric)}
+        if name == "experts":
+            results["experts"] = expert_report(lm, method, parts, cfg, fs, rs)
+        else:
+            results["neurons"][name] = _neuron_summary(method, fs, rs)
 
     from skilllens.unlearning.neuron_report import audit_neuron_views
     results["neuron_views"] = timed("neuron_views", lambda: audit_neuron_views(

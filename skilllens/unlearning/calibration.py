@@ -21,6 +21,9 @@ of magnitude apart), so no fixed value or fixed upper bound tuned on one model s
 
 No evaluation item is ever looked at. ``cap`` (default :data:`ALPHA_CAP` = 100, 50 times the
 reference's largest value) only binds when the retain probes lie far outside the cube.
+
+The cube's own scale ``k`` (the smallest with every probe vector inside ``m +- k*s``) is
+:func:`exact_k` (closed form), checked by :func:`search_k` (binary search on ``[0, K_MAX]``).
 """
 from __future__ import annotations
 
@@ -110,3 +113,40 @@ def choose_alpha(forget_heldout: torch.Tensor, retain_scores: torch.Tensor, *,
             "n_forget_probe": len(h), **{k: v for k, v in point(alpha).items() if k != "alpha"},
             "min_retain_probe_score": float(r[0]),
             "curve": [point(a) for a in curve_grid(cap, (alpha, a_hi))]}
+
+
+#: the largest hypercube scale :func:`search_k` tries
+K_MAX = 1e4
+
+
+def search_k(vectors: torch.Tensor, m: torch.Tensor, s: torch.Tensor, lo: float = 0.0,
+             hi: float = K_MAX, tol: float = 1e-9) -> float:
+    """Smallest ``k`` in ``[lo, hi]`` with every row of ``vectors`` inside ``m +- k*s`` (binary
+    search; dims with ``s == 0`` are ignored). Raises if even ``hi`` does not contain them."""
+    live = s > 0
+    dev = (vectors[:, live] - m[live]).abs().double()
+    bound = s[live].double()
+
+    def inside(k: float) -> bool:
+        return bool((dev <= k * bound).all())
+
+    if not inside(hi):
+        raise SkillLensError(f"the probe vectors do not fit in the cube even at k={hi}; the probe "
+                             f"set has extreme outliers: remove them or use more probe items")
+    for _ in range(200):
+        if hi - lo <= tol * max(1.0, hi):
+            break
+        mid = (lo + hi) / 2
+        if inside(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def exact_k(vectors: torch.Tensor, m: torch.Tensor, s: torch.Tensor) -> float:
+    """``max over rows and dims with s > 0 of |v - m| / s`` (the closed form of :func:`search_k`)."""
+    live = s > 0
+    if not live.any():
+        return 0.0
+    return float(((vectors[:, live].double() - m[live].double()).abs() / s[live].double()).max())

@@ -41,9 +41,9 @@ from skilllens._compat import DeprecatedAlias
 from skilllens.core.artifacts import check_fingerprint, load_artifact, save_artifact
 from skilllens.data import Item, resolve_skills, sample_skill
 from skilllens.errors import DataError, SkillLensError
-from skilllens.unlearning.calibration import ALPHA_CAP, MARGIN, choose_alpha, heldout_scores
+from skilllens.unlearning.calibration import (ALPHA_CAP, K_MAX, MARGIN, choose_alpha,  # noqa: F401
+                                             exact_k, heldout_scores, search_k)
 
-K_MAX = 1e4
 #: artifact metadata keys that are not fit metadata (``meta_``)
 _SAVED_STATE = ("params", "k", "k_exact", "calibration", "fingerprint", "kind",
                 "skilllens_version", "created", "probe_heldout_scores")
@@ -59,39 +59,6 @@ def _check_alpha(alpha: float) -> float:
         raise SkillLensError(f"alpha must be > 0 (it scales the hypercube; reference values: "
                              f"GSM8K 2.0, MBPP 1.4, languages 0.06), got {alpha}")
     return a
-
-
-def search_k(vectors: torch.Tensor, m: torch.Tensor, s: torch.Tensor, lo: float = 0.0,
-             hi: float = K_MAX, tol: float = 1e-9) -> float:
-    """Smallest ``k`` in ``[lo, hi]`` with every row of ``vectors`` inside ``m +- k*s`` (binary
-    search; dims with ``s == 0`` are ignored). Raises if even ``hi`` does not contain them."""
-    live = s > 0
-    dev = (vectors[:, live] - m[live]).abs().double()
-    bound = s[live].double()
-
-    def inside(k: float) -> bool:
-        return bool((dev <= k * bound).all())
-
-    if not inside(hi):
-        raise SkillLensError(f"the probe vectors do not fit in the cube even at k={hi}; the probe "
-                             f"set has extreme outliers: remove them or use more probe items")
-    for _ in range(200):
-        if hi - lo <= tol * max(1.0, hi):
-            break
-        mid = (lo + hi) / 2
-        if inside(mid):
-            hi = mid
-        else:
-            lo = mid
-    return hi
-
-
-def exact_k(vectors: torch.Tensor, m: torch.Tensor, s: torch.Tensor) -> float:
-    """``max over rows and dims with s > 0 of |v - m| / s`` (the closed form of :func:`search_k`)."""
-    live = s > 0
-    if not live.any():
-        return 0.0
-    return float(((vectors[:, live].double() - m[live].double()).abs() / s[live].double()).max())
 
 
 @dataclass
@@ -179,9 +146,12 @@ class KeySpaceDetector:
         return res.vectors[(self.site, layer)]
 
     # -- fitting --
-    def fit(self, lm, forget, *, data_dir=None, progress: bool = True) -> "KeySpaceDetector":
+    def fit(self, lm, forget, *, data_dir=None, progress: bool = True,
+            vectors: torch.Tensor | None = None) -> "KeySpaceDetector":
         """Probe ``forget`` (spec: its probe part; Skill, items or texts) and build the cube.
-        Returns ``self``."""
+        ``vectors``: the items' query vectors ``[n, d_ff]`` if already computed (e.g.
+        ``collect(..., store=[(site, layer)], store_tokens="last")``, which gives exactly
+        :meth:`query_vectors`); else a query pass runs. Returns ``self``."""
         from skilllens.core.models import load_model
 
         lm = load_model(lm)
@@ -189,7 +159,11 @@ class KeySpaceDetector:
         if len(skill) < 2:
             raise SkillLensError(f"KSD needs at least 2 probe queries to estimate a spread; "
                                  f"{skill.name!r} has {len(skill)}")
-        vectors = self.query_vectors(lm, skill.items, progress=progress)
+        if vectors is None:
+            vectors = self.query_vectors(lm, skill.items, progress=progress)
+        elif vectors.ndim != 2 or vectors.shape[0] != len(skill):
+            raise SkillLensError(f"vectors must be [{len(skill)}, d] (one per probe item of "
+                                 f"{skill.name!r}), got {tuple(vectors.shape)}")
         self.meta_ = {"forget": skill.name, "forget_hash": skill.digest(), "n_probe": len(skill),
                      "forget_source": skill.source, "forget_part": skill.describe()}
         self.fingerprint_ = lm.fingerprint
