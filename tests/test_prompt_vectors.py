@@ -89,3 +89,31 @@ def test_store_tokens_checked(tiny_llama):
     with pytest.raises(DataError, match="unknown store_tokens"):
         skilllens.collect(tiny_llama, ["a b c"], sites=["key"], store=True,
                           store_tokens="first", progress=False)
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-smol"])
+def test_recorder_during_evaluation_equals_ksd_queries(model, request):
+    """PromptVectorRecorder reads KSD's queries inside a teacher-forced evaluation: the vectors
+    equal KeySpaceDetector.query_vectors and the scores are the evaluation's without it."""
+    from skilllens.core.prompt_recorder import PromptVectorRecorder
+    from skilllens.eval import evaluate
+    from skilllens.unlearning.key_space import KeySpaceDetector
+
+    lm = request.getfixturevalue("tiny_llama") if model == "tiny-llama" else \
+        _tiny_smol(request.getfixturevalue("smol_tok"))
+    items = [it for it in _items() if it.answer]
+    n = 24
+    ksd = KeySpaceDetector(layer=-1, batch_size=3, max_length=n)
+    want = ksd.query_vectors(lm, items)
+    plain = evaluate(lm, items, batch_size=3, max_length=n, progress=False)
+    for active in (True, False):
+        rec = PromptVectorRecorder(lm, ("key", -1), items, max_length=n, batch_size=3,
+                                   active=active)
+        with rec:
+            got = evaluate(lm, items, batch_size=3, max_length=n, progress=False,
+                           on_batch=rec.on_batch)
+        assert [r["score"] for r in got.per_item] == [r["score"] for r in plain.per_item]
+        assert len(rec._rows) == (len(items) if active else 0)
+        torch.testing.assert_close(rec.vectors(), want, rtol=1e-5, atol=1e-6)
+    assert not lm.model._forward_hooks and not any(  # the hook is gone after the block
+        m._forward_hooks or m._forward_pre_hooks for m in lm.model.modules())

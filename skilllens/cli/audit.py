@@ -56,6 +56,12 @@ def add_parser(sub):
                    choices=["signed", "abs_standardized", "divergence"])
     p.add_argument("--sp-percent", type=float, default=d.sp_percent,
                    help="Selective Pruning percent (default 1.5)")
+    p.add_argument("--neuron-views", type=int, default=d.neuron_views,
+                   help=f"neurons per method shown in report.html (default {d.neuron_views}; "
+                        f"0: none)")
+    p.add_argument("--neuron-view-items", type=int, default=d.neuron_view_items,
+                   help=f"probe items per skill the neuron views read (default "
+                        f"{d.neuron_view_items})")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--max-length", type=int, default=d.max_length)
@@ -89,6 +95,8 @@ def run(args) -> int:
                       ksd_margin=args.ksd_margin, na_percent=na_percent, na_rule=args.na_rule,
                       sp_percent=args.sp_percent, batch_size=args.batch_size,
                       max_length=args.max_length, device=device,
+                      neuron_views=args.neuron_views,
+                      neuron_view_items=args.neuron_view_items,
                       progress=not args.no_progress)
     res = run_audit(cfg)
     from skilllens.eval.scores import format_relative

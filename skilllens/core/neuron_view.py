@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from skilllens.core.batching import encode_items, iter_batches
+from skilllens.core.batching import encode_items, iter_batches, pad_id
 from skilllens.core.hooks import Hook, run_with_hooks
 from skilllens.core.models import load_model
 from skilllens.data import Skill, is_spec, resolve_skills
@@ -108,7 +108,7 @@ def neuron_pass(lm, skill: Skill, keys: list[tuple[str, int]], k: int = 8, bins:
         return fn
 
     hooks = [Hook(s, l, make((s, l))) for s, l in keys]
-    for batch in iter_batches(enc, batch_size, lm.tokenizer.pad_token_id, lm.device):
+    for batch in iter_batches(enc, batch_size, pad_id(lm.tokenizer), lm.device):
         cur["mask"], cur["items"] = batch.token_mask(tokens), batch.index
         run_with_hooks(lm, batch.inputs, hooks, stop_after_last=True, use_cache=False)
     return top, stats, enc

@@ -66,3 +66,4 @@ def add_prompt_vectors(run, indices: list[int], items, buffers: dict, item_rows:
     for k in keys:
         buffers[k].append(sub.vectors[k])
     item_rows.append(torch.tensor(todo)[sub.vector_items])
+

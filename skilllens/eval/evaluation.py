@@ -98,10 +98,13 @@ def _progress(it, total, desc, progress):
 
 @torch.no_grad()
 def teacher_forced(lm, items: list[Item], *, batch_size: int = 8, max_length: int = 512,
-                   progress: bool = True, desc: str = "teacher-forced") -> list[dict]:
+                   progress: bool = True, desc: str = "teacher-forced",
+                   on_batch=None) -> list[dict]:
     """Per item ``{"accuracy", "nll", "n_tokens", "truncated", "merged_boundary"}`` of the gold
     answer given the prompt (length-sorted right-padded batches; rows returned in item order).
-    ``max_length`` is clamped to the model's context."""
+    ``max_length`` is clamped to the model's context. ``on_batch(batch)`` is called with each
+    :class:`~skilllens.core.batching.Batch` before its forward pass (``batch.index``: indices
+    into ``items``), e.g. by a :class:`~skilllens.core.prompt_recorder.PromptVectorRecorder`."""
     model, tok = lm.model, lm.tokenizer
     encoded = encode_items(items, tok, clamp_length(max_length, model, tok))
     for e in encoded:
@@ -112,6 +115,8 @@ def teacher_forced(lm, items: list[Item], *, batch_size: int = 8, max_length: in
     out: list[dict] = [{} for _ in items]
     batches = iter_batches(encoded, batch_size, pad_id(tok), lm.device)
     for b in _progress(batches, n_batches(len(encoded), batch_size), desc, progress):
+        if on_batch is not None:
+            on_batch(b)
         ids = b.input_ids
         pos = torch.arange(ids.shape[1], device=ids.device)[None]
         start = torch.where(b.lengths > b.prompt_lens, b.prompt_lens - 1, 0)[:, None]
@@ -224,7 +229,7 @@ def _score_generation(lm, skill: Skill, items: list[Item], metric: str, *, batch
 def evaluate(lm, skill, metric: str = "token_accuracy", *, batch_size: int = 8,
              max_length: int = 512, abstainer=None, max_new_tokens: int | None = None,
              progress: bool = True, shots=None, n_shots: int = 8, seed: int = 0,
-             data_dir=None, sandbox_timeout: float = 10.0) -> SkillScore:
+             data_dir=None, sandbox_timeout: float = 10.0, on_batch=None) -> SkillScore:
     """Score ``lm`` (spec or ``LoadedModel``) on ``skill`` (``Skill``, items, or a spec string:
     then its *eval* part). Generation metrics use ``max_new_tokens`` (default per item kind:
     GSM8K 256, code 384, QA 24), and for GSM8K ``n_shots`` examples (``shots``, default: the
@@ -234,7 +239,9 @@ def evaluate(lm, skill, metric: str = "token_accuracy", *, batch_size: int = 8,
     ``log(V)`` nats (uniform distribution) for ``nll``; ``max_length`` is clamped to the model's
     context and ``n_truncated`` counts items cut to it (generation: prompts cut to
     ``max_length - max_new_tokens``); ``n_merged_boundary`` counts items whose prompt and
-    answer share a token (module docstring); compare two scores with :func:`relative` (``< 1``: worse)."""
+    answer share a token (module docstring); compare two scores with :func:`relative` (``< 1``: worse).
+    ``on_batch``: passed to :func:`teacher_forced` (teacher-forced metrics; indices into the
+    items not abstained)."""
     if metric not in METRICS:
         raise SkillLensError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
     if batch_size < 1:
@@ -249,7 +256,8 @@ def evaluate(lm, skill, metric: str = "token_accuracy", *, batch_size: int = 8,
             rows = []
         elif metric in TEACHER_FORCED:
             rows = teacher_forced(lm, answered, batch_size=batch_size, max_length=max_length,
-                                  progress=progress, desc=f"eval {skill.name}")
+                                  progress=progress, desc=f"eval {skill.name}",
+                                  on_batch=on_batch)
             for r in rows:
                 r["score"] = r["accuracy"] if metric == "token_accuracy" else r["nll"]
         else:

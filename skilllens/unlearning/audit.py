@@ -22,6 +22,7 @@ number ``evaluate(..., abstainer=ksd)`` returns, without scoring every kept item
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
@@ -72,6 +73,7 @@ class AuditConfig:
     dtype: str = "float32"
     progress: bool = True
     neuron_views: int = 2  # neurons per method shown in the report (0: none)
+    neuron_view_items: int = 12  # probe items per skill the neuron views read
 
     def check(self) -> "AuditConfig":
         from skilllens.unlearning.key_space import _check_alpha
@@ -91,6 +93,8 @@ class AuditConfig:
                                  f"{','.join(METHODS)}")
         if self.probe_items < 2 or self.eval_items < 1:
             raise SkillLensError("--probe-items must be >= 2 and --eval-items >= 1")
+        if self.neuron_views < 0 or self.neuron_view_items < 1:
+            raise SkillLensError("--neuron-views must be >= 0 and --neuron-view-items >= 1")
         _check_alpha(self.alpha)
         _check_alpha(self.ksd_alpha_cap)
         if not float(self.ksd_margin) >= 0.0:
@@ -152,7 +156,25 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
         timing[key] = round(time.perf_counter() - t, 2)
         return res
 
-    baseline = timed("baseline", lambda: {s: evaluate(lm, parts[s][1], **ev) for s in names})
+    ksd = KeySpaceDetector(alpha=cfg.alpha, layer=cfg.ksd_layer, batch_size=cfg.batch_size,
+                           max_length=cfg.max_length) if "ksd" in cfg.methods else None
+    recorders = {}  # KSD's eval queries, read during the baseline pass (core.prompt_recorder)
+    if ksd is not None:
+        from skilllens.core.prompt_recorder import PromptVectorRecorder
+        qkey = (ksd.site, lm.adapter.check_layers([ksd.layer])[0])
+        moe_layer = getattr(lm.adapter, "moe_layer", lambda _: None)(qkey[1]) is not None
+        recorders = {s: PromptVectorRecorder(lm, qkey, parts[s][1].items, cfg.max_length,
+                                             cfg.batch_size, active=not moe_layer)
+                     for s in names}
+
+    def baseline_run():
+        out = {}
+        for s in names:
+            rec = recorders.get(s)
+            with rec if rec is not None else contextlib.nullcontext():
+                out[s] = evaluate(lm, parts[s][1], on_batch=rec and rec.on_batch, **ev)
+        return out
+    baseline = timed("baseline", baseline_run)
     from skilllens.unlearning import columns as mcq  # multiple-choice skills (MMLU-Redux)
     mc_names = mcq.multiple_choice_skills({s: parts[s] for s in cfg.retain})
     mc_base = timed("baseline_mc", lambda: mcq.score_multiple_choice(lm, parts, mc_names, ev))
@@ -187,8 +209,6 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
     moe = bool(getattr(lm.adapter, "moe_layers", None))
     if "experts" in cfg.methods or moe:
         fitters.append(("experts", expert_method(lm, cfg)))
-    ksd = KeySpaceDetector(alpha=cfg.alpha, layer=cfg.ksd_layer, batch_size=cfg.batch_size,
-                           max_length=cfg.max_length) if "ksd" in cfg.methods else None
     probe_vecs = None  # KSD's probe queries, read from the statistics pass when there is one
     if fitters:
         retain_probe = combine_skills([parts[s][0] for s in cfg.retain])
@@ -197,7 +217,6 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
                   max_length=cfg.max_length, progress=cfg.progress,
                   stats=("moments", "abs") + (("positive",) if moe else ()))
         if ksd is not None:  # the last-prompt-token keys = a prompt-only pass (core.prompt_vectors)
-            qkey = (ksd.site, lm.adapter.check_layers([ksd.layer])[0])
             kw["sites"] += [] if ksd.site in kw["sites"] else [ksd.site]
             kw.update(store=[qkey], store_tokens="last")
         fs, rs = timed("probe_statistics", lambda: (collect(lm, parts[cfg.forget][0], **kw),
@@ -215,7 +234,7 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
                                                  for s in cfg.retain]),
                                       max_fpr=cfg.ksd_max_fpr, margin=cfg.ksd_margin,
                                       alpha_max=cfg.ksd_alpha_cap)
-            vecs = {s: ksd.query_vectors(lm, parts[s][1]) for s in names}
+            vecs = {s: recorders[s].vectors() for s in names}
             scores = {s: with_abstention(baseline[s], ksd.inside(vecs[s]).tolist())
                       for s in names}
             report = ksd.report(vecs[cfg.forget], torch.cat([vecs[s] for s in cfg.retain]))
@@ -259,7 +278,8 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
     from skilllens.unlearning.neuron_report import audit_neuron_views
     results["neuron_views"] = timed("neuron_views", lambda: audit_neuron_views(
         lm, dict(fitters), results, {s: parts[s][0] for s in names}, cfg.neuron_views,
-        batch_size=cfg.batch_size, max_length=min(cfg.max_length, 256)))
+        max_items=cfg.neuron_view_items, batch_size=cfg.batch_size,
+        max_length=min(cfg.max_length, 256)))
     if _is_language_audit(cfg):
         results["language_matrix"] = {
             "forgotten": [cfg.forget], "tested": names,
