@@ -53,3 +53,20 @@ def smol_tok():
         return AutoTokenizer.from_pretrained(str(_gguf_cached(find_smollm2_gguf())))
     except Exception as e:  # the embedded model package is not installed
         pytest.skip(f"SmolLM2 tokenizer unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def tiny_smol(smol_tok):
+    """A 2-layer random Llama over the SmolLM2 tokenizer (BPE: tokens straddle joins, `` A``
+    is one token), as a ``LoadedModel``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from skilllens.core.architectures import ModelAdapter
+    from skilllens.core.loaded_model import LoadedModel
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(smol_tok), hidden_size=16,
+                                         intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    return LoadedModel(model, smol_tok, ModelAdapter(model), "tiny-smol")

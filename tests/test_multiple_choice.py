@@ -83,3 +83,29 @@ def test_near_chance_flag():
 def test_items_without_choices_are_refused(lm):
     with pytest.raises(skilllens.errors.DataError, match="multiple-choice"):
         evaluate_multiple_choice(lm, Skill("x", [Item("a", "Q:", " yes")]), progress=False)
+
+
+def test_choices_read_from_the_teacher_forced_pass_equal_their_own_passes(tiny_smol):
+    """ChoiceRecorder (one pass for acc and token accuracy; the audit's MMLU column) gives the
+    log-likelihoods of continuation_loglikelihoods for every item, read or not."""
+    from skilllens.eval import evaluate
+    from skilllens.eval.multiple_choice import ChoiceRecorder
+
+    items = _items(7)
+    items.append(Item("long", "word " * 60 + "\nAnswer:", " C. x",   # prompt cut: own passes
+                      {"choices": list("abcd"), "gold": 2}))
+    pairs = [(it.prompt, f" {L}") for it in items for L in "ABCD"]
+    want = [r[0] for r in continuation_loglikelihoods(tiny_smol, pairs, max_length=48)]
+    rec = ChoiceRecorder(tiny_smol, items, max_length=48, batch_size=3)
+    plain = evaluate(tiny_smol, items, batch_size=3, max_length=48, progress=False)
+    got = evaluate(tiny_smol, items, batch_size=3, max_length=48, progress=False,
+                   on_logits=rec.on_logits)
+    assert [r["score"] for r in got.per_item] == [r["score"] for r in plain.per_item]
+    assert rec.n_read == 7                      # " A".." D" are one SmolLM2 token each
+    sc = rec.score("mc")
+    for k, row in enumerate(sc.per_item):
+        assert row["lls"] == pytest.approx(want[4 * k:4 * k + 4], abs=1e-5)
+    one = evaluate_multiple_choice(tiny_smol, Skill("mc", items), max_length=48, batch_size=3,
+                                   progress=False)
+    assert (one.acc, one.acc_norm) == pytest.approx((sc.acc, sc.acc_norm))
+    assert one.token_accuracy == pytest.approx(plain.score)

@@ -35,23 +35,10 @@ def _prompt_only_float64(lm, items, site, layer, max_length):
     return torch.stack(rows)
 
 
-def _tiny_smol(smol_tok):
-    """A 2-layer random Llama over the SmolLM2 tokenizer (BPE: tokens straddle joins)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from skilllens.core.architectures import ModelAdapter
-    from skilllens.core.loaded_model import LoadedModel
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(smol_tok), hidden_size=16,
-                                         intermediate_size=32, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=1)).eval()
-    return LoadedModel(model, smol_tok, ModelAdapter(model), "tiny-smol")
-
-
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-smol"])
 def test_store_last_equals_prompt_only_pass(model, request):
     lm = request.getfixturevalue("tiny_llama") if model == "tiny-llama" else \
-        _tiny_smol(request.getfixturevalue("smol_tok"))
+        request.getfixturevalue("tiny_smol")
     items, L, n = _items(), 1, 24
     res = skilllens.collect(lm, Skill("s", items), sites=["gate", "key"], layers=[0, L],
                             tokens="all", batch_size=3, max_length=n, progress=False,
@@ -100,7 +87,7 @@ def test_recorder_during_evaluation_equals_ksd_queries(model, request):
     from skilllens.unlearning.key_space import KeySpaceDetector
 
     lm = request.getfixturevalue("tiny_llama") if model == "tiny-llama" else \
-        _tiny_smol(request.getfixturevalue("smol_tok"))
+        request.getfixturevalue("tiny_smol")
     items = [it for it in _items() if it.answer]
     n = 24
     ksd = KeySpaceDetector(layer=-1, batch_size=3, max_length=n)

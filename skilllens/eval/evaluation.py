@@ -99,12 +99,15 @@ def _progress(it, total, desc, progress):
 @torch.no_grad()
 def teacher_forced(lm, items: list[Item], *, batch_size: int = 8, max_length: int = 512,
                    progress: bool = True, desc: str = "teacher-forced",
-                   on_batch=None) -> list[dict]:
+                   on_batch=None, on_logits=None) -> list[dict]:
     """Per item ``{"accuracy", "nll", "n_tokens", "truncated", "merged_boundary"}`` of the gold
     answer given the prompt (length-sorted right-padded batches; rows returned in item order).
     ``max_length`` is clamped to the model's context. ``on_batch(batch)`` is called with each
     :class:`~skilllens.core.batching.Batch` before its forward pass (``batch.index``: indices
-    into ``items``), e.g. by a :class:`~skilllens.core.prompt_recorder.PromptVectorRecorder`."""
+    into ``items``), e.g. by a :class:`~skilllens.core.prompt_recorder.PromptVectorRecorder`;
+    ``on_logits(batch, cols, logits)`` after it with the logits ``[B, K, V]`` at positions
+    ``cols`` ``[K]`` (every position from the last prompt token on), e.g. by a
+    :class:`~skilllens.eval.multiple_choice.ChoiceRecorder`."""
     model, tok = lm.model, lm.tokenizer
     encoded = encode_items(items, tok, clamp_length(max_length, model, tok))
     for e in encoded:
@@ -128,6 +131,8 @@ def teacher_forced(lm, items: list[Item], *, batch_size: int = 8, max_length: in
             logits = model(**b.inputs).logits[:, cols]
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()
+        if on_logits is not None:
+            on_logits(b, cols, logits)
         sel, target = need[:, cols], ids[:, cols + 1]                       # [B, K]
         tok_nll = torch.logsumexp(logits, -1) - logits.gather(-1, target[..., None])[..., 0]
         correct = (logits.argmax(-1) == target) & sel
@@ -229,7 +234,8 @@ def _score_generation(lm, skill: Skill, items: list[Item], metric: str, *, batch
 def evaluate(lm, skill, metric: str = "token_accuracy", *, batch_size: int = 8,
              max_length: int = 512, abstainer=None, max_new_tokens: int | None = None,
              progress: bool = True, shots=None, n_shots: int = 8, seed: int = 0,
-             data_dir=None, sandbox_timeout: float = 10.0, on_batch=None) -> SkillScore:
+             data_dir=None, sandbox_timeout: float = 10.0, on_batch=None,
+             on_logits=None) -> SkillScore:
     """Score ``lm`` (spec or ``LoadedModel``) on ``skill`` (``Skill``, items, or a spec string:
     then its *eval* part). Generation metrics use ``max_new_tokens`` (default per item kind:
     GSM8K 256, code 384, QA 24), and for GSM8K ``n_shots`` examples (``shots``, default: the
@@ -240,8 +246,8 @@ def evaluate(lm, skill, metric: str = "token_accuracy", *, batch_size: int = 8,
     context and ``n_truncated`` counts items cut to it (generation: prompts cut to
     ``max_length - max_new_tokens``); ``n_merged_boundary`` counts items whose prompt and
     answer share a token (module docstring); compare two scores with :func:`relative` (``< 1``: worse).
-    ``on_batch``: passed to :func:`teacher_forced` (teacher-forced metrics; indices into the
-    items not abstained)."""
+    ``on_batch``, ``on_logits``: passed to :func:`teacher_forced` (teacher-forced metrics;
+    batch indices are into the items not abstained)."""
     if metric not in METRICS:
         raise SkillLensError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
     if batch_size < 1:
@@ -257,7 +263,7 @@ def evaluate(lm, skill, metric: str = "token_accuracy", *, batch_size: int = 8,
         elif metric in TEACHER_FORCED:
             rows = teacher_forced(lm, answered, batch_size=batch_size, max_length=max_length,
                                   progress=progress, desc=f"eval {skill.name}",
-                                  on_batch=on_batch)
+                                  on_batch=on_batch, on_logits=on_logits)
             for r in rows:
                 r["score"] = r["accuracy"] if metric == "token_accuracy" else r["nll"]
         else:

@@ -23,6 +23,15 @@ all ``n_items``, as in :func:`skilllens.eval.evaluate`.
 within ``z = 2`` binomial standard errors of chance (``acc - 0.25 < 2 * sqrt(0.25 * 0.75 / n)``):
 relative performance ``after / before`` of a model that is at chance before says nothing about
 forgetting, so reports mark it.
+
+**One pass** (:class:`ChoiceRecorder`). Teacher forcing of an item's answer text computes the
+logits at the last prompt token, which is all that the log-likelihood of a one-token choice
+needs: ``log p(choice | prompt)`` is one entry of that row's float32 log-softmax. An item
+qualifies when every ``prompt + choice`` encodes as exactly the prompt ids of the
+teacher-forced encoding plus one token; the others (and items a pass did not cover) get their
+own choice passes, so the numbers are the same either way. :func:`evaluate_multiple_choice`
+uses it (one pass for ``acc`` and ``token_accuracy``); so can any caller of
+``evaluate(..., on_logits=rec.on_logits)``.
 """
 from __future__ import annotations
 
@@ -31,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from skilllens.core.batching import Encoded, encode_items, iter_batches, n_batches
+from skilllens.core.batching import Encoded, clamp_length, encode_items, iter_batches, n_batches
 from skilllens.data import Item, as_skill
 from skilllens.errors import DataError
 
@@ -143,23 +152,36 @@ class MultipleChoiceScore:
 
 def score_items(lm, items: list[Item], abstained: list[bool] | None = None, *,
                 batch_size: int = 8, max_length: int = 512, progress: bool = False,
-                token_accuracy: bool = True) -> list[dict]:
+                token_accuracy: bool = True, known: dict | None = None) -> list[dict]:
     """Per-item rows ``{"id", "abstained", "lls", "gold", "acc", "acc_norm", "token_accuracy"}``
-    (abstained: 0 everywhere, ``lls`` None)."""
+    (abstained: 0 everywhere, ``lls`` None). ``known``: ``{item position: [ll per choice]}``
+    already computed (:class:`ChoiceRecorder`); only the other
+    items' choices are scored here."""
     from skilllens.eval.evaluation import teacher_forced
 
     abstained = abstained if abstained is not None else [False] * len(items)
+    known = dict(known or {})
     answered = [it for it, a in zip(items, abstained) if not a]
-    pairs, spans = [], []
-    for it in answered:
+    tf = [{"accuracy": float("nan")}] * len(answered)
+    if token_accuracy and answered:  # one pass: the choices' lls come with the answer's logits
+        rec = ChoiceRecorder(lm, answered, max_length, batch_size)
+        tf = teacher_forced(lm, answered, batch_size=batch_size, max_length=max_length,
+                            progress=False, on_logits=rec.on_logits)
+        where = [p for p, a in enumerate(abstained) if not a]
+        known.update({where[i]: v for i, v in rec.lls.items()})
+    pairs, spans, lls = [], [], []
+    for pos, (it, a) in enumerate(zip(items, abstained)):
+        if a:
+            continue
         conts, gold = choice_strings(it)
+        if pos in known:  # stored as (ll, is_greedy, n_tokens) like the pairs scored below
+            spans.append((-1 - len(lls), len(conts), gold, conts))
+            lls.append(known[pos])
+            continue
         spans.append((len(pairs), len(conts), gold, conts))
         pairs += [(it.prompt, c) for c in conts]
-    lls = continuation_loglikelihoods(lm, pairs, batch_size=batch_size, max_length=max_length,
-                                      progress=progress, desc="choices") if pairs else []
-    tf = teacher_forced(lm, answered, batch_size=batch_size, max_length=max_length,
-                        progress=False) if token_accuracy and answered else \
-        [{"accuracy": float("nan")}] * len(answered)
+    scored = continuation_loglikelihoods(lm, pairs, batch_size=batch_size, max_length=max_length,
+                                         progress=progress, desc="choices") if pairs else []
     rows, k = [], 0
     for it, a in zip(items, abstained):
         if a:
@@ -168,7 +190,7 @@ def score_items(lm, items: list[Item], abstained: list[bool] | None = None, *,
                          "token_accuracy": 0.0})
             continue
         start, n, gold, conts = spans[k]
-        ll = [lls[start + j][0] for j in range(n)]
+        ll = list(lls[-1 - start]) if start < 0 else [scored[start + j][0] for j in range(n)]
         norm = [v / len(c.strip()) for v, c in zip(ll, conts)]   # lm-eval: len(choice)
         pred = max(range(n), key=lambda j: (ll[j], -j))
         pred_n = max(range(n), key=lambda j: (norm[j], -j))
@@ -219,3 +241,48 @@ def evaluate_multiple_choice(lm, skill, *, abstainer=None, batch_size: int = 8,
     rows = score_items(lm, items, abstained, batch_size=batch_size, max_length=max_length,
                        progress=progress, token_accuracy=token_accuracy)
     return summarize_choices(skill.name, rows)
+
+
+class ChoiceRecorder:
+    """Collects choice log-likelihoods of ``items`` during ``evaluate(..., on_logits=...)``
+    (no abstainer: batch indices must be positions in ``items``)."""
+
+    def __init__(self, lm, items, max_length: int = 512, batch_size: int = 8):
+        self.lm, self.items = lm, list(items)
+        self.max_length, self.batch_size = max_length, batch_size
+        used = clamp_length(max_length, lm.model, lm.tokenizer)
+        tf = encode_items(self.items, lm.tokenizer, used)
+        self._cands: dict[int, list[int]] = {}
+        for i, (it, e) in enumerate(zip(self.items, tf)):
+            conts, _ = choice_strings(it)
+            prompt = e.ids[:e.prompt_len]
+            if e.prompt_len >= len(e.ids):
+                continue  # nothing teacher-forced after the prompt: no logits there
+            encs = encode_items([Item(f"c{k}", it.prompt, c) for k, c in enumerate(conts)],
+                                lm.tokenizer, used)
+            if all(c.ids[:-1] == prompt and c.prompt_len == len(prompt) for c in encs):
+                self._cands[i] = [c.ids[-1] for c in encs]
+        self.lls: dict[int, list[float]] = {}
+
+    def on_logits(self, batch, cols: torch.Tensor, logits: torch.Tensor) -> None:
+        """:func:`~skilllens.eval.evaluation.teacher_forced`'s ``on_logits`` callback."""
+        col_of = {int(c): j for j, c in enumerate(cols.tolist())}
+        for r, i in enumerate(batch.index.tolist()):
+            cand = self._cands.get(i)
+            j = col_of.get(int(batch.prompt_lens[r]) - 1)
+            if cand is None or j is None:
+                continue
+            lp = torch.log_softmax(logits[r, j].float(), -1)
+            self.lls[i] = [float(lp[t].double()) for t in cand]
+
+    @property
+    def n_read(self) -> int:
+        """Items whose choices were read from the teacher-forced pass."""
+        return len(self.lls)
+
+    def score(self, name: str, abstained: list[bool] | None = None) -> MultipleChoiceScore:
+        """The items' :class:`MultipleChoiceScore` (``token_accuracy`` NaN: the evaluation has
+        it); items not read are scored by their own choice passes."""
+        rows = score_items(self.lm, self.items, abstained, batch_size=self.batch_size,
+                           max_length=self.max_length, token_accuracy=False, known=self.lls)
+        return summarize_choices(name, rows)

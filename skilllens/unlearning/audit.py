@@ -22,7 +22,6 @@ number ``evaluate(..., abstainer=ksd)`` returns, without scoring every kept item
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 import warnings
@@ -130,7 +129,6 @@ def _is_language_audit(cfg: AuditConfig) -> bool:
 def run_audit(cfg: AuditConfig, lm=None) -> dict:
     """Run the audit described by ``cfg``; write everything into ``cfg.out``; return results."""
     from skilllens.core.collect import collect
-    from skilllens.eval import evaluate
     from skilllens.unlearning.key_space import KeySpaceDetector
     from skilllens.core.models import load_model
     from skilllens.data import combine_skills
@@ -167,17 +165,10 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
                                              cfg.batch_size, active=not moe_layer)
                      for s in names}
 
-    def baseline_run():
-        out = {}
-        for s in names:
-            rec = recorders.get(s)
-            with rec if rec is not None else contextlib.nullcontext():
-                out[s] = evaluate(lm, parts[s][1], on_batch=rec and rec.on_batch, **ev)
-        return out
-    baseline = timed("baseline", baseline_run)
     from skilllens.unlearning import columns as mcq  # multiple-choice skills (MMLU-Redux)
     mc_names = mcq.multiple_choice_skills({s: parts[s] for s in cfg.retain})
-    mc_base = timed("baseline_mc", lambda: mcq.score_multiple_choice(lm, parts, mc_names, ev))
+    baseline, mc_base = timed("baseline", lambda: mcq.score_skills(lm, parts, names, mc_names,
+                                                                   ev, recorders))
     results: dict = {"model": lm.name, "forget": cfg.forget, "retain": list(cfg.retain),
                      "metric": cfg.metric, "relative_definition": relative_definition(cfg.metric),
                      "abstention": ABSTENTION_RULE,
@@ -261,8 +252,7 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
 
         def run_method(method=method):
             with method.applied(lm):
-                return ({s: evaluate(lm, parts[s][1], **ev) for s in names},
-                        mcq.score_multiple_choice(lm, parts, mc_names, ev))
+                return mcq.score_skills(lm, parts, names, mc_names, ev)
         scores, mc = timed(name, run_method)
         if mc_names:
             results["multiple_choice"]["methods"][name] = mcq.entry(mc, mc_base)

@@ -19,14 +19,31 @@ def multiple_choice_skills(parts: dict) -> list[str]:
             if ev.items and all("choices" in it.meta for it in ev.items)]
 
 
-def score_multiple_choice(lm, parts: dict, skills: list[str], ev: dict) -> dict:
-    """``{skill: MultipleChoiceScore}`` on the eval parts (interventions active if the caller
-    applied them); the token accuracy is left out (the audit's own ``evaluate`` has it)."""
-    from skilllens.eval.multiple_choice import evaluate_multiple_choice
+def score_skills(lm, parts: dict, names: list[str], mc_names: list[str], ev: dict,
+                 recorders: dict | None = None) -> tuple[dict, dict]:
+    """``({skill: SkillScore}, {mc skill: MultipleChoiceScore})`` on the eval parts, one
+    teacher-forced pass per skill (interventions active if the caller applied them): the
+    multiple-choice scores of ``mc_names`` are read from that pass
+    (:class:`~skilllens.eval.multiple_choice.ChoiceRecorder`; lm-eval ``acc``/``acc_norm``,
+    ``token_accuracy`` left to ``evaluate``); ``recorders``: ``{skill: recorder}`` entered
+    around its pass and given each batch (``PromptVectorRecorder``: KSD's queries)."""
+    import contextlib
 
-    return {s: evaluate_multiple_choice(lm, parts[s][1], batch_size=ev["batch_size"],
-                                        max_length=ev["max_length"], progress=ev["progress"],
-                                        token_accuracy=False) for s in skills}
+    from skilllens.eval import evaluate
+    from skilllens.eval.multiple_choice import ChoiceRecorder
+
+    scores, mc = {}, {}
+    for s in names:
+        items = parts[s][1].items
+        rec = (recorders or {}).get(s)
+        ch = ChoiceRecorder(lm, items, ev["max_length"], ev["batch_size"]) \
+            if s in mc_names else None
+        with rec if rec is not None else contextlib.nullcontext():
+            scores[s] = evaluate(lm, parts[s][1], on_batch=rec and rec.on_batch,
+                                 on_logits=ch and ch.on_logits, **ev)
+        if ch is not None:
+            mc[s] = ch.score(s)
+    return scores, mc
 
 
 def entry(scores: dict, baseline: dict | None = None) -> dict:
