@@ -151,3 +151,63 @@ def test_cli_runs_offline_with_na_and_ksd(lm, tmp_path, capsys, monkeypatch):
                 "--limit", "2", "--device", "cpu"])
     out = capsys.readouterr().out
     assert code == 0 and "skilllens_mmlu_redux" in out and "acc" in out
+
+
+def _plain_python(code: str, **env):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **env})
+
+
+def test_lm_evals_own_registry_and_task_manager_see_skilllens():
+    """skilllens-lmeval.pth (installed with skilllens) registers the model type and the task
+    folder when lm_eval is imported in a fresh interpreter; nothing of skilllens or torch is
+    imported before that, and SKILLLENS_NO_LMEVAL_PLUGIN=1 switches it off."""
+    code = ("import sys; from lm_eval.api.registry import get_model; "
+            "from lm_eval.tasks import TaskManager; "
+            "print(get_model('skilllens').__name__, get_model('hf').__name__, "
+            "sorted(t for t in TaskManager().all_tasks if t.startswith('skilllens_')))")
+    got = _plain_python(code)
+    assert got.returncode == 0, (f"{got.stderr[-2000:]}\nlm_eval does not see skilllens: is "
+                                 f"skilllens installed (pip install -e .)?")
+    assert "SkillLensLM HFLM ['skilllens_gsm8k', 'skilllens_mmlu_redux', 'skilllens_xquad_de',"\
+        " 'skilllens_xquad_en']" in got.stdout
+    bare = _plain_python("import sys; print('torch' in sys.modules, 'skilllens' in sys.modules)")
+    assert bare.stdout.split() == ["False", "False"]
+    off = _plain_python(code, SKILLLENS_NO_LMEVAL_PLUGIN="1")
+    assert off.returncode != 0 and "skilllens" in off.stderr
+
+
+def test_lm_eval_command_line_runs_skilllens_offline_with_na_and_ksd(lm, tmp_path):
+    """The issue's command, lm-eval's own console script: lm_eval --model skilllens
+    --model_args pretrained=SPEC,edits=na+ksd --tasks skilllens_mmlu_redux (no network)."""
+    import os
+    import shutil
+    import subprocess
+
+    exe = shutil.which("lm_eval")
+    if exe is None:
+        pytest.skip("lm-eval's lm_eval command is not on PATH")
+    na = NeuronAdjuster(percent=5).fit(lm, ["1+1=2", "2+2=4"], ["a cat", "a dog"],
+                                       progress=False)
+    na.save(tmp_path / "na.safetensors")
+    ksd = _ksd_on(lm, [it.prompt for it in sample_skill(load_skill("gsm8k"), 4).items])
+    ksd.save(tmp_path / "ksd.safetensors")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    got = subprocess.run([exe, "--model", "skilllens", "--model_args",
+                          f"pretrained=tiny-llama,max_length=1024,edits="
+                          f"{tmp_path / 'na.safetensors'}+{tmp_path / 'ksd.safetensors'}",
+                          "--tasks", "skilllens_mmlu_redux", "--limit", "2", "--device", "cpu",
+                          "--output_path", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert got.returncode == 0, got.stderr[-3000:]
+    assert "skilllens_mmlu_redux" in got.stdout and "acc" in got.stdout
+    import json
+    res = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
+    info = res["config"]["skilllens"]
+    assert res["config"]["model"] == "skilllens" and info["model"] == "tiny-llama"
+    assert [p.rsplit("/", 1)[-1] for p in info["edits"]] == ["na.safetensors", "ksd.safetensors"]
+    assert len(info["methods"]) == 2 and info["requests"]["loglikelihood"] == 8

@@ -1,12 +1,15 @@
 """lm-evaluation-harness bridge: the ``skilllens`` model type and offline ``skilllens_*`` tasks.
 
-Importing this package registers the model type with lm-eval's registry (lm-eval 0.4 finds
-models only in its own table, so use ``skilllens lm-eval ...`` or ``python -m skilllens.lmeval
-...`` on the command line: the same arguments as ``lm_eval``, with the registration done and
-the offline tasks on the include path)::
+lm-eval's own command line sees both once skilllens is installed (``skilllens-lmeval.pth`` and
+``skilllens_lmeval_hook``: the model type is registered, and the task folder indexed, when lm-eval
+imports its registry and task manager)::
 
-    skilllens lm-eval --model skilllens --model_args pretrained=smollm2-135m,edits=na.safetensors \\
+    lm_eval --model skilllens --model_args pretrained=smollm2-135m,edits=na.safetensors \
         --tasks skilllens_gsm8k,skilllens_mmlu_redux --limit 20
+
+``skilllens lm-eval ARGS`` / ``python -m skilllens.lmeval ARGS`` do the same registration
+themselves (for ``python -S``/``-I`` or ``SKILLLENS_NO_LMEVAL_PLUGIN=1``). Importing this package
+registers the model type too.
 
 From Python::
 
