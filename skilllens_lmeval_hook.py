@@ -35,10 +35,13 @@ def tasks_dir() -> str | None:
 
 
 def _register_model(module) -> None:
-    from lm_eval.api.registry import model_registry
+    from lm_eval.api import registry
 
-    if "skilllens" not in model_registry:
-        model_registry.register("skilllens", target=MODEL_TARGET)
+    if not hasattr(registry, "model_registry"):  # lm-eval < 0.4.9: no lazy entries; the
+        import importlib                          # module registers itself by decorator
+        importlib.import_module(MODEL_TARGET.split(":")[0])
+    elif "skilllens" not in registry.model_registry:
+        registry.model_registry.register("skilllens", target=MODEL_TARGET)
 
 
 def _add_task_folder(module) -> None:
