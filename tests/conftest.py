@@ -31,6 +31,18 @@ def data_file(data_dir):
     return find
 
 
+@pytest.fixture
+def run_notebook(monkeypatch, data_dir):
+    """``run_notebook("grafting.ipynb", cwd=..., timeout=...)``: execute that notebook top to
+    bottom (tests/_notebooks.py) and return its outputs. The kernel reads this checkout's
+    skilllens (PYTHONPATH), the tests' data folder ($SKILLLENS_DATA) and runs on one thread."""
+    from _notebooks import execute_notebook
+    monkeypatch.setenv("SKILLLENS_DATA", str(data_dir))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    return execute_notebook
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     from skilllens import load_model
