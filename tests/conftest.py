@@ -43,6 +43,25 @@ def run_notebook(monkeypatch, data_dir):
     return execute_notebook
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test, restored after (the shared 2-core CPU thrashes with two
+    threads on tiny models). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    """tiny-llama, loaded once per test module (a module's own copy: a test that patches it and
+    fails leaks no further than its file). Modules that need another model define their own."""
+    from skilllens import load_model
+    return load_model("tiny-llama")
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     from skilllens import load_model
