@@ -31,6 +31,37 @@ def data_file(data_dir):
     return find
 
 
+@pytest.fixture
+def run_notebook(monkeypatch, data_dir):
+    """``run_notebook("grafting.ipynb", cwd=..., timeout=...)``: execute that notebook top to
+    bottom (tests/_notebooks.py) and return its outputs. The kernel reads this checkout's
+    skilllens (PYTHONPATH), the tests' data folder ($SKILLLENS_DATA) and runs on one thread."""
+    from _notebooks import execute_notebook
+    monkeypatch.setenv("SKILLLENS_DATA", str(data_dir))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    return execute_notebook
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test, restored after (the shared 2-core CPU thrashes with two
+    threads on tiny models). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    """tiny-llama, loaded once per test module (a module's own copy: a test that patches it and
+    fails leaks no further than its file). Modules that need another model define their own."""
+    from skilllens import load_model
+    return load_model("tiny-llama")
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     from skilllens import load_model

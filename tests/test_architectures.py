@@ -187,10 +187,10 @@ def test_per_layer_d_ff_collect_and_methods():
     res = collect(lm, texts, sites=["gate", "key"], progress=False)
     assert res["gate", 0].mean.shape == (64,) and res["key", 2].mean.shape == (128,)
     assert res.stacked("gate").shape == (3, 128)  # narrower layers padded with NaN
-    assert KeySpaceDetector().fit(lm, texts, progress=False).m.shape == (128,)
+    assert KeySpaceDetector().fit(lm, texts, progress=False).m_.shape == (128,)
     na = NeuronAdjuster(percent=30, site="gate").fit(lm, texts[:2], texts[2:], progress=False)
     assert na.n_selected > 0 and all(int(p.index.max()) < ad.d_ff_at(l)
-                                     for l, p in na.params.items())
+                                     for l, p in na.params_.items())
 
 
 @pytest.mark.parametrize("model_type,offset", [("vaultgemma", 1.0), ("nemotron", 1.0),

@@ -162,7 +162,7 @@ def test_supported_type_end_to_end(model_type):
         torch.testing.assert_close(y * sign, scale.detach().double(), rtol=1e-4, atol=1e-5)
     # KSD and Neuron Adjust fit; applied changes the logits and restores them bit-exactly
     ksd = KeySpaceDetector(layer=-1).fit(lm, TEXTS, progress=False)
-    assert ksd.m.shape == (ad.d_ff_at(-1),) and ksd.k > 0
+    assert ksd.m_.shape == (ad.d_ff_at(-1),) and ksd.k_ > 0
     assert ksd.abstains(lm, TEXTS[:2]).dtype == torch.bool
     na = NeuronAdjuster(percent=20, site="gate").fit(lm, TEXTS[:2], TEXTS[2:], progress=False)
     ids = torch.tensor([lm.tokenizer(TEXTS[3])["input_ids"]])

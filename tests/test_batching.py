@@ -228,8 +228,8 @@ def test_no_pad_and_no_eos_token_everywhere(btok):
     for k in want.keys():
         assert torch.allclose(got[k].mean, want[k].mean, atol=1e-10)
     ksd = KeySpaceDetector(layer=1, batch_size=3).fit(lm, texts, progress=False)
-    assert torch.allclose(ksd.m, KeySpaceDetector(layer=1, batch_size=3).fit(
-        ref, texts, progress=False).m, atol=1e-10)
+    assert torch.allclose(ksd.m_, KeySpaceDetector(layer=1, batch_size=3).fit(
+        ref, texts, progress=False).m_, atol=1e-10)
     items = [Item(str(i), t[:3], t[3:] or "x") for i, t in enumerate(texts)]
     a = evaluate(lm, items, batch_size=2, progress=False)
     b = evaluate(ref, items, batch_size=2, progress=False)

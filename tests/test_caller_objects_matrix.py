@@ -186,8 +186,8 @@ def ep_key_space(model, tok, tmp):
     with ksd.applied(lm):
         pass
     again = KeySpaceDetector.load(ksd.save(tmp / "ksd.safetensors"), lm)
-    torch.testing.assert_close(again.m, ksd.m)
-    return {"m": ksd.m, "abstains": torch.tensor(ksd.abstains(lm, ["2+2=", "zz"]))}
+    torch.testing.assert_close(again.m_, ksd.m_)
+    return {"m": ksd.m_, "abstains": torch.tensor(ksd.abstains(lm, ["2+2=", "zz"]))}
 
 
 def _ft(lm):

@@ -10,6 +10,7 @@ from skilllens import load_model
 from skilllens.concepts import (BehaviourSuite, Concept, ConceptAblation, SetSelector,
                                 TeacherForced, ablated, answer_logprob, greedy_generate,
                                 random_control, split_indices)
+from skilllens.concepts.generation import generate, generate_answers, qa_prompts
 from skilllens.concepts.select import Screened
 from skilllens.errors import DataError
 
@@ -89,6 +90,24 @@ def test_teacher_forced_matches_answer_logprob_and_shortcut_is_exact(lm):
         assert torch.allclose(short.nan_to_num(), full.nan_to_num(), atol=1e-5)
         assert tf.drop(1) != 0
     assert tf.drop(0) == pytest.approx(0.0, abs=1e-6)  # restored model: no drop
+
+
+@pytest.mark.parametrize("call", [
+    lambda lm: qa_prompts("What is zq?"),
+    lambda lm: generate_answers(lm, "What is zq?", max_new_tokens=2),
+    lambda lm: generate(lm, "Question: a?\n Answer:", max_new_tokens=2),
+    lambda lm: answer_logprob(lm, "ab", "cd"),                   # was: two one-letter pairs
+    lambda lm: answer_logprob(lm, ["Question: a?\n Answer:"], "y"),
+    lambda lm: TeacherForced(lm, "ab", "cd"),
+    lambda lm: TeacherForced(lm, ["Question: a?\n Answer:"], "y"),
+    lambda lm: TeacherForced(lm, "ab", None, answer_ids=[[5], [6]], max_new_tokens=4),
+], ids=["qa_prompts", "generate_answers", "generate", "answer_logprob", "answer_logprob-answers",
+        "TeacherForced", "TeacherForced-answers", "TeacherForced-answer_ids"])
+def test_one_string_is_not_a_list_of_prompts(call, lm):
+    """A bare string given for a list of prompts/questions/answers raises the library's one
+    error; it used to be read as one prompt per character."""
+    with pytest.raises(DataError, match="must be a list, got one string .*wrap it as \\[text\\]"):
+        call(lm)
 
 
 def test_attribution_predicts_zero_ablation_drop(lm):

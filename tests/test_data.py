@@ -302,8 +302,8 @@ def test_fits_from_names_use_probe_parts_and_lists_of_names(tiny_llama, monkeypa
     for est, site in ((NeuronAdjuster(percent=5), "gate"), (SelectivePruner(percent=5), "key")):
         est.fit(tiny_llama, "gsm8k", ["humaneval", "xquad-en"], forget_stats=stats[site],
                 retain_stats=stats[site], progress=False)
-        assert est.meta["forget_hash"] == forget.digest(), type(est).__name__
-        assert est.meta["retain_hash"] == pooled.digest(), type(est).__name__
+        assert est.meta_["forget_hash"] == forget.digest(), type(est).__name__
+        assert est.meta_["retain_hash"] == pooled.digest(), type(est).__name__
 
     seen = []
 

@@ -70,7 +70,7 @@ def test_fitted_neuron_adjuster_and_pruner_name_their_selection(lm):
         assert f"{m.n_selected} {m.site} neurons selected" in h
         for l, n in per_layer.items():  # the per-layer table: one row per layer with its count
             assert f"<tr><td>{l}</td><td>{n}</td></tr>" in h
-        assert m.meta["forget_hash"][:16] in h and m.meta["retain_hash"][:16] in h
+        assert m.meta_["forget_hash"][:16] in h and m.meta_["retain_hash"][:16] in h
         assert lm.fingerprint["id"] in h and len(_images_inline(h)) == 1
         assert f"<td>percent</td><td>{m.percent}</td>" in h
 
@@ -96,7 +96,7 @@ def test_display_reads_renamed_fitted_attributes(lm):
     sp = SelectivePruner(percent=5).fit(lm, FORGET, RETAIN, progress=False)
 
     class Renamed:
-        selected_, scores_, fitted_layers_ = sp.selected, sp.scores, sp.fitted_layers
+        selected_, scores_, fitted_layers_ = sp.selected_, sp.scores_, sp.fitted_layers_
     assert _top_rows(Renamed())[1] == _top_rows(sp)[1] != []
 
 
@@ -106,9 +106,9 @@ def test_key_space_detector_and_report_display(lm):
     ksd = KeySpaceDetector(alpha=3.0).fit(lm, FORGET, progress=False)
     ksd.calibrate(lm, RETAIN)
     h = ksd._repr_html_()
-    assert f"{ksd.k:.6g}" in h and "Detector calibration" in h
+    assert f"{ksd.k_:.6g}" in h and "Detector calibration" in h
     assert f"calibrated on {len(RETAIN)} retain probe queries" in h
-    assert ksd.meta["forget_hash"][:16] in h
+    assert ksd.meta_["forget_hash"][:16] in h
     rep = ksd.evaluate_detection(lm, FORGET, RETAIN)
     hr = rep._repr_html_()
     assert f"AUC {rep.auc:.4f}" in hr and f"{rep.tpr:.3f}" in hr and len(_images_inline(hr)) == 1

@@ -10,17 +10,7 @@ from skilllens.grafting.tasks import (build_task, encode_task_items, label_token
                                       task_logits, task_loss)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return load_model("tiny-llama")
+pytestmark = pytest.mark.usefixtures("one_thread")  # lm, one_thread: tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -15,17 +15,7 @@ from skilllens.grafting.tasks import build_task
 from skilllens.grafting import GraftError, GraftLocalizer, global_topk_masks, soft_graft, soft_mask
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the shared 2-core CPU thrashes with 2 threads on tiny models
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return load_model("tiny-llama")
+pytestmark = pytest.mark.usefixtures("one_thread")  # lm, one_thread: tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ def test_binary_search_k_agrees_with_exact_k_and_bounds_the_probes():
     ksd = KeySpaceDetector(alpha=1.0).fit_vectors(v)
     m, s = v.double().mean(0), v.double().std(0, correction=0)
     ref = float(((v.double() - m).abs() / s).max())     # float64 reference
-    assert ksd.k == pytest.approx(ref, rel=1e-6)
-    assert ksd.k_exact == pytest.approx(ref, rel=1e-6)
+    assert ksd.k_ == pytest.approx(ref, rel=1e-6)
+    assert ksd.k_exact_ == pytest.approx(ref, rel=1e-6)
     assert search_k(v, m, s) == pytest.approx(exact_k(v, m, s), rel=1e-7)
     assert bool(ksd.inside(v).all())                     # every probe inside at alpha = 1
     assert not bool(ksd.inside(v, alpha=0.99).all())     # k is the smallest such scale
@@ -32,7 +32,7 @@ def test_zero_std_dimensions_are_guarded():
     v[:, 2] = 0.7                                        # a constant dimension: s == 0
     ksd = KeySpaceDetector(alpha=1.0).fit_vectors(v)
     assert ksd.n_degenerate_dims == 1
-    assert torch.isfinite(torch.tensor(ksd.k)) and bool(ksd.inside(v).all())
+    assert torch.isfinite(torch.tensor(ksd.k_)) and bool(ksd.inside(v).all())
     assert torch.isfinite(ksd.scores(v + 1)).all()
 
 
@@ -45,7 +45,7 @@ def test_report_roc_fpr_and_deciding_dimensions():
     retain[:3] = forget[:3] * 1.001                      # a few retain queries look in-skill
     rep = ksd.report(forget, retain, top_dims=5)
     # independent references: Mann-Whitney AUC, counts of inside / outside per dim
-    dev = lambda x: ((x.double() - ksd.m).abs() / (ksd.k * ksd.s))  # noqa: E731
+    dev = lambda x: ((x.double() - ksd.m_).abs() / (ksd.k_ * ksd.s_))  # noqa: E731
     sf, sr = dev(forget).max(1).values, dev(retain).max(1).values
     auc = np.mean([(a < b) + 0.5 * (a == b) for a in sf.tolist() for b in sr.tolist()])
     assert rep.auc == pytest.approx(auc)
@@ -102,7 +102,7 @@ def test_save_load_and_fingerprint(tiny_llama, tmp_path):
     ksd = KeySpaceDetector(alpha=1.5, layer=0).fit(tiny_llama, PROBES, progress=False)
     path = ksd.save(tmp_path / "ksd.safetensors")
     back = KeySpaceDetector.load(path, tiny_llama)
-    assert back.k == ksd.k and back.alpha == 1.5 and back.layer == 0
+    assert back.k_ == ksd.k_ and back.alpha == 1.5 and back.layer == 0
     assert torch.equal(back.abstains(tiny_llama, PROBES), ksd.abstains(tiny_llama, PROBES))
     with pytest.raises(FingerprintMismatchError):
         KeySpaceDetector.load(path, load_model("tiny-gpt2"))
@@ -159,7 +159,7 @@ def test_calibration_matches_an_independent_numpy_computation():
                                                                   100.0)
         # the detector's m, s come from float32-accumulated statistics: ~1e-7 relative
         assert ksd.alpha == pytest.approx(want, rel=1e-6)
-        cal = ksd.calibration
+        cal = ksd.calibration_
         assert cal["alpha_feasible_max"] == pytest.approx(a_hi, rel=1e-6)
         tol = 1 + 1e-9  # alpha may equal a held-out score (margin 0): rounding either way
         assert cal["forget_probe_catch"] == pytest.approx(
@@ -190,9 +190,9 @@ def test_calibration_widens_as_well_as_narrows():
     held = ksd.probe_heldout_scores_
     assert float(held.max()) > 2.0  # some unseen forget queries need alpha > 2
     ksd.calibrate_vectors(retain, max_fpr=0.05)
-    assert ksd.alpha > 2.0 and ksd.calibration["forget_probe_catch"] == 1.0
+    assert ksd.alpha > 2.0 and ksd.calibration_["forget_probe_catch"] == 1.0
     assert ksd.alpha == pytest.approx(float(held.max()) * 1.1)
-    assert ksd.calibration["retain_probe_fpr"] == 0.0
+    assert ksd.calibration_["retain_probe_fpr"] == 0.0
     unseen = torch.randn(200, d, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     assert ksd.inside(unseen).double().mean() > KeySpaceDetector(alpha=2.0).fit_vectors(
         probe).inside(unseen).double().mean()

@@ -76,7 +76,7 @@ def test_artifact_fitted_on_base_rejects_a_finetuned_copy(tmp_path):
         KeySpaceDetector.load(path, ft)
     with pytest.raises(FingerprintMismatchError):
         ksd.abstains(ft, ["2+2="])
-    assert KeySpaceDetector.load(path, skilllens.load_model("tiny-llama")).k == ksd.k
+    assert KeySpaceDetector.load(path, skilllens.load_model("tiny-llama")).k_ == ksd.k_
 
 
 def test_scheme_1_artifacts_are_rejected_and_can_be_restamped(tmp_path):
@@ -94,7 +94,7 @@ def test_scheme_1_artifacts_are_rejected_and_can_be_restamped(tmp_path):
         restamp(path, other)
     restamp(path, lm)
     assert read_metadata(path)["fingerprint"]["id"] == lm.fingerprint["id"]
-    assert KeySpaceDetector.load(path, lm).k == 1.0
+    assert KeySpaceDetector.load(path, lm).k_ == 1.0
     with pytest.raises(SkillLensError, match="needs no re-stamping"):
         restamp(path, lm)
 

@@ -107,9 +107,9 @@ def test_unseen_experts_are_never_selected(lm):
 
     forget, retain = fake(0, 0.1), fake(10, 0.0)
     na = NeuronAdjuster(percent=10).fit_stats(forget, retain)
-    assert not ((na.params[1].index >= 32) & (na.params[1].index < 64)).any()
+    assert not ((na.params_[1].index >= 32) & (na.params_[1].index < 64)).any()
     sp = SelectivePruner(percent=10).fit_stats(forget, retain)
-    assert not ((sp.selected[1] >= 32) & (sp.selected[1] < 64)).any()
+    assert not ((sp.selected_[1] >= 32) & (sp.selected_[1] < 64)).any()
 
 
 def test_reroute_matches_brute_force():

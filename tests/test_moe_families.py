@@ -171,7 +171,7 @@ def test_neuron_adjust_and_ksd_fit(fam):
             lm.model(**ids)
         assert torch.equal(lm.model(**ids).logits, before)
     ksd = KeySpaceDetector(alpha=1.0).fit(lm, forget, progress=False)
-    assert ksd.m.shape[0] == lm.adapter.width(lm.adapter.n_layers - 1)
+    assert ksd.m_.shape[0] == lm.adapter.width(lm.adapter.n_layers - 1)
     assert ksd.abstains(lm, forget).all()
 
 
@@ -188,8 +188,8 @@ def test_dense_and_moe_layers_in_one_model():
     stacked = res.stacked("gate")
     assert stacked.shape == (2, 80) and torch.isnan(stacked[0, 48:]).all()
     na = NeuronAdjuster(percent=20, batch_size=2).fit(lm, TEXTS[:2], TEXTS[2:], progress=False)
-    assert set(na.params) <= {0, 1} and all(int(p.index.max()) < ad.d_ff_at(l)
-                                             for l, p in na.params.items())
+    assert set(na.params_) <= {0, 1} and all(int(p.index.max()) < ad.d_ff_at(l)
+                                             for l, p in na.params_.items())
     ids = {"input_ids": lm.tokenizer(["mixed layers"], return_tensors="pt")["input_ids"]}
     with torch.no_grad():
         before = lm.model(**ids).logits

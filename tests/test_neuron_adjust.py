@@ -32,7 +32,7 @@ def _random_stats(seed=0, n_layers=3, d=40, rows=200):
 def test_std_is_a_real_standard_deviation_not_a_variance():
     f, r = _random_stats()
     na = NeuronAdjuster(percent=100).fit_stats(_collection(f), _collection(r))
-    for l, p in na.params.items():
+    for l, p in na.params_.items():
         ref_f = f[l].double().std(0, correction=0)[p.index]  # float64 reference
         ref_r = r[l].double().std(0, correction=0)[p.index]
         assert torch.allclose(p.sd_f.double(), ref_f, rtol=1e-5)
@@ -94,7 +94,7 @@ def test_identical_tokens_in_one_forward_get_different_decisions(tiny_llama):
     assert torch.allclose(x0, x0[:1].expand_as(x0))
     f = {0: torch.randn(50, 64) + 1, 1: torch.randn(50, 64) + 1}
     na = NeuronAdjuster(percent=100, scope="per_layer").fit_stats(_collection(f), _collection(f), lm)
-    for l, p in na.params.items():                   # force p_f/(p_f+p_r) ~ 0.5 at these values
+    for l, p in na.params_.items():                   # force p_f/(p_f+p_r) ~ 0.5 at these values
         val = seen["x"][0, 0, p.index] if l == 0 else p.mu_f
         p.mu_f, p.mu_r = val.clone(), val + 0.05
         p.sd_f, p.sd_r = torch.ones_like(val), torch.ones_like(val)
@@ -127,12 +127,12 @@ def test_selection_rules_against_references():
     assert signed.n_selected == k
     flat = torch.topk((mf - mr).reshape(-1), k).indices
     want = {(int(i) // 40, int(i) % 40) for i in flat}
-    got = {(l, int(i)) for l, p in signed.params.items() for i in p.index}
+    got = {(l, int(i)) for l, p in signed.params_.items() for i in p.index}
     assert got == want
     per = NeuronAdjuster(percent=10, rule="abs_standardized", scope="per_layer").fit_stats(fs, rs)
     assert per.selected_per_layer() == {0: 4, 1: 4, 2: 4}
     z = (mf - mr).abs() / torch.sqrt((sf ** 2 + sr ** 2) / 2)
-    for l, p in per.params.items():
+    for l, p in per.params_.items():
         assert set(p.index.tolist()) == set(torch.topk(z[l], 4).indices.tolist())
     # symmetric KL, independent algebra: KL(f||r) + KL(r||f)
     kl = lambda m1, s1, m2, s2: torch.log(s2 / s1) + (s1 ** 2 + (m1 - m2) ** 2) / (2 * s2 ** 2) - .5

@@ -1,42 +1,28 @@
 """Execute notebooks/concept_vectors.ipynb top to bottom on tiny-llama, in a temporary working
 directory (the notebook's results folder lands there, never in the repository)."""
 import json
-import os
-from pathlib import Path
 
-import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-NOTEBOOK = REPO / "notebooks" / "concept_vectors.ipynb"
+from _notebooks import REPO, read_notebook
 
 
 def test_concept_vectors_notebook_is_committed_without_outputs():
-    nbformat = pytest.importorskip("nbformat")
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nb = read_notebook("concept_vectors.ipynb")
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert code and all(not c.outputs and c.execution_count is None for c in code)
     assert 'MODEL = "tiny-llama"' in code[0].source
 
 
-def test_concept_vectors_notebook_runs(tmp_path, data_dir, monkeypatch):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    monkeypatch.setenv("SKILLLENS_DATA", str(data_dir))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+def test_concept_vectors_notebook_runs(tmp_path, run_notebook):
     stray = [REPO / "concept_vectors_run", REPO / "notebooks" / "concept_vectors_run"]
     existed = [p.exists() for p in stray]
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
-    assert not [o for o in outputs if o.get("output_type") == "error"]
-    text = "".join(o.get("text", "") for o in outputs)
-    assert "restored exactly: True" in text
-    assert "model unchanged after fitting and applying: True" in text
+    run = run_notebook("concept_vectors.ipynb", cwd=tmp_path, timeout=300)
+    outputs = run.outputs
+    assert not run.errors
+    assert "restored exactly: True" in run.text
+    assert "model unchanged after fitting and applying: True" in run.text
     assert any("image/png" in o.get("data", {}) for o in outputs)
     assert any("ConceptSearch:" in h and "<h4>Poland</h4>" in h and "top tokens" in h
-               for h in (o.get("data", {}).get("text/html", "") for o in outputs))
+               for h in run.html)
 
     out = tmp_path / "concept_vectors_run"
     assert (out / "concept_vectors.png").stat().st_size > 0

@@ -25,10 +25,10 @@ def test_ranking_matches_float64_reference():
     sp = SelectivePruner(percent=10).fit_stats(_stats(f), _stats(r))
     ratio = torch.stack([f[l].double().abs().mean(0) / (r[l].double().abs().mean(0) + 1e-6)
                          for l in range(2)])
-    assert torch.allclose(sp.scores, ratio, rtol=1e-6)
+    assert torch.allclose(sp.scores_, ratio, rtol=1e-6)
     top = torch.topk(ratio.reshape(-1), 6).indices
     assert {(int(i) // 30, int(i) % 30) for i in top} == \
-        {(l, int(i)) for l, idx in sp.selected.items() for i in idx}
+        {(l, int(i)) for l, idx in sp.selected_.items() for i in idx}
     per = SelectivePruner(percent=10, scope="per_layer").fit_stats(_stats(f), _stats(r))
     assert per.selected_per_layer() == {0: 3, 1: 3}
 
@@ -43,26 +43,26 @@ def test_pruning_zeroes_selected_neurons_and_is_reversible(tiny_llama, tmp_path)
         before = lm.model(input_ids=ids).logits
         with sp.applied(lm):
             reads = [Hook("key", l, lambda a, l=l: seen.setdefault(l, a.clone()))
-                     for l in sp.selected]
+                     for l in sp.selected_]
             with hooks_applied(lm, reads):
                 during = lm.model(input_ids=ids).logits
         after = lm.model(input_ids=ids).logits
         # reference: the same model with the selected value vectors (down-proj columns) zeroed
-        saved = {l: lm.adapter.value_weight(l).detach().clone() for l in sp.selected}
+        saved = {l: lm.adapter.value_weight(l).detach().clone() for l in sp.selected_}
         try:
-            for l, idx in sp.selected.items():
+            for l, idx in sp.selected_.items():
                 lm.adapter.value_weight(l)[:, idx] = 0
             ref = lm.model(input_ids=ids).logits
         finally:
             for l, w in saved.items():
                 lm.adapter.value_weight(l).copy_(w)
-    for l, idx in sp.selected.items():
+    for l, idx in sp.selected_.items():
         assert (seen[l][..., idx] == 0).all()
     assert torch.equal(before, after) and not torch.allclose(before, during)
     assert torch.allclose(during, ref, atol=1e-5)
     back = SelectivePruner.load(sp.save(tmp_path / "sp.safetensors"), lm)
-    assert {l: i.tolist() for l, i in back.selected.items()} == \
-        {l: i.tolist() for l, i in sp.selected.items()}
+    assert {l: i.tolist() for l, i in back.selected_.items()} == \
+        {l: i.tolist() for l, i in sp.selected_.items()}
     with pytest.raises(FingerprintMismatchError):
         SelectivePruner.load(tmp_path / "sp.safetensors", load_model("tiny-gpt2"))
 

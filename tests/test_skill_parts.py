@@ -121,7 +121,7 @@ def test_evaluate_detection_scores_held_out_items_of_a_spec(tiny_llama, monkeypa
     def spy(self, lm, items, progress=False, **kw):
         sk = resolve_skills(items, part=kw.get("part", "probe"))
         seen.append({it.id for it in sk})
-        return torch.randn(len(sk), ksd.m.shape[0], dtype=torch.float64)
+        return torch.randn(len(sk), ksd.m_.shape[0], dtype=torch.float64)
     monkeypatch.setattr(KeySpaceDetector, "query_vectors", spy)
     for forget in ("gsm8k", ["gsm8k"]):
         seen.clear()
@@ -141,9 +141,9 @@ def test_ksd_load_keeps_forget_source_and_heldout_scores(tiny_llama, tmp_path):
     f = tmp_path / "q.txt"
     f.write_text("\n".join(LINES) + "\n")
     ksd = KeySpaceDetector(alpha=1.5).fit(tiny_llama, str(f), progress=False)
-    assert ksd.meta["forget_source"] == str(f)
+    assert ksd.meta_["forget_source"] == str(f)
     back = KeySpaceDetector.load(ksd.save(tmp_path / "k.safetensors"), tiny_llama)
-    assert back.meta == ksd.meta
+    assert back.meta_ == ksd.meta_
     assert torch.equal(back.probe_heldout_scores_, ksd.probe_heldout_scores_)
     retain = ksd.query_vectors(tiny_llama, ["a b c", "hello there", "x y z w"])
     assert back.calibrate_vectors(retain).alpha == ksd.calibrate_vectors(retain).alpha

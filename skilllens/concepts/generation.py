@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from skilllens.errors import DataError
+from skilllens.core.batching import _not_one_string
 from skilllens.core.tokenizers import pad_id
 from skilllens.eval.generation import greedy_generate as _greedy
 
@@ -23,6 +24,9 @@ QA_STOP = ("\nQuestion:", "\n\n")
 
 
 def qa_prompts(questions: list[str], template: str = QA_TEMPLATE) -> list[str]:
+    """One prompt per question. Raises ``DataError`` for one bare string (not a list) or a
+    template without ``{q}``."""
+    _not_one_string(questions, "questions")
     if "{q}" not in template:
         raise DataError(f"prompt template {template!r} must contain {{q}}")
     return [template.format(q=q.strip()) for q in questions]
@@ -67,7 +71,8 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 
 
 def generate(lm, prompts: list[str], max_new_tokens: int = 100, batch_size: int = 64,
              progress: bool = False, stop: tuple[str, ...] = ()) -> Answers:
-    """:func:`greedy_generate` on a loaded model; returns :class:`Answers`."""
+    """:func:`greedy_generate` on a loaded model; returns :class:`Answers`. Raises ``DataError``
+    for one bare string instead of a list of prompts (the generation loop's guard)."""
     texts, ids = greedy_generate(lm.model, lm.tokenizer, prompts, max_new_tokens, stop,
                                  batch_size, progress, return_ids=True)
     return Answers(list(prompts), texts, _dtype(lm), max_new_tokens, ids)
@@ -83,10 +88,14 @@ def generate_answers(lm, questions: list[str], max_new_tokens: int = 100, batch_
 @torch.no_grad()
 def answer_logprob(lm, prompts: list[str], answers: list[str], batch_size: int = 16) -> torch.Tensor:
     """Teacher-forced mean log-probability per answer token of ``answers`` given ``prompts``:
-    ``[n]`` float64 (NaN for an empty answer). Right padding; padding never counted."""
+    ``[n]`` float64 (NaN for an empty answer). Right padding; padding never counted. Raises
+    ``DataError`` for one bare string instead of a list, or unequal numbers of prompts and
+    answers."""
     from skilllens.core.batching import encode_items, iter_batches, pad_id
     from skilllens.data import Item
 
+    _not_one_string(prompts, "prompts")
+    _not_one_string(answers, "answers")
     if len(prompts) != len(answers):
         raise DataError(f"{len(prompts)} prompts but {len(answers)} answers")
     items = [Item(str(i), p, (" " + a) if a else "") for i, (p, a) in enumerate(zip(prompts, answers))]

@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from skilllens.core.batching import (clamp_length, fit_pair, generation_prompts,
-                                     leading_specials, pad_id, right_padded)
+from skilllens.core.batching import (_not_one_string, clamp_length, fit_pair,
+                                     generation_prompts, leading_specials, pad_id, right_padded)
 from skilllens.core.hooks import Hook, hooks_applied
 from skilllens.errors import DataError
 
@@ -58,7 +58,10 @@ class TeacherForced:
         (:func:`skilllens.core.batching.generation_prompts`), so verification sees the prompt
         generation saw. Without it, prompt + answer is cut to the model's context by
         :func:`skilllens.core.batching.fit_pair` (BOS and the prompt's end, the answer's start).
-        Raises ``DataError`` when the numbers of prompts and answers differ."""
+        Raises ``DataError`` when the numbers of prompts and answers differ or ``prompts`` /
+        ``answers`` is one bare string instead of a list."""
+        _not_one_string(prompts, "prompts")
+        _not_one_string(answers, "answers")
         n_ans = len(answer_ids) if answer_ids is not None else len(answers or [])
         if len(prompts) != n_ans or not prompts:
             raise DataError(f"need as many answers as prompts (got {len(prompts)} prompts, "
