@@ -38,12 +38,15 @@ from skilllens.core.hooks import Hook, hooks_applied
 from skilllens.errors import DataError
 from skilllens.concepts.generation import greedy_generate
 from skilllens.concepts.metrics import BehaviourScores, text_scores
+from skilllens.concepts.vocab import check_index
 
 
 class RowMasks:
     """Per-row zero ablations inside one batched forward: ``row_vectors[i]`` lists the
     ``(layer, index)`` value vectors zeroed for input row ``i``. The generator calls
-    :meth:`set_rows` with the live rows' input indices."""
+    :meth:`set_rows` with the live rows' input indices. Each layer's mask is ``[rows,
+    d_ff_at(layer)]`` (a per-layer FFN width); raises ``SiteError`` naming the layer for an
+    index past it."""
 
     def __init__(self, lm, row_vectors: list[list[tuple[int, int]]]):
         ad = lm.adapter
@@ -52,8 +55,10 @@ class RowMasks:
         self.masks: dict[int, torch.Tensor] = {}
         for r, vs in enumerate(row_vectors):
             for layer, index in vs:
+                layer, index = check_index(lm, layer, index)
                 if layer not in self.masks:
-                    self.masks[layer] = torch.ones(len(row_vectors), ad.d_ff, dtype=dtype, device=dev)
+                    self.masks[layer] = torch.ones(len(row_vectors), ad.d_ff_at(layer),
+                                                   dtype=dtype, device=dev)
                 self.masks[layer][r, index] = 0
         self.rows = len(row_vectors)
 

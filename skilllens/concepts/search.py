@@ -211,7 +211,10 @@ class ConceptSearch:
                                         progress=progress)
         vocab = ad.unembedding().shape[0]
         keys = vocab_keys(lm.tokenizer, vocab)
-        top = projection.top_ids[:, :, : self.k]  # [L, d_ff, k]
+        top = projection.top_ids[:, :, : self.k]  # [L, max d_ff, k]
+        pad = top[:, :, 0] < 0  # rows past a narrower layer's d_ff (per-layer FFN widths)
+        top = top.clamp(min=0)
+        n_real = int((~pad).sum())
         disc = rank_discount(top.shape[-1])
         cache: dict = {}
         for c in concepts:
@@ -219,10 +222,10 @@ class ConceptSearch:
             w = token_weights(lm.tokenizer, vocab, c.text, bg, self.min_count, self.min_chars,
                               self.alpha, keys, c.name, self.name_weight, cache)
             self.weights_[c.name] = w
-            gathered = w[top]  # [L, d_ff, k]
-            scores = (gathered * disc).sum(-1)
+            gathered = w[top]  # [L, max d_ff, k]
+            scores = (gathered * disc).sum(-1).masked_fill(pad, float("-inf"))
             coverage = (gathered > 0).float().mean(-1)
-            best = scores.flatten().topk(min(self.n_candidates, scores.numel()))
+            best = scores.flatten().topk(min(self.n_candidates, n_real))
             cands = []
             for s, flat in zip(best.values.tolist(), best.indices.tolist()):
                 li, idx = divmod(flat, scores.shape[1])

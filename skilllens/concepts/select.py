@@ -37,6 +37,7 @@ from skilllens.io import JsonRecord
 from skilllens.errors import DataError
 from skilllens.concepts.ablation import ConceptAblation
 from skilllens.concepts.teacher import TeacherForced
+from skilllens.concepts.vocab import check_index
 
 
 @contextlib.contextmanager
@@ -115,14 +116,16 @@ class SetSelector:
         attr = tf_c.attribution() - tf_u.attribution()
         if self.min_layer >= attr.shape[0]:
             raise DataError(f"min_layer={self.min_layer} excludes every layer ({attr.shape[0]})")
-        attr[: self.min_layer] = float("-inf")
+        attr[: self.min_layer] = float("nan")  # NaN: below min_layer, or past a layer's d_ff
         pool: dict[tuple[int, int], str] = {}
         for c in vocab_candidates:
             if c.layer >= self.min_layer:
-                pool[(c.layer, c.index)] = "vocab"
+                pool[check_index(lm, c.layer, c.index)] = "vocab"
         if self.n_attr:
-            for flat in attr.flatten().topk(self.n_attr).indices.tolist():
-                key = divmod(flat, attr.shape[1])
+            real = (~torch.isnan(attr)).nonzero()  # [n, 2] (layer, index), row-major
+            vals = attr[real[:, 0], real[:, 1]]
+            for i in vals.topk(min(self.n_attr, vals.numel())).indices.tolist():
+                key = (int(real[i, 0]), int(real[i, 1]))
                 pool[key] = "vocab+attribution" if key in pool else "attribution"
         if not pool:
             raise DataError("no candidate vectors: give vocabulary candidates or n_attr > 0")
@@ -181,7 +184,7 @@ def random_control(lm, vectors, seed: int = 0) -> list[tuple[int, int]]:
     out = []
     for layer, _ in vectors:
         while True:
-            j = rng.randrange(lm.adapter.d_ff)
+            j = rng.randrange(lm.adapter.d_ff_at(layer))  # the layer's own width
             if (layer, j) not in taken:
                 taken.add((layer, j))
                 out.append((layer, j))

@@ -16,7 +16,8 @@ for an architecture whose blocks return something else).
 :meth:`TeacherForced.attribution` is gradient x activation at every FFN neuron (the input of
 the down projection): ``sum_{b,t} a[b,t,i] * d obj / d a[b,t,i]`` with ``obj`` the mean over
 answers of the per-token log-prob; it predicts, to first order, how much zeroing value vector
-``i`` lowers ``obj`` (``[n_layers, d_ff]``, one forward and backward pass).
+``i`` lowers ``obj`` (``[n_layers, max d_ff]``, one forward and backward pass; a layer
+narrower than the widest, a per-layer ``d_ff``, is NaN past its own width).
 """
 from __future__ import annotations
 
@@ -243,12 +244,17 @@ class TeacherForced:
 
     def attribution(self) -> torch.Tensor:
         """Gradient x activation of every FFN neuron for the mean answer log-prob:
-        ``[n_layers, d_ff]`` float64 (predicted log-prob drop when the value vector is zeroed)."""
+        ``[n_layers, max d_ff]`` float64 (predicted log-prob drop when the value vector is
+        zeroed); row ``l`` holds layer ``l``'s ``d_ff_at(l)`` neurons and NaN past them (a
+        per-layer FFN width). Raises ``DataError`` before :meth:`fit`."""
         if not self.batches:
             raise DataError("TeacherForced is not fitted; call .fit() on the unedited model")
         ad, model = self.lm.adapter, self.lm.model
         n = sum(1 for x in self.n_answer if x > 0)
-        attr = torch.zeros(ad.n_layers, ad.d_ff, dtype=torch.float64)
+        widths = [ad.d_ff_at(layer) for layer in range(ad.n_layers)]
+        attr = torch.full((ad.n_layers, max(widths)), float("nan"), dtype=torch.float64)
+        for layer, d_ff in enumerate(widths):
+            attr[layer, :d_ff] = 0.0
         emb = model.get_input_embeddings()
         for b in self.batches:
             acts: list[torch.Tensor] = []
@@ -272,5 +278,5 @@ class TeacherForced:
                     h.remove()
             m = b["mask"][..., None].to(acts[0].dtype)
             for layer, (a, g) in enumerate(zip(acts, grads)):
-                attr[layer] += (a.detach() * g * m).sum((0, 1)).double().cpu()
+                attr[layer, :widths[layer]] += (a.detach() * g * m).sum((0, 1)).double().cpu()
         return attr

@@ -59,7 +59,9 @@ def value_logits(lm, layer: int, indices=None, through_norm: bool = False) -> to
         idx = torch.as_tensor(indices, dtype=torch.long)
         d_ff = ad.d_ff_at(layer)
         if idx.numel() and (idx.min() < 0 or idx.max() >= d_ff):
-            raise SiteError(f"value indices must be in 0..{d_ff - 1}")
+            bad = int(idx.min()) if idx.min() < 0 else int(idx.max())
+            raise SiteError(f"value index {bad} is out of range: layer {layer} has {d_ff} value "
+                            f"vectors (0..{d_ff - 1})")
         vals = vals[idx.to(vals.device)]
     W = ad.unembedding()
     if through_norm:
@@ -71,7 +73,11 @@ def value_logits(lm, layer: int, indices=None, through_norm: bool = False) -> to
 
 @dataclass
 class VocabProjection:
-    """Top-k tokens of every value vector: ``top_ids``/``top_logits`` ``[n_layers, d_ff, k]``."""
+    """Top-k tokens of every value vector: ``top_ids``/``top_logits`` ``[n_layers, max d_ff, k]``.
+
+    A layer narrower than the widest (a per-layer ``d_ff``) is padded: its rows past
+    ``d_ffs[i]`` hold id ``-1`` and logit NaN. ``d_ffs``: the number of value vectors of each
+    of ``layers`` (read from the padding when not given)."""
 
     top_ids: torch.Tensor
     top_logits: torch.Tensor
@@ -79,52 +85,66 @@ class VocabProjection:
     k: int
     through_norm: bool = False
     fingerprint: dict | None = None
+    d_ffs: list[int] | None = None
+
+    def __post_init__(self):
+        if self.d_ffs is None:  # rows past a layer's width are padding (id -1)
+            self.d_ffs = [int(n) for n in (self.top_ids[:, :, 0] >= 0).sum(1).tolist()]
 
     def tokens(self, tokenizer, layer: int, index: int, k: int | None = None) -> list[str]:
+        """Top tokens of value vector ``index`` of ``layer``; raises ``SiteError`` when the
+        layer was not projected or the index is past that layer's ``d_ff``."""
+        if layer not in self.layers:
+            raise SiteError(f"layer {layer} is not in this projection (layers {self.layers}); "
+                            f"project it with project_values(lm, layers=[{layer}])")
         li = self.layers.index(layer)
-        ids = self.top_ids[li, index, : (k or self.k)].tolist()
+        if not 0 <= int(index) < self.d_ffs[li]:
+            raise SiteError(f"value index {index} is out of range: layer {layer} has "
+                            f"{self.d_ffs[li]} value vectors (0..{self.d_ffs[li] - 1})")
+        ids = self.top_ids[li, int(index), : (k or self.k)].tolist()
         return decode_tokens(tokenizer, ids)
 
     def save(self, path: str | os.PathLike) -> Path:
         return save_artifact(path, {"top_ids": self.top_ids.to(torch.int32),
                                     "top_logits": self.top_logits.float()},
-                             {"layers": self.layers, "k": self.k, "through_norm": self.through_norm},
+                             {"layers": self.layers, "k": self.k, "through_norm": self.through_norm,
+                              "d_ffs": self.d_ffs},
                              kind="vocab_projection", fingerprint=self.fingerprint)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model=None) -> "VocabProjection":
         t, meta = load_artifact(path, kind="vocab_projection", model=model)
         return cls(t["top_ids"].long(), t["top_logits"], list(meta["layers"]), int(meta["k"]),
-                   bool(meta["through_norm"]), meta.get("fingerprint"))
+                   bool(meta["through_norm"]), meta.get("fingerprint"), meta.get("d_ffs"))
 
 
 @torch.no_grad()
 def project_values(lm, layers=None, k: int = 200, through_norm: bool = False,
                    chunk: int = 2048, progress: bool = True) -> VocabProjection:
-    """Top-``k`` vocabulary tokens of every value vector of ``layers`` (all by default)."""
+    """Top-``k`` vocabulary tokens of every value vector of ``layers`` (all by default):
+    ``top_ids``/``top_logits`` ``[n_layers, max d_ff, k]``, each layer projecting its own
+    ``d_ff_at(layer)`` value vectors (narrower layers padded with id -1 / NaN; see
+    :class:`VocabProjection`). Raises ``SiteError`` for ``k`` outside 1..vocabulary size or an
+    unknown layer."""
     ad = _adapter(lm)
     layers = ad.check_layers(layers)
     W = ad.unembedding()
     if not 1 <= k <= W.shape[0]:
         raise SiteError(f"k={k} must be between 1 and the vocabulary size {W.shape[0]}")
-    widths = {ad.d_ff_at(l) for l in layers}
-    if len(widths) > 1:
-        raise SiteError(f"these layers have different d_ff {sorted(widths)} (a per-layer FFN "
-                        f"width); project layers of one width at a time")
-    ids_out, logit_out = [], []
-    for layer in tqdm(layers, desc="vocab projection", disable=not progress, leave=False):
-        ids_l, lg_l = [], []
-        d_ff = ad.d_ff_at(layer)
-        for start in range(0, d_ff, chunk):
-            logits = value_logits(lm, layer, torch.arange(start, min(start + chunk, d_ff)),
-                                  through_norm)
+    d_ffs = [ad.d_ff_at(l) for l in layers]
+    width = max(d_ffs)
+    top_ids = torch.full((len(layers), width, k), -1, dtype=torch.long)
+    top_logits = torch.full((len(layers), width, k), float("nan"), dtype=torch.float32)
+    for li, layer in enumerate(tqdm(layers, desc="vocab projection", disable=not progress,
+                                    leave=False)):
+        for start in range(0, d_ffs[li], chunk):
+            stop = min(start + chunk, d_ffs[li])
+            logits = value_logits(lm, layer, torch.arange(start, stop), through_norm)
             top = logits.topk(k, dim=-1)
-            ids_l.append(top.indices.cpu())
-            lg_l.append(top.values.float().cpu())
-        ids_out.append(torch.cat(ids_l))
-        logit_out.append(torch.cat(lg_l))
+            top_ids[li, start:stop] = top.indices.cpu()
+            top_logits[li, start:stop] = top.values.float().cpu()
     fp = lm.fingerprint if hasattr(lm, "fingerprint") else None
-    return VocabProjection(torch.stack(ids_out), torch.stack(logit_out), layers, k, through_norm, fp)
+    return VocabProjection(top_ids, top_logits, layers, k, through_norm, fp, d_ffs)
 
 
 def decode_tokens(tokenizer, ids) -> list[str]:

@@ -73,6 +73,11 @@ class StatsCollection:
                                                     value=float("nan"))
                             if r.shape[-1] < width else r for r in rows])
 
+    def widths(self, site: str) -> list[int]:
+        """Number of neurons of each collected layer of ``site`` (the rows of :meth:`stacked`
+        before NaN padding), in :meth:`layers` order."""
+        return [self.stats[(site, l)].d for l in self.layers(site)]
+
     def merge(self, other: "StatsCollection") -> "StatsCollection":
         if set(other.stats) != set(self.stats):
             raise SiteError("cannot merge collections over different sites/layers")

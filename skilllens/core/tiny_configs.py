@@ -13,6 +13,8 @@ multimodal wrappers).
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -188,3 +190,19 @@ def tiny_model(model_type: str, seed: int = 0, **overrides) -> nn.Module:
                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
                                  ) from None
     return model.float().eval()
+
+
+#: model type and :func:`tiny_config` overrides of a tiny model whose FFN width differs per
+#: layer: Gemma-4's double-wide MLP on its KV-shared last layer, ``d_ff`` 64, 64, 128
+PER_LAYER_D_FF = ("gemma4_text", {
+    "use_double_wide_mlp": True, "num_kv_shared_layers": 1, "num_hidden_layers": 3,
+    "per_layer_config": {1: {"head_dim": 16}, 2: {"head_dim": 16}},
+    "layer_types": ["sliding_attention", "full_attention", "full_attention"]})
+
+
+def tiny_per_layer_d_ff_model(seed: int = 0) -> nn.Module:
+    """The tiny model of :data:`PER_LAYER_D_FF` (``d_ff`` 64, 64, 128; the widest layer
+    last), float32 and seeded as :func:`tiny_model`; raises ``ModelSpecError`` where the
+    installed transformers cannot build it."""
+    model_type, overrides = PER_LAYER_D_FF
+    return tiny_model(model_type, seed, **copy.deepcopy(overrides))

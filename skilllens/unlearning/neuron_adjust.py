@@ -97,14 +97,16 @@ class _LayerParams:
 class NeuronAdjuster:
     """Neuron Adjust: ``fit`` on forget/retain data, then ``with na.applied(lm): ...``.
 
-    ``percent``: share of neurons adjusted (0, 100]; ``rule``: ``signed`` (reference),
+    ``percent``: share of neurons adjusted (0, 100], of each layer's own ``d_ff`` (``per_layer``)
+    or of all the layers' neurons together (``global``); ``rule``: ``signed`` (reference),
     ``abs_standardized`` or ``divergence`` (``divergence="sym_kl"|"hellinger"``); ``scope``:
     ``global`` (one threshold over all layers, reference) or ``per_layer``; ``tokens``: which
     tokens the statistics cover (``all`` non-padding tokens, ``last`` or ``answer``);
     ``seed``: seeds the per-element random draws (one generator per ``applied`` block).
 
     Fitted attributes (scikit-learn convention): ``params_`` (per layer: selected neurons and
-    their Gaussians), ``scores_`` ``[n_layers_fitted, d_ff]``, ``fitted_layers_``,
+    their Gaussians), ``scores_`` ``[n_layers_fitted, max d_ff]`` (NaN past a
+    narrower layer's ``d_ff``), ``fitted_layers_``,
     ``fingerprint_`` (of the model fitted on), ``meta_`` (what it was fitted on).
     """
 
@@ -168,7 +170,8 @@ class NeuronAdjuster:
         # experts that forget or retain tokens never reached have no Gaussian to map between
         self.scores_ = self.scores_.masked_fill(unseen(forget_stats, retain_stats, self.site),
                                                 float("nan"))
-        picked = top_percent(self.scores_, self.percent, self.scope)
+        picked = top_percent(self.scores_, self.percent, self.scope,
+                             forget_stats.widths(self.site))  # each layer's own d_ff
         self.fitted_layers_ = list(layers)
         self.params_ = {layers[r]: _LayerParams(idx, mu_f[r, idx].float(), sd_f[r, idx].float(),
                                                mu_r[r, idx].float(), sd_r[r, idx].float())

@@ -22,24 +22,49 @@ def check_percent(percent: float, what: str = "percent") -> float:
     return p
 
 
-def top_percent(scores: torch.Tensor, percent: float, scope: str = "global") -> dict[int, torch.Tensor]:
+def top_percent(scores: torch.Tensor, percent: float, scope: str = "global",
+                widths=None) -> dict[int, torch.Tensor]:
     """Select the top ``percent`` % of ``scores [n_layers, d]``: ``{row: sorted indices}``.
 
-    ``global``: one threshold across rows (``round(p/100 * n_layers * d)`` neurons, at least 1);
-    ``per_layer``: ``round(p/100 * d)`` (at least 1) in every row. Ties break by index.
+    ``widths``: the number of real neurons of each row (``[n_layers]`` ints, each ``<= d``;
+    default ``d`` for every row); columns ``>= widths[r]`` are padding (a per-layer ``d_ff``,
+    see :meth:`skilllens.core.collect.StatsCollection.stacked`) and are neither counted nor
+    selected. ``global``: one threshold across rows, ``round(p/100 * sum(widths))`` neurons (at
+    least 1); ``per_layer``: ``round(p/100 * widths[r])`` (at least 1) in row ``r``. NaN scores
+    (e.g. experts no token reached) count as neurons but are never selected, so a row or the
+    whole selection may come out smaller. Ties break by index (lower first). Rows with nothing
+    selected are left out. Raises ``SkillLensError`` for an unknown scope, a percent outside
+    (0, 100] or ``widths`` that do not fit ``scores``.
     """
     if scope not in SCOPES:
         raise SkillLensError(f"unknown scope {scope!r}; use one of {', '.join(SCOPES)}")
     percent = check_percent(percent)
     n_rows, d = scores.shape
-    s = torch.nan_to_num(scores.double(), nan=-math.inf)
+    widths = [d] * n_rows if widths is None else [int(w) for w in widths]
+    if len(widths) != n_rows or any(not 0 <= w <= d for w in widths):
+        raise SkillLensError(f"widths {widths} do not fit scores of shape {tuple(scores.shape)}: "
+                             f"give one width per row, each at most {d}")
+    s = scores.double()
+    real = torch.arange(d)[None, :] < torch.tensor(widths)[:, None]
+    ok = real & ~torch.isnan(s)  # padding and NaN scores are never selected
+
+    def best(vals: torch.Tensor, k: int) -> torch.Tensor:
+        """Positions of the ``k`` largest ``vals`` (stable: equal values keep index order)."""
+        return torch.sort(vals, descending=True, stable=True).indices[:k]
+
     if scope == "global":
-        k = max(1, round(percent / 100 * n_rows * d))
-        flat = torch.topk(s.reshape(-1), k, sorted=True).indices
-        rows, cols = flat // d, flat % d
+        k = max(1, round(percent / 100 * sum(widths)))
+        rows, cols = ok.nonzero(as_tuple=True)  # row-major: ties break by (row, index)
+        top = best(s[rows, cols], k)
+        rows, cols = rows[top], cols[top]
         return {r: torch.sort(cols[rows == r]).values for r in range(n_rows) if (rows == r).any()}
-    k = max(1, round(percent / 100 * d))
-    return {r: torch.sort(torch.topk(s[r], k).indices).values for r in range(n_rows)}
+    out = {}
+    for r in range(n_rows):
+        cols = ok[r].nonzero(as_tuple=True)[0]
+        if cols.numel():
+            k = max(1, round(percent / 100 * widths[r]))
+            out[r] = torch.sort(cols[best(s[r, cols], k)]).values
+    return out
 
 
 def check_disjoint(forget: Skill, retain: Skill) -> None:

@@ -41,7 +41,8 @@ class SelectivePruner:
     """Zero the top ``percent`` % neurons by the forget/retain ratio of mean |activation|.
 
     Fitted attributes (scikit-learn convention): ``selected_`` (per layer: neuron indices),
-    ``scores_`` ``[n_layers_fitted, d_ff]``, ``fitted_layers_``, ``fingerprint_``, ``meta_``.
+    ``scores_`` ``[n_layers_fitted, max d_ff]`` (NaN past a
+    narrower layer's ``d_ff``), ``fitted_layers_``, ``fingerprint_``, ``meta_``.
     """
 
     # scikit-learn naming: fitted attributes end in "_" (old names: deprecated aliases)
@@ -89,7 +90,8 @@ class SelectivePruner:
         # forget tokens reach (no retain count) keep their large ratio
         self.scores_ = self.scores_.masked_fill(
             unseen(forget_stats, retain_stats, self.site, need_retain=False), float("nan"))
-        picked = top_percent(self.scores_, self.percent, self.scope)
+        picked = top_percent(self.scores_, self.percent, self.scope,
+                             forget_stats.widths(self.site))  # each layer's own d_ff
         self.fitted_layers_ = list(layers)
         self.selected_ = {layers[r]: idx for r, idx in picked.items()}
         if lm is not None:
