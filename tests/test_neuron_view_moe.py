@@ -163,3 +163,35 @@ def test_audit_neuron_views_show_expert_neurons(lm):
         assert v["expert_neuron"] == v["neuron"] % 32 and "routed tokens only" in v["note"]
         assert [s["skill"] for s in v["skills"]] == ["forget", "retain"]
         assert len(v["promoted"]) == 10
+
+
+def test_expert_without_routed_tokens_has_an_empty_view(lm):
+    from skilllens.core.neuron_view import neuron_views
+
+    views = neuron_views(lm, [("key", 0, e * 32) for e in range(4)], ["a"], k=2)
+    counts = [v.skills[0]["count"] for v in views]
+    n_tokens = len(encode_items(from_texts(["a"]).items, lm.tokenizer, 64)[0].ids)
+    assert sum(counts) == 2 * n_tokens and 0 in counts  # top-2 of 4 experts
+    empty = views[counts.index(0)]
+    assert empty.skills[0]["hist"] is None and empty.skills[0]["contexts"] == []
+    assert f"none was routed to expert {empty.expert}" in empty._repr_html_()
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4_text"])
+def test_expert_keys_agree_with_collect_on_other_expert_layouts(family):
+    """gpt-oss (transposed, interleaved gate/up, biases) and Llama-4 (dense-bmm experts, a
+    shared expert): per-expert counts and means of neuron_pass equal collect's statistics."""
+    from moe_families import tiny_moe
+
+    from skilllens.core.collect import collect
+    from skilllens.core.neuron_view import neuron_pass
+
+    lm = tiny_moe(family)
+    info = lm.adapter.moe_layer(1)
+    skill = from_texts(TEXTS[:4], "toy")
+    keys = [("key", 1, e) for e in range(len(info.widths))]
+    _, stats, _ = neuron_pass(lm, skill, keys, k=2, batch_size=2)
+    ref = collect(lm, skill, sites=["key"], layers=[1], progress=False, batch_size=3)[("key", 1)]
+    assert torch.equal(torch.cat([stats[k].count for k in keys]).double(), ref.count.double())
+    torch.testing.assert_close(torch.cat([stats[k].mean for k in keys]).double(),
+                               ref.mean.double(), rtol=1e-4, atol=1e-6)

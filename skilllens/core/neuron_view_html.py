@@ -59,7 +59,7 @@ def view_display(v) -> Display:
         body.append(f"<p class='note'><b>{esc(v.note)}</b></p>")
         text.append(v.note)
     tokens = "tokens" if v.expert is None else "routed tokens"
-    if v.skills:
+    if any(e.get("hist") for e in v.skills):  # an expert no token was routed to has none
         fig, axes = paper_figure(height=2.0)
         which = "" if v.expert is None else f" = expert {v.expert} #{v.expert_neuron}"
         draw_histograms(axes[0, 0], v.skills, f"{v.site} activation (layer {v.layer}, "
@@ -70,8 +70,12 @@ def view_display(v) -> Display:
     for e in v.skills:
         body.append(f"<h4>Top activating contexts: {esc(e['skill'])}</h4><p class='note'>"
                     f"{e['n_items']} items, {e['count']} {tokens}, source "
-                    f"{esc(e['source'] or 'n/a')}, items sha256 {esc(short_hash(e['hash'], 16))}; mean {e['mean']:.4g}, "
-                    f"std {e['std']:.4g}</p>")
+                    f"{esc(e['source'] or 'n/a')}, items sha256 "
+                    f"{esc(short_hash(e['hash'], 16))}; mean {e['mean']:.4g}, std {e['std']:.4g}"
+                    f"</p>")
+        if not e["count"]:
+            why = "." if v.expert is None else f": none was routed to expert {v.expert}."
+            body.append(f"<p class='note'>No token of this skill reached this neuron{why}</p>")
         body.append(table(["#", "activation", "context (activating token marked)", "item",
                            "token position"], _context_rows(e["contexts"]), raw=True))
         text.append(f"{e['skill']}: mean {e['mean']:.4g}, std {e['std']:.4g}; top: "
