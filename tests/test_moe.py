@@ -64,6 +64,9 @@ def test_cli_collect_key_and_audit_end_to_end(tmp_path, data_dir):
     assert (aud / "figures" / "expert_routing.png").exists()
     report = (aud / "report.md").read_text()
     assert "Expert-level vs neuron-level forgetting" in report and "expert_routing" in report
+    views = res["neuron_views"]  # every layer is a MoE layer: expert neurons are shown
+    assert views and all(v["expert"] == v["neuron"] // 32 for v in views)
+    assert "routed tokens only" in (aud / "report.html").read_text()
 
 
 def test_expert_statistics_merge_exactly_across_shards(lm, tmp_path):

@@ -10,6 +10,13 @@ activating token and a window around it), the real activation histogram and the 
 tokens it promotes and suppresses through the residual stream; Geva et al. 2022, "Transformer
 Feed-Forward Layers Build Predictions by Promoting Concepts in the Vocabulary Space").
 
+Mixture-of-experts layers: a neuron is the flat index ``j`` over the layer's experts (neuron
+``j - offsets[e]`` of expert ``e``, as ``collect`` and the methods address it), read through
+:class:`~skilllens.core.moe_hooks.ExpertHook` on the tokens routed to expert ``e`` only: the
+other tokens do not reach that neuron, so its count, histogram, mean/std and top contexts are
+over its routed tokens, and the view says so (``expert``, ``expert_neuron``, ``note``). Its
+value vector is its column of the expert's down projection (:mod:`skilllens.core.neuron_view_moe`).
+
 >>> import skilllens
 >>> lm = skilllens.load_model("tiny-llama")
 >>> view = skilllens.show_neuron(lm, "key", 1, 5, skills=["2+2=4", "3*3=9"], k=3)
@@ -27,8 +34,9 @@ import torch
 from skilllens.core.batching import encode_items, iter_batches, pad_id
 from skilllens.core.hooks import Hook, run_with_hooks
 from skilllens.core.models import load_model
+from skilllens.core.neuron_view_moe import (expert_hook, expert_note, expert_value_vector,
+                                            key_width, locate)
 from skilllens.data import Skill, is_spec, resolve_skills
-from skilllens.errors import SiteError
 from skilllens.stats.neuron_stats import NeuronStats
 from skilllens.stats.topk import TopK
 
@@ -40,7 +48,12 @@ class NeuronView:
     ``skills``: per skill ``{"skill", "source", "hash", "n_items", "count", "mean", "std",
     "hist": {"counts" (bins + 2, under/overflow at the ends), "lo", "hi"}, "contexts": [{"item",
     "position", "value", "before", "token", "after"}]}``; ``promoted``/``suppressed``:
-    ``[[token, logit], ...]`` of ``W_U v`` (largest / smallest)."""
+    ``[[token, logit], ...]`` of ``W_U v`` (largest / smallest).
+
+    On a mixture-of-experts layer ``neuron`` is the flat index over the layer's experts,
+    ``expert``/``expert_neuron`` say which expert and which of its neurons it is, ``count`` is
+    the number of (selected) tokens routed to that expert and ``note`` says so; ``expert`` is
+    ``None`` on a dense layer."""
 
     model: str
     site: str
@@ -50,6 +63,9 @@ class NeuronView:
     promoted: list = field(default_factory=list)
     suppressed: list = field(default_factory=list)
     label: str = ""
+    expert: int | None = None
+    expert_neuron: int | None = None
+    note: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,15 +104,22 @@ def _skill_list(skills, data_dir=None) -> list[Skill]:
 
 
 @torch.no_grad()
-def neuron_pass(lm, skill: Skill, keys: list[tuple[str, int]], k: int = 8, bins: int = 60,
+def neuron_pass(lm, skill: Skill, keys: list[tuple], k: int = 8, bins: int = 60,
                 batch_size: int = 8, max_length: int = 256, tokens: str = "all"):
     """One pass over ``skill``: ``({key: TopK}, {key: NeuronStats with histogram}, encoded)``
-    for every neuron at each ``(site, layer)`` of ``keys`` (``encoded[i].ids`` are the token ids
-    of item ``i``, to rebuild contexts)."""
+    for every neuron of each key (``encoded[i].ids`` are the token ids of item ``i``, to
+    rebuild contexts).
+
+    A key is ``(site, layer)`` for a dense layer (its ``d_ff_at(layer)`` neurons, every selected
+    token) or ``(site, layer, expert)`` for one expert of a mixture-of-experts layer (its own
+    neurons, local indices ``0..f_e-1``, over the selected tokens routed to it only; read through
+    :class:`~skilllens.core.moe_hooks.ExpertHook`). Raises ``SiteError`` for a bad key (a
+    ``(site, layer)`` of a MoE layer among them)."""
     ad = lm.adapter
+    widths = {key: key_width(ad, key) for key in keys}
     enc = encode_items(skill.items, lm.tokenizer, max_length)
-    top = {key: TopK(ad.d_ff, k) for key in keys}
-    stats = {key: NeuronStats(ad.d_ff, ("moments", "histogram"), bins, backend="torch")
+    top = {key: TopK(widths[key], k) for key in keys}
+    stats = {key: NeuronStats(widths[key], ("moments", "histogram"), bins, backend="torch")
              for key in keys}
     cur: dict = {}
 
@@ -107,7 +130,8 @@ def neuron_pass(lm, skill: Skill, keys: list[tuple[str, int]], k: int = 8, bins:
             stats[key].update(act, mask)
         return fn
 
-    hooks = [Hook(s, l, make((s, l))) for s, l in keys]
+    hooks = [expert_hook(key, top[key], stats[key], cur) if len(key) == 3
+             else Hook(key[0], key[1], make(key)) for key in keys]
     for batch in iter_batches(enc, batch_size, pad_id(lm.tokenizer), lm.device):
         cur["mask"], cur["items"] = batch.token_mask(tokens), batch.index
         run_with_hooks(lm, batch.inputs, hooks, stop_after_last=True, use_cache=False)
@@ -134,8 +158,13 @@ def contexts(lm, top: TopK, enc, neuron: int, window: tuple[int, int] = (16, 4))
 @torch.no_grad()
 def vocab_projection(lm, layer: int, neuron: int, n: int = 10) -> tuple[list, list]:
     """``W_U v`` of the neuron's value vector: the ``n`` most promoted and most suppressed
-    tokens with their logits (``[[token, logit], ...]``)."""
-    v = lm.adapter.value_vectors(layer)[neuron].detach()
+    tokens with their logits (``[[token, logit], ...]``). On a mixture-of-experts layer
+    ``neuron`` is flat and ``v`` is its column of its expert's down projection. Raises
+    ``SiteError`` for an index outside the layer's width."""
+    ad = lm.adapter
+    layer, neuron, expert, local = locate(ad, "key", layer, neuron)
+    v = (ad.value_vectors(layer)[neuron] if expert is None
+         else expert_value_vector(ad, layer, expert, local)).detach()
     W = lm.adapter.unembedding().detach()
     logits = (W.float() @ v.to(W.device).float()).cpu()
     n = min(n, logits.numel())
@@ -149,27 +178,27 @@ def neuron_views(lm, neurons, skills, *, k: int = 8, max_items: int | None = 64,
                  batch_size: int = 8, max_length: int = 256, n_vocab: int = 10,
                  window: tuple[int, int] = (16, 4), data_dir=None, labels=None) -> list[NeuronView]:
     """Views of several ``neurons`` (``[(site, layer, neuron), ...]``) on ``skills``: one pass
-    per skill over the distinct ``(site, layer)``s. Raises ``SiteError`` for a bad neuron."""
+    per skill over the distinct ``(site, layer)``s (``(site, layer, expert)``s on a
+    mixture-of-experts layer, where ``neuron`` is the flat index over the layer's experts and
+    the view covers the tokens routed to its expert only). Raises ``SiteError`` for a bad site
+    or a neuron outside ``0..width-1`` of its layer (``adapter.d_ff_at(layer)``)."""
     lm = load_model(lm)
     ad = lm.adapter
-    norm = []
-    for site, layer, j in neurons:
-        ad.arch.site(site)
-        layer = ad.check_layers([layer])[0]
-        if not 0 <= int(j) < ad.d_ff:
-            raise SiteError(f"neuron {j} is out of range: {site} has {ad.d_ff} neurons "
-                            f"(0..{ad.d_ff - 1}) per layer")
-        norm.append((site, layer, int(j)))
-    keys = sorted({(s, l) for s, l, _ in norm}, key=lambda x: (x[1], x[0]))
-    views = [NeuronView(lm.name, s, l, j, label=(labels or [""] * len(norm))[i])
-             for i, (s, l, j) in enumerate(norm)]
+    norm = [(site, *locate(ad, site, layer, j)) for site, layer, j in neurons]
+    key_of = {i: (s, l) if e is None else (s, l, e) for i, (s, l, _, e, _) in enumerate(norm)}
+    keys = sorted(set(key_of.values()), key=lambda x: (x[1], x[0], x[2:]))
+    labels = labels or [""] * len(norm)
+    views = [NeuronView(lm.name, s, l, j, label=labels[i], expert=e,
+                        expert_neuron=None if e is None else loc,
+                        note="" if e is None else expert_note(ad, l, e, loc))
+             for i, (s, l, j, e, loc) in enumerate(norm)]
     for v in views:
         v.promoted, v.suppressed = vocab_projection(lm, v.layer, v.neuron, n_vocab)
     for skill in _skill_list(skills, data_dir):
         skill = skill.head(max_items)
         top, stats, enc = neuron_pass(lm, skill, keys, k, bins, batch_size, max_length)
-        for v in views:
-            key, j = (v.site, v.layer), v.neuron
+        for i, v in enumerate(views):
+            key, j = key_of[i], norm[i][4]
             st, h = stats[key], stats[key].histogram
             v.skills.append({
                 "skill": skill.name, "source": skill.source, "hash": skill.digest(),
@@ -185,6 +214,8 @@ def show_neuron(lm, site: str, layer: int, neuron: int, skills="gsm8k", **kw) ->
     """What ``neuron`` at ``(site, layer)`` responds to on ``skills`` (a spec such as
     ``"gsm8k,humaneval"``, a ``Skill``, a list of them, or a list of texts): top-k activating
     contexts, activation histograms with the fitted Gaussian, the vocabulary projection of its
-    value vector. Options as :func:`neuron_views` (``k``, ``max_items``, ``bins``...).
+    value vector. Options as :func:`neuron_views` (``k``, ``max_items``, ``bins``...). On a
+    mixture-of-experts layer ``neuron`` is the flat index over the layer's experts and the
+    view shows the tokens routed to its expert only (``view.note``).
     Returns a :class:`NeuronView` (``_repr_html_`` in notebooks, ``save(path)`` to HTML)."""
     return neuron_views(lm, [(site, layer, neuron)], skills, **kw)[0]

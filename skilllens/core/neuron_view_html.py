@@ -55,18 +55,27 @@ def view_display(v) -> Display:
     head = f"{v.model}: {where}" + (f" ({v.label})" if v.label else "")
     body = [f"<h3>{esc(head)}</h3>"]
     text = [head]
-    if v.skills:
+    if v.note:  # an expert neuron of a mixture-of-experts layer: which tokens it saw
+        body.append(f"<p class='note'><b>{esc(v.note)}</b></p>")
+        text.append(v.note)
+    tokens = "tokens" if v.expert is None else "routed tokens"
+    if any(e.get("hist") for e in v.skills):  # an expert no token was routed to has none
         fig, axes = paper_figure(height=2.0)
+        which = "" if v.expert is None else f" = expert {v.expert} #{v.expert_neuron}"
         draw_histograms(axes[0, 0], v.skills, f"{v.site} activation (layer {v.layer}, "
-                        f"neuron {v.neuron})")
+                        f"neuron {v.neuron}{which})")
         body.append("<p class='note'>Activation histograms per skill (solid: counted values; "
                     "dashed: fitted Gaussian N(mean, std))</p>"
                     + figure_img(fig, f"activation histogram of {where}"))
     for e in v.skills:
         body.append(f"<h4>Top activating contexts: {esc(e['skill'])}</h4><p class='note'>"
-                    f"{e['n_items']} items, {e['count']} tokens, source {esc(e['source'] or 'n/a')}"
-                    f", items sha256 {esc(short_hash(e['hash'], 16))}; mean {e['mean']:.4g}, "
-                    f"std {e['std']:.4g}</p>")
+                    f"{e['n_items']} items, {e['count']} {tokens}, source "
+                    f"{esc(e['source'] or 'n/a')}, items sha256 "
+                    f"{esc(short_hash(e['hash'], 16))}; mean {e['mean']:.4g}, std {e['std']:.4g}"
+                    f"</p>")
+        if not e["count"]:
+            why = "." if v.expert is None else f": none was routed to expert {v.expert}."
+            body.append(f"<p class='note'>No token of this skill reached this neuron{why}</p>")
         body.append(table(["#", "activation", "context (activating token marked)", "item",
                            "token position"], _context_rows(e["contexts"]), raw=True))
         text.append(f"{e['skill']}: mean {e['mean']:.4g}, std {e['std']:.4g}; top: "

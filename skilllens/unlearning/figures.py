@@ -111,7 +111,8 @@ def top_neuron_distributions(results: dict, folder: Path, formats=FORMATS) -> st
     from skilllens.core.neuron_view_html import draw_histograms
 
     views = results.get("neuron_views") or []
-    panels = [(f"{v['method']}: {v['site']} L{v['layer']} n{v['neuron']}", v) for v in views]
+    panels = [(f"{v['method']}: {v['site']} L{v['layer']} n{v['neuron']}"
+               + ("" if v.get("expert") is None else f" (e{v['expert']})"), v) for v in views]
     if not panels:
         panels = _gaussian_panels(results)
     if not panels:

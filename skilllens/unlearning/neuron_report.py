@@ -52,15 +52,14 @@ def audit_neuron_views(lm, fitted: dict, results: dict, skills: dict, per_method
                        k: int = 6, max_items: int = 24, batch_size: int = 8,
                        max_length: int = 256) -> list[dict]:
     """JSON-ready neuron views (``NeuronView.to_dict()`` plus ``method``) of the neurons
-    :func:`pick_neurons` chooses, on ``skills`` (``{name: Skill}``, the probe items)."""
+    :func:`pick_neurons` chooses, on ``skills`` (``{name: Skill}``, the probe items). On a
+    mixture-of-experts model a neuron of an expert layer is its flat index over the layer's
+    experts and its view covers the tokens routed to its expert (``expert``, ``note``)."""
     from skilllens.core.neuron_view import neuron_views
 
     if per_method <= 0:
         return []
     picks = pick_neurons(fitted, results, per_method, lm.adapter.n_layers)
-    from skilllens.core.moe import MoeAdapter
-    if isinstance(lm.adapter, MoeAdapter):  # expert neurons: dense neuron views do not apply yet
-        picks = [p for p in picks if lm.adapter.moe_layer(p[2]) is None]
     if not picks:
         return []
     views = neuron_views(lm, [(s, l, j) for _, s, l, j, _ in picks], list(skills.values()), k=k,

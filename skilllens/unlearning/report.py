@@ -189,7 +189,9 @@ def _view_rows(results: dict) -> list[list[str]]:
                                               f"{e['contexts'][0]['value']:.3g}"
                                               if e["contexts"] else "none")
                          for e in v["skills"])
-        rows.append([v["method"], v["site"], str(v["layer"]), str(v["neuron"]), tops,
+        where = "" if v.get("expert") is None else \
+            f" (expert {v['expert']} #{v['expert_neuron']}, routed tokens)"
+        rows.append([v["method"], v["site"], str(v["layer"]), f"{v['neuron']}{where}", tops,
                      ", ".join(repr(t) for t, _ in v["promoted"][:5])])
     return rows
 
