@@ -16,7 +16,6 @@ import torch
 
 from skilllens.errors import DataError
 from skilllens.core.batching import _not_one_string
-from skilllens.core.tokenizers import pad_id
 from skilllens.eval.generation import greedy_generate as _greedy
 
 QA_TEMPLATE = "Question: {q}\n Answer:"
