@@ -67,11 +67,52 @@ class ExpertHook:
 @dataclass
 class Routing:
     """A router's decision over ``N`` flat tokens: ``logits [N, E]``, ``index [N, k]``,
-    ``weights [N, k]``."""
+    ``weights [N, k]``; ``bias [E]``, ``n_group``, ``topk_group``: how a DeepSeek-V3-style router
+    (GLM-4.5 MoE too) ranks experts when that is not by its logits (:meth:`ranking`)."""
 
     logits: torch.Tensor
     index: torch.Tensor
     weights: torch.Tensor
+    bias: torch.Tensor | None = None
+    n_group: int = 1
+    topk_group: int = 1
+
+    def ranking(self, banned: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N, E]`` float32 scores the router chooses by (higher first), ``-inf`` for experts
+        it cannot choose. Without ``bias``: the logits. With it (DeepSeek-V3 report, Sec.
+        2.1.2): ``sigmoid(logits) + bias``; with ``n_group > 1`` groups of ``E / n_group``
+        experts only the ``topk_group`` groups of largest top-2 sum are eligible. ``banned``
+        (bool ``[E]``): experts taken out before the groups are ranked (deactivated experts)."""
+        lg = self.logits.float().reshape(self.index.shape[0], -1)
+        s = lg if self.bias is None else lg.sigmoid() + self.bias.float().to(lg.device)
+        if banned is not None:
+            s = s.masked_fill(banned.to(s.device)[None], float("-inf"))
+        if self.bias is not None and 1 < self.n_group and self.topk_group < self.n_group:
+            g = s.view(s.shape[0], self.n_group, -1)
+            top = g.topk(min(2, g.shape[-1]), dim=-1).values
+            top = top.masked_fill(top == float("-inf"), 0.0).sum(-1)           # [N, G]
+            ok = torch.zeros_like(top, dtype=torch.bool).scatter_(
+                1, top.topk(self.topk_group, dim=-1).indices, True)
+            s = g.masked_fill(~ok[..., None], float("-inf")).view_as(s)
+        return s
+
+    def dense(self, n_experts: int) -> torch.Tensor:
+        """``[N, E]`` routing weights, zero where an expert was not chosen."""
+        out = torch.zeros(self.index.shape[0], n_experts, dtype=self.weights.dtype,
+                          device=self.weights.device)
+        ok = self.index < n_experts
+        return out.scatter_add_(1, self.index.clamp(max=n_experts - 1), self.weights * ok)
+
+
+def router_ranking(router) -> dict:
+    """``Routing`` fields that say how ``router`` ranks experts: its
+    ``e_score_correction_bias`` and expert groups (DeepSeek-V3, GLM-4.5 MoE), else nothing."""
+    bias = getattr(router, "e_score_correction_bias", None)
+    if bias is None:
+        return {}
+    groups = int(getattr(router, "num_group", None) or getattr(router, "n_group", None) or 1)
+    return {"bias": bias.detach(), "n_group": groups,
+            "topk_group": int(getattr(router, "topk_group", None) or groups)}
 
     def dense(self, n_experts: int) -> torch.Tensor:
         """``[N, E]`` routing weights, zero where an expert was not chosen."""
@@ -197,7 +238,8 @@ def _router_hook(info: MoeLayer, fns: list, stash_on=None):
             r = Routing(logits, index, scores.gather(1, index))
         else:
             logits, weights, index = output[0], output[1], output[2]
-            r = Routing(logits.reshape(-1, logits.shape[-1]), index, weights)
+            flat = logits.reshape(-1, logits.shape[-1])
+            r = Routing(flat, index, weights, **router_ranking(info.router))
         changed = False
         for fn in fns:
             new = fn(r)

@@ -10,10 +10,10 @@ mean routing weight (0 where not chosen).
 ACL 2025, which then fine-tunes the attributed expert with a router anchor) and deactivates the
 top ``n_experts`` per layer at inference without training, as in SteerMoE (Fayyaz et al.,
 ICLR 2026): tokens the router sends to a deactivated expert go to the best-scoring other expert
-(``mode="reroute"``: next highest router logit not already chosen, same weight) or lose that
-expert's contribution (``mode="drop"``: weight 0). Rerouting by logits ignores a family's
-score-correction bias and group limits (DeepSeek-V3, GLM-4.5); it is a forward-only edit of the
-top-k choices through :class:`~skilllens.core.moe_hooks.RouterHook`, restored on exit.
+(``mode="reroute"``: the next expert by the router's own ranking not already chosen, same
+weight; for DeepSeek-V3 and GLM-4.5 that ranking includes the score-correction bias and the
+group limits) or lose that expert's contribution (``mode="drop"``: weight 0). It is a
+forward-only edit of the top-k choices through :class:`~skilllens.core.moe_hooks.RouterHook`, restored on exit.
 
 >>> import skilllens
 >>> from skilllens.unlearning.experts import ExpertDeactivator
@@ -47,13 +47,17 @@ def routing_shares(stats, layers=None) -> torch.Tensor:
 
 def reroute(r: Routing, banned: torch.Tensor, mode: str = "reroute") -> Routing:
     """Top-k choices without the experts ``banned`` (bool ``[E]``): each slot holding a banned
-    expert takes the next best allowed expert by router logit (``reroute``) or weight 0."""
+    expert takes the next best allowed expert by the router's own ranking with the banned
+    experts taken out (``reroute``: :meth:`Routing.ranking`, the logits, or for DeepSeek-V3 /
+    GLM-4.5 routers ``sigmoid(logits)`` plus the score-correction bias within the expert groups
+    eligible without the banned experts; same weight; the other choices are kept) or weight 0
+    (``drop``). A slot with no allowed expert left gets weight 0."""
     hit = banned[r.index.clamp(max=banned.numel() - 1)] & (r.index < banned.numel())
     if not bool(hit.any()):
         return r
     if mode == "drop":
         return Routing(r.logits, r.index, r.weights.masked_fill(hit, 0))
-    logits = r.logits.float().reshape(r.index.shape[0], -1)
+    logits = r.ranking(banned)
     chosen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, r.index.clamp(
         max=logits.shape[1] - 1), True)
     allowed = logits.masked_fill(chosen | banned.to(logits.device)[None], float("-inf"))
