@@ -326,12 +326,18 @@ def test_ksd_generate_is_batched_and_keeps_prompt_order(tiny_llama, monkeypatch)
 
 def test_greedy_generate_equals_transformers_generate(tiny_llama):
     """The one generation loop (KV cache, left padding, rows leaving the batch) decodes exactly
-    what ``model.generate(do_sample=False)`` decodes, one prompt at a time."""
+    what ``model.generate(do_sample=False)`` decodes, one prompt at a time; it passes the cache
+    under the name the installed transformers takes (no deprecated ``past_key_values``)."""
+    import warnings
+
     from transformers import GenerationConfig
     prompts = ["a", "the quick brown fox jumps", "xyz", "hello there, general", "ab"]
     model, tok = tiny_llama.model, tiny_llama.tokenizer
     eos = sorted(gen.eos_ids(model, tok))
-    ours = gen.greedy_generate(model, tok, prompts, max_new_tokens=9, batch_size=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = gen.greedy_generate(model, tok, prompts, max_new_tokens=9, batch_size=3)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
     for p, got in zip(prompts, ours):
         ids = torch.tensor([tok(p)["input_ids"]])
         cfg = GenerationConfig(max_new_tokens=9, do_sample=False, eos_token_id=eos,

@@ -65,6 +65,17 @@ def _prefill_kwargs(model) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
 
+def _cache_kwarg(model) -> str:
+    """The name ``model.forward`` takes the KV cache under: ``cache`` (transformers >= 5.2x,
+    where ``past_key_values`` is deprecated) or ``past_key_values``."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params and "past_key_values" not in params else \
+        "past_key_values"
+
+
 @torch.no_grad()
 def _greedy_batch(model, tok, seqs: list[list[int]], rows_global: list[int], pad: int,
                   max_new_tokens: int, stops: tuple[str, ...], eos: set[int],
@@ -84,7 +95,8 @@ def _greedy_batch(model, tok, seqs: list[list[int]], rows_global: list[int], pad
     eos_t = torch.tensor(sorted(eos), device=dev) if eos else None
     if row_edit is not None:
         row_edit.set_rows([rows_global[i] for i in rows])
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+    kv = _cache_kwarg(model)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **{kv: cache},
                 use_cache=True, **_prefill_kwargs(model))
     while True:
         nxt = out.logits[:, -1].argmax(-1)  # [live]
@@ -110,7 +122,7 @@ def _greedy_batch(model, tok, seqs: list[list[int]], rows_global: list[int], pad
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
         pos = pos[:, -1:] + 1
         out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                    past_key_values=cache, use_cache=True)
+                    **{kv: cache}, use_cache=True)
     return new
 
 
