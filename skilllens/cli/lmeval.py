@@ -1,8 +1,9 @@
 """``skilllens lm-eval``: lm-evaluation-harness with the ``skilllens`` model type and the offline
 ``skilllens_*`` tasks (arguments exactly as ``lm_eval``'s; needs ``pip install skilllens[lmeval]``).
-lm-eval 0.4 only finds model types listed in its own table, so plain ``lm_eval --model
-skilllens`` cannot see this one; this command (or ``python -m skilllens.lmeval``) registers it
-first."""
+lm-eval's own ``lm_eval --model skilllens ...`` works the same once skilllens is installed
+(``skilllens-lmeval.pth``: ``skilllens_lmeval_hook``); this command (or ``python -m
+skilllens.lmeval``) registers the model type and the tasks itself, for ``python -S``/``-I`` or
+with ``SKILLLENS_NO_LMEVAL_PLUGIN=1``."""
 from __future__ import annotations
 
 import argparse
