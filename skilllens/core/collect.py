@@ -28,7 +28,7 @@ from skilllens.core.models import load_model
 from skilllens.core.moe import ROUTER_SITES, layer_experts_meta
 from skilllens.core.moe_collect import is_moe_key, moe_plan
 from skilllens.core.prompt_vectors import (_check_store_tokens, add_prompt_vectors,
-                                           mismatched_prompts, store_mask)
+                                           mismatched_prompts, prompt_items, store_mask)
 from skilllens.core.vector_store import (_load_vector_shards, _save_vector_shard,  # noqa: F401
                                          load_vectors, save_vectors)  # noqa: F401
 from skilllens.stats.neuron_stats import DEFAULT_STATS, NeuronStats
@@ -286,7 +286,8 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
             if b < done:
                 continue
             current["mask"] = batch.token_mask(tokens)
-            current["store_mask"] = keep = store_mask(batch, tokens, store_tokens, prompt_pass)
+            current["store_mask"] = keep = current["mask"] if store_tokens == tokens else \
+                store_mask(batch, store_tokens, prompt_pass)
             if store_keys:
                 item_rows.append(torch.repeat_interleave(batch.index, keep.sum(1)).cpu())
             run_with_hooks(lm, batch.inputs, hooks, backend=backend,
@@ -301,11 +302,9 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
                 checkpoint_now()
     bar.close()
     if prompt_pass:
-        add_prompt_vectors(lambda its, ks: collect(
-            lm, its, sites=sorted({s for s, _ in ks}), layers=sorted({l for _, l in ks}),
-            tokens="last", batch_size=batch_size, max_length=used_length, stats=("moments",),
-            store=ks, backend=backend, progress=False), prompt_pass, skill.items, buffers,
-            item_rows)
+        add_prompt_vectors(lambda its, ks: last_prompt_vectors(
+            lm, its, ks, batch_size=batch_size, max_length=used_length, backend=backend),
+            prompt_pass, skill.items, buffers, item_rows)
     result.stats = collected
     result.meta["n_tokens"] = n_tokens
     bad = {f"{s}.{l}": int(st.n_nonfinite.sum()) for (s, l), st in collected.items()
@@ -329,6 +328,19 @@ def collect(model, data, sites=("gate",), layers=None, tokens: str = "all",
         if store_dir is not None:
             save_vectors(result, store_dir)
     return result
+
+
+def last_prompt_vectors(lm, items, keys, *, batch_size: int = 16, max_length: int = 512,
+                        backend: str = "torch", progress: bool = False) -> dict:
+    """``{(site, layer): [n_items, d]}`` float32, in item order: each item's vector at its last
+    prompt token from a prompt-only pass (``tokens="last"``; answers never seen: KSD's
+    queries). ``max_length`` is clamped to the model's context."""
+    keys = list(keys)
+    res = collect(lm, prompt_items(items), sites=sorted({s for s, _ in keys}),
+                  layers=sorted({l for _, l in keys}), tokens="last", batch_size=batch_size,
+                  max_length=max_length, stats=("moments",), store=keys, backend=backend,
+                  progress=progress)
+    return {k: res.vectors[k] for k in keys}
 
 
 def _save_checkpoint(path, collected, ckpt_hash, done, n_tokens, fp, vector_shards=0):

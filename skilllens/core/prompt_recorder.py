@@ -8,9 +8,10 @@ import contextlib
 import torch
 
 from skilllens.core.batching import clamp_length, encode_items
-from skilllens.core.collect import collect
+from skilllens.core.collect import last_prompt_vectors
 from skilllens.core.hooks import Hook, hooks_applied
-from skilllens.core.prompt_vectors import mismatched_prompts, prompt_items
+from skilllens.core.moe_collect import is_moe_key
+from skilllens.core.prompt_vectors import mismatched_prompts
 
 
 class PromptVectorRecorder:
@@ -19,7 +20,8 @@ class PromptVectorRecorder:
     inside ``with rec:``), exactly as a prompt-only pass gives it (module docstring): items
     the pass did not cover, or whose ids do not start with the prompt's own ids, get a
     prompt-only pass in :meth:`vectors`. ``active=False`` records nothing (every vector then
-    comes from the prompt-only pass, e.g. for a site a plain hook cannot read).
+    comes from the prompt-only pass); so does a key a plain hook cannot read (an expert layer
+    of a mixture-of-experts model: ``collect`` reads it through the expert hooks).
 
     >>> rec = PromptVectorRecorder(lm, ("key", -1), items, max_length=384)
     >>> with rec:
@@ -32,7 +34,8 @@ class PromptVectorRecorder:
         self.lm, self.items = lm, list(items)
         self.key = (key[0], lm.adapter.check_layers([key[1]])[0])
         self.max_length = clamp_length(max_length, lm.model, lm.tokenizer)
-        self.batch_size, self.active = batch_size, active
+        self.batch_size = batch_size
+        self.active = active and not is_moe_key(lm.adapter, self.key)
         self._rows: dict[int, torch.Tensor] = {}
         self._batch = None
         self._stack = None
@@ -67,10 +70,8 @@ class PromptVectorRecorder:
         todo = [i for i in range(len(self.items)) if i in bad or i not in self._rows]
         rows = dict(self._rows)
         if todo:
-            sub = collect(self.lm, prompt_items([self.items[i] for i in todo]),
-                          sites=[self.key[0]], layers=[self.key[1]], tokens="last",
-                          batch_size=self.batch_size, max_length=self.max_length,
-                          stats=("moments",), store=[self.key], progress=False)
-            for r, j in enumerate(sub.vector_items.tolist()):
-                rows[todo[j]] = sub.vectors[self.key][r]
+            got = last_prompt_vectors(self.lm, [self.items[i] for i in todo], [self.key],
+                                      batch_size=self.batch_size,
+                                      max_length=self.max_length)[self.key]
+            rows.update(zip(todo, got))
         return torch.stack([rows[i] for i in range(len(self.items))])

@@ -43,11 +43,11 @@ def mismatched_prompts(encoded, items, tokenizer, max_length: int) -> list[int]:
     return [e.index for e in encoded if e.ids[:e.prompt_len] != alone[e.index].ids]
 
 
-def store_mask(batch, tokens: str, store_tokens: str, prompt_pass: list[int]) -> torch.Tensor:
+def store_mask(batch, store_tokens: str, prompt_pass: list[int]) -> torch.Tensor:
     """``[B, T]`` bool: the positions whose vectors are stored for this batch (items in
     ``prompt_pass`` store nothing here: their prompt-only pass does)."""
     mask = batch.token_mask(store_tokens)
-    if store_tokens != tokens and prompt_pass:
+    if prompt_pass:
         skip = torch.tensor(prompt_pass, device=batch.index.device)
         mask = mask & ~torch.isin(batch.index, skip)[:, None]
     return mask
@@ -55,15 +55,14 @@ def store_mask(batch, tokens: str, store_tokens: str, prompt_pass: list[int]) ->
 
 def add_prompt_vectors(run, indices: list[int], items, buffers: dict, item_rows: list) -> None:
     """Append to ``buffers``/``item_rows`` the vectors of ``items[indices]`` not there yet (a
-    resumed checkpoint may hold them), from ``run(prompt_items, keys)``: a prompt-only
-    ``collect(..., tokens="last", store=keys)`` over those items."""
+    resumed checkpoint may hold them), from ``run(items, keys)``: ``{key: [n, d]}`` in item
+    order from a prompt-only pass (:func:`~skilllens.core.collect.last_prompt_vectors`)."""
     have = set(torch.cat(item_rows).tolist()) if item_rows else set()
     todo = [i for i in indices if i not in have]
     if not todo or not buffers:
         return
     keys = sorted(buffers)
-    sub = run(prompt_items([items[i] for i in todo]), keys)
+    got = run([items[i] for i in todo], keys)
     for k in keys:
-        buffers[k].append(sub.vectors[k])
-    item_rows.append(torch.tensor(todo)[sub.vector_items])
-
+        buffers[k].append(got[k])
+    item_rows.append(torch.tensor(todo))

@@ -160,10 +160,8 @@ def run_audit(cfg: AuditConfig, lm=None) -> dict:
     if ksd is not None:
         from skilllens.core.prompt_recorder import PromptVectorRecorder
         qkey = (ksd.site, lm.adapter.check_layers([ksd.layer])[0])
-        moe_layer = getattr(lm.adapter, "moe_layer", lambda _: None)(qkey[1]) is not None
         recorders = {s: PromptVectorRecorder(lm, qkey, parts[s][1].items, cfg.max_length,
-                                             cfg.batch_size, active=not moe_layer)
-                     for s in names}
+                                             cfg.batch_size) for s in names}
 
     from skilllens.unlearning import columns as mcq  # multiple-choice skills (MMLU-Redux)
     mc_names = mcq.multiple_choice_skills({s: parts[s] for s in cfg.retain})

@@ -133,17 +133,14 @@ class KeySpaceDetector:
         """``[n, d_ff]`` key vectors at the last prompt token (a forward pass stopped right after
         the hooked layer; no answer tokens, no generation). ``items``: anything
         :func:`~skilllens.data.resolve_skills` takes; a spec gives its ``part``."""
-        from skilllens.core.collect import collect
+        from skilllens.core.collect import last_prompt_vectors
         from skilllens.core.models import load_model
 
         lm = load_model(lm)
-        layer = lm.adapter.check_layers([self.layer])[0]
-        items = resolve_skills(items, data_dir, part=part).items
-        items = [Item(it.id, it.prompt) for it in items]  # the prompt only: answers never seen
-        res = collect(lm, items, sites=[self.site], layers=[layer], tokens="last",
-                      batch_size=self.batch_size, max_length=self.max_length, stats=("moments",),
-                      store=[(self.site, layer)], progress=progress)
-        return res.vectors[(self.site, layer)]
+        key = (self.site, lm.adapter.check_layers([self.layer])[0])
+        items = resolve_skills(items, data_dir, part=part).items  # prompts only: answers unseen
+        return last_prompt_vectors(lm, items, [key], batch_size=self.batch_size,
+                                   max_length=self.max_length, progress=progress)[key]
 
     # -- fitting --
     def fit(self, lm, forget, *, data_dir=None, progress: bool = True,
