@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from skilllens.core.moe import ACTIVATION_SITES
+from skilllens.core.moe import ACTIVATION_SITES, split_index
 from skilllens.core.moe_hooks import ExpertHook
 from skilllens.errors import SiteError
 
@@ -55,8 +55,8 @@ def locate(adapter, site: str, layer: int, neuron: int) -> tuple[int, int, int |
             f"{info.width} neurons (0..{info.width - 1}), flattened over {len(info.widths)} "
             f"experts of widths {info.widths}: neuron i of expert e is offsets[e] + i with "
             f"offsets {info.offsets}")
-    e = next(e for e in reversed(range(len(info.widths))) if info.offsets[e] <= j)
-    return layer, j, e, j - info.offsets[e]
+    (e, (_, local)), = split_index(info.widths, [j]).items()
+    return layer, j, e, int(local[0])
 
 
 def key_width(adapter, key: tuple) -> int:
