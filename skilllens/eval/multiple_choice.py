@@ -252,14 +252,16 @@ class ChoiceRecorder:
         self.max_length, self.batch_size = max_length, batch_size
         used = clamp_length(max_length, lm.model, lm.tokenizer)
         tf = encode_items(self.items, lm.tokenizer, used)
+        conts = [choice_strings(it)[0] for it in self.items]
+        pairs = encode_items([Item(f"c{i}/{k}", it.prompt, c) for i, it in enumerate(self.items)
+                              for k, c in enumerate(conts[i])], lm.tokenizer, used)
         self._cands: dict[int, list[int]] = {}
-        for i, (it, e) in enumerate(zip(self.items, tf)):
-            conts, _ = choice_strings(it)
+        start = 0
+        for i, e in enumerate(tf):
+            encs, start = pairs[start:start + len(conts[i])], start + len(conts[i])
             prompt = e.ids[:e.prompt_len]
             if e.prompt_len >= len(e.ids):
                 continue  # nothing teacher-forced after the prompt: no logits there
-            encs = encode_items([Item(f"c{k}", it.prompt, c) for k, c in enumerate(conts)],
-                                lm.tokenizer, used)
             if all(c.ids[:-1] == prompt and c.prompt_len == len(prompt) for c in encs):
                 self._cands[i] = [c.ids[-1] for c in encs]
         self.lls: dict[int, list[float]] = {}
